@@ -1,0 +1,376 @@
+"""What a job will cost before anything is sent: tokens × prices, at batch and at sync rates."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import polars as pl
+
+from polars_llmbatch._json import dumps
+from polars_llmbatch.errors import BudgetExceededError, RequestTooLargeError
+from polars_llmbatch.prices import Price, lookup_price
+from polars_llmbatch.requests import Prepared
+from polars_llmbatch.shards import Shard, plan
+from polars_llmbatch.tokens.counting import count_texts, sample_count
+from polars_llmbatch.tokens.encodings import encoding_source, get_encoding
+
+__all__ = ["EXACT_THRESHOLD", "Estimate", "estimate"]
+
+#: Up to this many unique requests, input tokens are counted exactly; above it, from a sample
+#: (unless ``exact=True``).
+EXACT_THRESHOLD = 20_000
+SAMPLE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Tokens and cost of a job, computed offline before anything is sent.
+
+    ``input_tokens_error`` is the half-width of the input-token range: the sample's 95% interval,
+    plus the tokenizer approximation band for providers without an offline tokenizer.
+    ``output_tokens_worst`` is ``None`` when no ``max_output_tokens`` bounds it ("unbounded").
+    Costs are USD; ``None`` where a price or a token figure is unknown.
+
+    Example:
+        >>> import polars as pl, polars_llmbatch
+        >>> df = pl.DataFrame({"body": ["refund me", "app crashes", None]})
+        >>> est = df.llm.estimate("Classify: {body}", provider="openai", model="gpt-4o-mini",
+        ...                       output=["billing", "bug"], max_output_tokens=10)
+        >>> est.rows, est.skipped_rows, est.unique_requests, est.output_tokens_worst
+        (3, 1, 2, 20)
+    """
+
+    provider: str
+    model: str
+    endpoint: str
+    rows: int
+    skipped_rows: int
+    unique_requests: int
+    shards: int
+    input_tokens: float
+    input_tokens_error: float
+    input_method: str
+    sampled: int | None
+    output_tokens_expected: float | None
+    output_tokens_worst: int | None
+    max_output_tokens: int | None
+    price: Price
+    token_source: str
+    notes: tuple[str, ...] = field(default=())
+
+    # costs --------------------------------------------------------------------------------
+    def _cost(self, inp: float | None, out: float | None, batch: bool) -> float | None:
+        p_in = self.price.batch_input if batch else self.price.input
+        p_out = self.price.batch_output if batch else self.price.output
+        if inp is None or out is None or p_in is None or p_out is None:
+            return None
+        return (inp * p_in + out * p_out) / 1e6
+
+    @property
+    def cost_batch(self) -> float | None:
+        """Expected cost at batch rates (input plus expected output)."""
+        return self._cost(self.input_tokens, self.output_tokens_expected, True)
+
+    @property
+    def cost_sync(self) -> float | None:
+        """Expected cost of the same requests at sync (standard) rates."""
+        return self._cost(self.input_tokens, self.output_tokens_expected, False)
+
+    @property
+    def worst_cost_batch(self) -> float | None:
+        """Upper bound at batch rates: input at the top of its range, every output at the cap.
+
+        ``math.inf`` when output is unbounded (no ``max_output_tokens``).
+        """
+        if self.output_tokens_worst is None:
+            return math.inf if self.price.known else None
+        return self._cost(
+            self.input_tokens + self.input_tokens_error, self.output_tokens_worst, True
+        )
+
+    @property
+    def worst_cost_sync(self) -> float | None:
+        if self.output_tokens_worst is None:
+            return math.inf if self.price.known else None
+        return self._cost(
+            self.input_tokens + self.input_tokens_error, self.output_tokens_worst, False
+        )
+
+    @property
+    def input_cost_batch(self) -> float | None:
+        return self._cost(self.input_tokens, 0.0, True)
+
+    @property
+    def savings(self) -> float | None:
+        """What batch saves over sync on the expected cost (or on input alone if output is unknown)."""
+        sync, batch = self.cost_sync, self.cost_batch
+        if sync is None or batch is None:
+            sync, batch = self._cost(self.input_tokens, 0.0, False), self.input_cost_batch
+        if sync is None or batch is None:
+            return None
+        return sync - batch
+
+    def check_budget(self, max_cost: float | None, mode: str = "batch") -> None:
+        """Raise :class:`BudgetExceededError` if the worst case is over ``max_cost`` USD."""
+        if max_cost is None:
+            return
+        worst = self.worst_cost_batch if mode == "batch" else self.worst_cost_sync
+        if worst is None:
+            raise BudgetExceededError(
+                f"max_cost={_usd(max_cost)} cannot be checked: no price is known for "
+                f"{self.provider} model {self.model!r}; pass prices={{'input': ..., 'output': ...}}"
+                " (USD per 1M tokens)"
+            )
+        if worst > max_cost:
+            if math.isinf(worst):
+                raise BudgetExceededError(
+                    f"max_cost={_usd(max_cost)} cannot be guaranteed: output is unbounded; pass "
+                    "max_output_tokens=... to cap every answer"
+                )
+            basis = (
+                f"{self.max_output_tokens:,} max output tokens"
+                if self.max_output_tokens is not None
+                else "input only"
+            )
+            raise BudgetExceededError(
+                f"worst-case cost {_usd(worst)} ({self.unique_requests:,} requests, {basis}, "
+                f"at {mode} rates) is over "
+                f"max_cost={_usd(max_cost)}; lower max_output_tokens, filter rows or raise max_cost"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure as plain data (JSON-able; ``inf`` stands for unbounded)."""
+        d = asdict(self)
+        d["price"] = self.price.to_dict()
+        d["notes"] = list(self.notes)
+        for name in (
+            "cost_batch",
+            "cost_sync",
+            "worst_cost_batch",
+            "worst_cost_sync",
+            "input_cost_batch",
+            "savings",
+        ):
+            d[name] = getattr(self, name)
+        return d
+
+    # display ------------------------------------------------------------------------------
+    def _rows(self) -> list[tuple[str, str]]:
+        skipped = f" ({self.skipped_rows:,} skipped: null input)" if self.skipped_rows else ""
+        err = ""
+        if self.input_tokens_error:
+            pct = self.input_tokens_error / self.input_tokens if self.input_tokens else 0
+            err = f" ± {self.input_tokens_error:,.0f} ({pct:.1%})"
+        how = self.input_method
+        if self.sampled:
+            how = f"sample of {self.sampled:,}; {how}"
+        if self.output_tokens_worst == 0 and self.output_tokens_expected == 0:
+            out = "none (embeddings)"
+        else:
+            out_exp = (
+                f"{self.output_tokens_expected:,.0f} expected"
+                if self.output_tokens_expected is not None
+                else "expected unknown (pass expected_output_tokens=)"
+            )
+            out_worst = (
+                f"{self.output_tokens_worst:,} worst ({self.unique_requests:,} × "
+                f"{self.max_output_tokens:,})"
+                if self.output_tokens_worst is not None
+                else "worst unbounded (set max_output_tokens)"
+            )
+            out = f"{out_exp} · {out_worst}"
+        if self.cost_batch is not None:
+            saves = f" · saves {_usd(self.savings)}" if self.savings else ""
+            expected = f"batch {_usd(self.cost_batch)} · sync {_usd(self.cost_sync)}{saves}"
+        elif self.input_cost_batch is not None:
+            expected = (
+                f"unknown (output length unknown); input alone: batch "
+                f"{_usd(self.input_cost_batch)} · sync {_usd(self._cost(self.input_tokens, 0, False))}"
+            )
+        else:
+            expected = "unknown (no price)"
+        rows = [
+            ("job", f"{self.provider} · {self.model} · {self.endpoint}"),
+            ("rows", f"{self.rows:,}{skipped}"),
+            ("requests", f"{self.unique_requests:,} unique in {self.shards:,} shard(s)"),
+            ("input tokens", f"{self.input_tokens:,.0f}{err} [{how}]"),
+            ("output tokens", out),
+            ("cost, expected", expected),
+            (
+                "cost, worst case",
+                f"batch {_usd(self.worst_cost_batch)} · sync {_usd(self.worst_cost_sync)}",
+            ),
+            ("prices", f"{self.price.source}, as of {self.price.as_of}"),
+            ("tokenizer", self.token_source),
+        ]
+        rows += [("note", n) for n in self.notes]
+        return rows
+
+    def __repr__(self) -> str:
+        rows = self._rows()
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["Estimate"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+    def _repr_html_(self) -> str:
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
+            for k, v in self._rows()
+        )
+        return f"<table><caption>Estimate</caption>{body}</table>"
+
+
+def _usd(x: float | None) -> str:
+    if x is None:
+        return "unknown"
+    if math.isinf(x):
+        return "unbounded"
+    return f"${x:,.2f}" if x >= 1 else f"${x:.6f}".rstrip("0").rstrip(".") if x else "$0"
+
+
+def estimate(
+    prepared: Prepared,
+    *,
+    exact: bool = False,
+    prices: dict[str, float] | None = None,
+    expected_output_tokens: float | None = None,
+    max_shard_requests: int | None = None,
+    max_shard_bytes: int | None = None,
+    max_shard_tokens: int | None = None,
+    sample_size: int = SAMPLE_SIZE,
+    seed: int = 0,
+) -> tuple[Estimate, list[Shard]]:
+    """Count tokens, price them and plan the shards of ``prepared``."""
+    spec, prov = prepared.spec, prepared.provider
+    rule = prov.token_rule(spec)
+    enc = get_encoding(rule.encoding)
+    price = lookup_price(spec.provider, spec.model, prices)
+    reqs = prepared.requests
+    n = reqs.height
+    notes: list[str] = []
+
+    # Constant parts are counted once and multiplied; per-row texts are counted (or sampled).
+    per_request = rule.per_request + rule.per_message * len(prepared.text_columns)
+    if spec.system is not None:
+        per_request += rule.per_message + rule.ratio * len(enc.encode_ordinary(spec.system))
+    counted = exact or n <= EXACT_THRESHOLD
+    variable = 0.0
+    sampling_error = 0.0
+    per_row_tokens: pl.Series | None = None
+    for col in prepared.text_columns:
+        if counted:
+            counts = count_texts(reqs[col], rule.encoding)
+            variable += float(counts.sum())
+            per_row_tokens = counts if per_row_tokens is None else per_row_tokens + counts
+        else:
+            s = sample_count(reqs[col], rule.encoding, sample_size=sample_size, seed=seed)
+            variable += s.total
+            sampling_error += s.ci95
+    input_tokens = rule.ratio * variable + per_request * n
+    error = rule.ratio * sampling_error + rule.band * input_tokens + rule.slack * n
+    if rule.band:
+        notes.append(
+            f"{spec.provider} has no offline tokenizer: input tokens are approximate "
+            f"(±{rule.band:.0%})"
+        )
+
+    _check_context(prepared, rule, price.context_window)
+
+    tokens_per_request = None
+    if max_shard_tokens is not None:
+        if per_row_tokens is None:  # sampled: scale characters by the sample's tokens/char
+            chars = sum(reqs[c].str.len_chars().cast(pl.Float64) for c in prepared.text_columns)
+            total_chars = float(chars.sum()) or 1.0
+            per_row_tokens = (chars * (variable / total_chars)).ceil()
+        tokens_per_request = (per_row_tokens * rule.ratio + per_request).ceil().cast(pl.Int64)
+    shards = plan(
+        prepared,
+        max_requests=max_shard_requests,
+        max_bytes=max_shard_bytes,
+        max_tokens=max_shard_tokens,
+        tokens=tokens_per_request,
+    )
+
+    out_expected = _expected_output(prepared, rule.ratio, enc, expected_output_tokens, notes)
+    cap = spec.max_output_tokens
+    out_worst = 0 if spec.task == "embed" else (cap * n if cap is not None else None)
+    if out_expected is not None and out_worst is not None:
+        out_expected = min(out_expected, float(out_worst))
+    if not price.known:
+        notes.append(
+            f"no price for {spec.provider} model {spec.model!r}: costs are unknown; pass "
+            "prices={'input': ..., 'output': ...} (USD per 1M tokens)"
+        )
+    rows = prepared.rows.height
+    est = Estimate(
+        provider=spec.provider,
+        model=spec.model,
+        endpoint=prov.endpoint(spec),
+        rows=rows,
+        skipped_rows=int(prepared.rows["skipped"].sum()),
+        unique_requests=n,
+        shards=len(shards),
+        input_tokens=float(round(input_tokens)) if counted and not rule.band else input_tokens,
+        input_tokens_error=error,
+        input_method=rule.method,
+        sampled=None if counted else min(sample_size, n),
+        output_tokens_expected=out_expected,
+        output_tokens_worst=out_worst,
+        max_output_tokens=cap,
+        price=price,
+        token_source=f"{rule.encoding} from {encoding_source(rule.encoding)}",
+        notes=tuple(notes),
+    )
+    return est, shards
+
+
+def _expected_output(
+    prepared: Prepared, ratio: float, enc: Any, hint: float | None, notes: list[str]
+) -> float | None:
+    spec = prepared.spec
+    n = prepared.requests.height
+    fixed = prepared.provider.output_tokens(spec)
+    if fixed is not None:
+        return fixed * n
+    if hint is not None:
+        return float(hint) * n
+    out = spec.output
+    if out is not None and out.kind == "enum":
+        # The answer is the JSON object itself: count each category's object, take the mean.
+        ((name, dtype),) = out.columns.items()
+        sizes = [len(enc.encode_ordinary(dumps({name: c}))) for c in dtype.categories]
+        notes.append(
+            "expected output: mean size of the category JSON (reasoning tokens not included)"
+        )
+        return ratio * (sum(sizes) / len(sizes) + 1) * n  # +1 for the end-of-message token
+    return None
+
+
+def _check_context(prepared: Prepared, rule: Any, context: int | None) -> None:
+    """Refuse a request whose input can never fit the model's context (or input cap).
+
+    A token is at least one byte, so only rows longer in bytes than the cap can break it:
+    those few are counted exactly.
+    """
+    cap = prepared.provider.max_input_tokens(prepared.spec) or context
+    if cap is None:
+        return
+    reqs = prepared.requests
+    nbytes = sum(reqs[c].str.len_bytes().cast(pl.Int64) for c in prepared.text_columns)
+    suspects = reqs.filter(nbytes * max(rule.ratio, 1.0) > cap)
+    if suspects.height == 0:
+        return
+    tokens = sum(count_texts(suspects[c], rule.encoding) for c in prepared.text_columns)
+    over = suspects.with_columns(tokens=tokens * rule.ratio).filter(pl.col("tokens") > cap)
+    if over.height:
+        first = over.sort("row").row(0, named=True)
+        approx = "~" if rule.ratio != 1.0 else ""
+        raise RequestTooLargeError(
+            f"{prepared.describe_row(first['row'])} has {approx}{first['tokens']:,.0f} input "
+            f"tokens, over {prepared.spec.model}'s limit of {cap:,} "
+            f"({over.height} request(s) in all); shorten or truncate those rows, e.g. "
+            "pl.col('text').str.slice(0, 20_000)"
+        )

@@ -1,0 +1,117 @@
+"""Model prices (USD per million tokens) at sync and batch rates, from genai-prices or the caller.
+
+genai-prices models batch rates for many models (``price_context={"processing": "batch"}``);
+where it has none, the batch rate is derived as 50% of sync, which is the documented discount at
+OpenAI, Anthropic and Gemini (reference/providers.md §5), and the price says so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from polars_llmbatch.errors import LlmBatchError
+
+__all__ = ["Price", "lookup_price"]
+
+_PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
+_KEYS = ("input", "output", "batch_input", "batch_output")
+
+
+@dataclass(frozen=True)
+class Price:
+    """Per-million-token prices. ``None`` fields are unknown."""
+
+    input: float | None
+    output: float | None
+    batch_input: float | None
+    batch_output: float | None
+    source: str
+    as_of: str
+    context_window: int | None = None
+
+    @property
+    def known(self) -> bool:
+        return self.input is not None and self.batch_input is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "output": self.output,
+            "batch_input": self.batch_input,
+            "batch_output": self.batch_output,
+            "source": self.source,
+            "as_of": self.as_of,
+        }
+
+
+def lookup_price(provider: str, model: str, prices: Mapping[str, float] | None = None) -> Price:
+    """Prices for ``model``: the caller's ``prices=`` override, else genai-prices.
+
+    ``prices`` takes ``input`` and ``output`` (sync, USD per 1M tokens) and optionally
+    ``batch_input`` / ``batch_output`` (default: half of sync).
+
+    Example:
+        >>> p = lookup_price("openai", "my-finetune", {"input": 0.3, "output": 1.2})
+        >>> p.batch_input, p.batch_output, p.source
+        (0.15, 0.6, 'prices= override')
+    """
+    today = dt.date.today().isoformat()
+    found = _from_genai_prices(provider, model)
+    if prices is not None:
+        unknown = sorted(set(prices) - set(_KEYS))
+        if unknown or "input" not in prices:
+            raise LlmBatchError(
+                f"prices= takes keys {list(_KEYS)} (USD per 1M tokens; 'input' required), got "
+                f"{sorted(prices)}"
+            )
+        inp = float(prices["input"])
+        out = float(prices.get("output", 0.0))
+        return Price(
+            inp,
+            out,
+            float(prices.get("batch_input", inp / 2)),
+            float(prices.get("batch_output", out / 2)),
+            "prices= override",
+            today,
+            found.context_window if found else None,
+        )
+    if found is None:
+        return Price(None, None, None, None, f"unknown model {model!r} in genai-prices", today)
+    return found
+
+
+def _from_genai_prices(provider: str, model: str) -> Price | None:
+    try:
+        import genai_prices
+    except ImportError:  # pragma: no cover - a dependency
+        return None
+    pid = _PROVIDER_IDS.get(provider, provider)
+    version = metadata.version("genai-prices")
+    try:
+        snapshot = genai_prices.data_snapshot.get_snapshot()
+        _provider, info = snapshot.find_provider_model(model, None, pid, None)
+    except LookupError:
+        return None
+    now = dt.datetime.now(dt.timezone.utc)
+    sync = info.get_prices(now)
+    batch = info.get_prices(now, {"processing": "batch"})
+    inp, out = _mtok(sync, "input_mtok"), _mtok(sync, "output_mtok")
+    b_inp, b_out = _mtok(batch, "input_mtok"), _mtok(batch, "output_mtok")
+    source = f"genai-prices {version} ({pid}/{info.id})"
+    if batch == sync:  # no batch variant modelled: the providers' documented 50%
+        b_inp = inp / 2 if inp is not None else None
+        b_out = out / 2 if out is not None else None
+        source += ", batch = 50% of sync (derived)"
+    return Price(inp, out, b_inp, b_out, source, now.date().isoformat(), info.context_window)
+
+
+def _mtok(price: Any, field: str) -> float | None:
+    value = getattr(price, field, None)
+    if value is None:
+        return 0.0 if field == "output_mtok" else None
+    base = getattr(value, "base", value)  # tiered (long-context) prices: the base tier
+    return float(base)

@@ -1,0 +1,121 @@
+"""The narrow interface every provider module implements, and the shapes it returns.
+
+A provider knows its wire format, its limits and how its tokens are counted, and nothing else:
+the request, shard and estimate code speak only this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.spec import RequestSpec
+
+__all__ = ["Framing", "Limits", "Provider", "TokenRule"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-batch caps. Bytes are decimal megabytes (200 MB = 200,000,000 bytes), the safe reading."""
+
+    max_requests: int
+    max_bytes: int
+    max_embedding_inputs: int | None = None
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How request lines are joined into one uploaded shard.
+
+    ``line`` is a JSON skeleton with ``slot("key")`` and ``slot("body")`` (body is raw JSON);
+    a shard is ``prefix + sep.join(lines) + suffix``.
+    """
+
+    line: Any
+    prefix: str = ""
+    sep: str = "\n"
+    suffix: str = "\n"
+    media_type: str = "application/jsonl"
+    kind: str = "file"  # "file": uploaded as a file; "inline": sent as the create-call body
+
+    @property
+    def line_bytes(self) -> int:
+        """Bytes each line adds around its key and body, its separator included."""
+        from polars_llmbatch._json import dumps, slot
+
+        fixed = dumps(self.line).replace(dumps(slot("key")), "").replace(dumps(slot("body")), "")
+        return len(fixed.encode()) + len(self.sep.encode()) + 2  # the key's quotes
+
+    def size(self, n_requests: int, payload_bytes: int) -> int:
+        """The framed shard size in bytes."""
+        ends = len(self.prefix.encode()) + len(self.suffix.encode()) - len(self.sep.encode())
+        return ends + payload_bytes + n_requests * self.line_bytes
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """How to count (or approximate) a provider's billed input tokens from tiktoken counts.
+
+    ``tokens ≈ ratio × encoding_tokens(texts) + per_request + per_message × messages``.
+    ``band`` is the relative error bound of the result (0 for an exact count), ``slack`` an absolute
+    per-request tolerance (e.g. ±2 tokens for models the cookbook rules were not checked on).
+    """
+
+    encoding: str
+    per_request: int
+    per_message: int
+    ratio: float = 1.0
+    band: float = 0.0
+    slack: int = 0
+    method: str = "exact"
+
+
+class Provider(ABC):
+    """One provider's wire format, limits and token rules."""
+
+    name: str
+    limits: Limits
+    env_key: tuple[str, ...] = ()
+
+    @abstractmethod
+    def endpoint(self, spec: RequestSpec) -> str:
+        """The sync endpoint a request body is written for (also the OpenAI batch ``url``)."""
+
+    @abstractmethod
+    def body(self, spec: RequestSpec, slots: tuple[str, ...]) -> dict[str, Any]:
+        """The wire body skeleton; per-row text goes where ``_json.slot(name)`` stands.
+
+        ``slots`` names the per-row texts: always ``"user"``, and ``"system"`` when the system
+        prompt is per row. Raises :class:`LlmBatchError` for options the model does not take.
+        """
+
+    @abstractmethod
+    def framing(self, spec: RequestSpec, tag: str, n_requests: int, payload_bytes: int) -> Framing:
+        """How a shard is framed for upload.
+
+        ``payload_bytes`` is the size of the shard's custom_ids and bodies; with ``n_requests`` it
+        gives the framed size (:meth:`Framing.size`), which may decide the form (Gemini inline or
+        file). The planner asks with ``n_requests=0`` for the form used by full-size shards.
+        """
+
+    @abstractmethod
+    def token_rule(self, spec: RequestSpec) -> TokenRule:
+        """How to count this request's input tokens offline."""
+
+    def output_tokens(self, spec: RequestSpec) -> float | None:
+        """Expected output tokens per request where the task fixes them (embeddings: 0)."""
+        return 0.0 if spec.task == "embed" else None
+
+    def max_input_tokens(self, spec: RequestSpec) -> int | None:
+        """A per-request input cap the provider enforces beyond the model's context window."""
+        return None
+
+    def check(self, spec: RequestSpec) -> None:
+        """Refuse a spec this provider cannot serve; the default refuses nothing."""
+        return None
+
+    # helpers shared by the provider modules ------------------------------------------------
+    def _refuse(self, spec: RequestSpec, option: str, why: str) -> LlmBatchError:
+        return LlmBatchError(f"{self.name} model {spec.model!r} does not take {option}: {why}")

@@ -1,0 +1,207 @@
+"""OpenAI: Batch API request lines for ``/v1/chat/completions``, ``/v1/responses`` and ``/v1/embeddings``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from polars_llmbatch._json import slot
+from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.providers.base import Framing, Limits, Provider, TokenRule
+from polars_llmbatch.spec import RequestSpec
+
+__all__ = ["OpenAI"]
+
+# Reasoning models take max_completion_tokens and reasoning_effort, and reject temperature/top_p.
+_REASONING = re.compile(r"^(o\d|gpt-5|gpt-6)(?!.*-chat)")
+# Models the cookbook's counting rules were checked on (exact); newer ones are off by up to ±2.
+_COOKBOOK_EXACT = re.compile(r"^(gpt-3\.5|gpt-4(?!\.5)|gpt-4o|chatgpt-4o)")
+_CL100K = re.compile(r"^(gpt-4(?![o.])|gpt-3\.5|gpt-35|text-embedding|davinci-002|babbage-002)")
+_EFFORTS = ("minimal", "low", "medium", "high", "xhigh", "none")
+
+
+def encoding_for(model: str) -> str:
+    """tiktoken encoding of an OpenAI model (tiktoken/model.py); unknown names get o200k_base."""
+    name = model.removeprefix("ft:")
+    return "cl100k_base" if _CL100K.match(name) else "o200k_base"
+
+
+class OpenAI(Provider):
+    """OpenAI's wire format. ``api="chat"`` (default) or ``"responses"`` for text; embeddings.
+
+    Example:
+        >>> from polars_llmbatch.spec import RequestSpec
+        >>> OpenAI().endpoint(RequestSpec("openai", "gpt-4o-mini"))
+        '/v1/chat/completions'
+    """
+
+    name = "openai"
+    limits = Limits(max_requests=50_000, max_bytes=200_000_000, max_embedding_inputs=50_000)
+    env_key = ("OPENAI_API_KEY",)
+
+    def endpoint(self, spec: RequestSpec) -> str:
+        if spec.task == "embed":
+            return "/v1/embeddings"
+        return "/v1/responses" if spec.api == "responses" else "/v1/chat/completions"
+
+    def max_input_tokens(self, spec: RequestSpec) -> int | None:
+        return 8192 if spec.task == "embed" else None  # tokens per embedding input
+
+    def check(self, spec: RequestSpec) -> None:
+        if spec.api not in (None, "chat", "responses"):
+            raise LlmBatchError(f"openai api= must be 'chat' or 'responses', not {spec.api!r}")
+
+    # bodies -------------------------------------------------------------------------------
+    def body(self, spec: RequestSpec, slots: tuple[str, ...]) -> dict[str, Any]:
+        self.check(spec)
+        if spec.task == "embed":
+            return self._embedding(spec)
+        reasoning = bool(_REASONING.match(spec.model))
+        opts = dict(spec.options)
+        for name in ("temperature", "top_p"):
+            if reasoning and opts.get(name) is not None:
+                raise self._refuse(spec, name, "reasoning models reject sampling options; drop it")
+        effort = opts.get("reasoning_effort")
+        if effort is not None and not reasoning:
+            raise self._refuse(spec, "reasoning_effort", "it is not a reasoning model")
+        if effort is not None and effort not in _EFFORTS:
+            raise LlmBatchError(
+                f"openai reasoning_effort must be one of {_EFFORTS}, not {effort!r}"
+            )
+        system = slot("system") if "system" in slots else spec.system
+        if spec.api == "responses":
+            body = self._responses(spec, system, opts)
+        else:
+            body = self._chat(spec, system, opts)
+        body.update(spec.extra_body)
+        return body
+
+    def _chat(self, spec: RequestSpec, system: str | None, opts: dict[str, Any]) -> dict[str, Any]:
+        messages = [{"role": "user", "content": slot("user")}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        body: dict[str, Any] = {"model": spec.model, "messages": messages}
+        # max_completion_tokens is the one cap every current chat model takes (max_tokens is
+        # rejected by reasoning models).
+        _put(body, "max_completion_tokens", opts.get("max_output_tokens"))
+        _put(body, "temperature", opts.get("temperature"))
+        _put(body, "top_p", opts.get("top_p"))
+        _put(body, "stop", opts.get("stop"))
+        _put(body, "seed", opts.get("seed"))
+        _put(body, "reasoning_effort", opts.get("reasoning_effort"))
+        if spec.output is not None and spec.output.schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": spec.output.name,
+                    "strict": spec.output.strict,
+                    "schema": spec.output.schema,
+                },
+            }
+        return body
+
+    def _responses(
+        self, spec: RequestSpec, system: str | None, opts: dict[str, Any]
+    ) -> dict[str, Any]:
+        for name in ("stop", "seed"):
+            if opts.get(name) is not None:
+                raise self._refuse(
+                    spec, name, "the Responses API has no such field; use api='chat'"
+                )
+        body: dict[str, Any] = {"model": spec.model}
+        _put(body, "instructions", system)
+        body["input"] = slot("user")
+        _put(body, "max_output_tokens", opts.get("max_output_tokens"))
+        _put(body, "temperature", opts.get("temperature"))
+        _put(body, "top_p", opts.get("top_p"))
+        if opts.get("reasoning_effort") is not None:
+            body["reasoning"] = {"effort": opts["reasoning_effort"]}
+        if spec.output is not None and spec.output.schema is not None:
+            body["text"] = {
+                "format": {
+                    "type": "json_schema",
+                    "name": spec.output.name,
+                    "strict": spec.output.strict,
+                    "schema": spec.output.schema,
+                }
+            }
+        body["store"] = False  # batch results come back in the output file; nothing to keep
+        return body
+
+    def _embedding(self, spec: RequestSpec) -> dict[str, Any]:
+        used = sorted(k for k, v in spec.options.items() if v is not None)
+        if used:
+            raise self._refuse(spec, ", ".join(used), "embeddings take no generation options")
+        if spec.system is not None or spec.system_per_row:
+            raise self._refuse(spec, "system", "embeddings have no system prompt")
+        body: dict[str, Any] = {"model": spec.model, "input": slot("user")}
+        if spec.dimensions is not None:
+            if not spec.model.startswith("text-embedding-3"):
+                raise self._refuse(
+                    spec, "dimensions", "only text-embedding-3 models can shorten embeddings"
+                )
+            body["dimensions"] = spec.dimensions
+        # base64 float32 is ~3x smaller than JSON floats and decodes straight into Arrow.
+        body["encoding_format"] = "base64"
+        body.update(spec.extra_body)
+        return body
+
+    # shards -------------------------------------------------------------------------------
+    def framing(self, spec: RequestSpec, tag: str, n_requests: int, payload_bytes: int) -> Framing:
+        line = {
+            "custom_id": slot("key"),
+            "method": "POST",
+            "url": self.endpoint(spec),
+            "body": slot("body"),
+        }
+        return Framing(line=line)
+
+    # tokens -------------------------------------------------------------------------------
+    def token_rule(self, spec: RequestSpec) -> TokenRule:
+        enc = encoding_for(spec.model)
+        if spec.task == "embed":
+            return TokenRule(enc, per_request=0, per_message=0, method="exact (tiktoken)")
+        structured = spec.output is not None and spec.output.schema is not None
+        # Exact only where the cookbook rules were checked against the API: plain chat messages
+        # on the models it names. A schema's overhead is a community recipe (±2 tokens).
+        exact = bool(_COOKBOOK_EXACT.match(spec.model)) and spec.api != "responses"
+        exact = exact and not structured
+        per_request = 3  # primes the assistant's reply
+        if structured:
+            per_request += _schema_tokens(spec.output.schema, enc)
+        return TokenRule(
+            enc,
+            per_request=per_request,
+            per_message=4,  # 3 framing + 1 for the role
+            slack=0 if exact else 2,
+            method=(
+                "exact (tiktoken + cookbook chat rules)"
+                if exact
+                else "tiktoken + cookbook chat rules, ±2 tokens/request"
+            ),
+        )
+
+
+def _put(body: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        body[key] = value
+
+
+def _schema_tokens(schema: dict[str, Any], encoding: str) -> int:
+    """Structured-output overhead: the schema as compact JSON without required/
+    additionalProperties/$schema, plus 9 (community recipe, openai-cookbook #2140)."""
+    from polars_llmbatch._json import dumps
+    from polars_llmbatch.tokens.encodings import get_encoding
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: strip(v)
+                for k, v in node.items()
+                if k not in ("required", "additionalProperties", "$schema")
+            }
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return len(get_encoding(encoding).encode_ordinary(dumps(strip(schema)))) + 9

@@ -1,0 +1,235 @@
+"""Rows → unique provider requests: render the prompt, build wire bodies, hash them, deduplicate.
+
+Everything is a polars expression over the whole frame (no Python loop over rows); the ids are
+SHA-256 digests computed by DuckDB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import duckdb
+import polars as pl
+
+from polars_llmbatch import _json
+from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.outputs import OutputSpec, parse_output
+from polars_llmbatch.providers import Provider, get_provider
+from polars_llmbatch.spec import RequestSpec, Task
+from polars_llmbatch.template import Template, prompt_expr
+
+__all__ = ["ROW_NR", "Prepared", "prepare"]
+
+#: The row key column when the caller gives no ``id=``: the row's position in the input frame.
+ROW_NR = "row_nr"
+#: Length of a custom_id: 32 hex characters (128 bits) of SHA-256, within ^[a-zA-Z0-9_-]{1,64}$.
+KEY_LEN = 32
+
+OnNull = Literal["skip", "empty", "error"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame turned into requests.
+
+    ``rows``: one row per input row, in input order: the row key, ``custom_id`` (null for a
+    skipped row) and ``skipped``. ``requests``: one row per unique request, sorted by
+    ``custom_id`` (so shards do not depend on the input's row order): ``custom_id``, ``body``
+    (the exact JSON body), ``user`` (and ``system`` when per row) texts, ``row`` (the first
+    input row position that uses it, for error messages) and ``n_rows``.
+    """
+
+    spec: RequestSpec
+    provider: Provider
+    key: str
+    rows: pl.DataFrame
+    requests: pl.DataFrame
+
+    @property
+    def job_id(self) -> str:
+        return self.spec.digest()[:16]
+
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        return ("system", "user") if self.spec.system_per_row else ("user",)
+
+    def describe_row(self, position: int) -> str:
+        """``row 17`` or ``row 17 (ticket_id='T-9')`` for error messages."""
+        if self.key == ROW_NR:
+            return f"row {position}"
+        value = self.rows[self.key][position]
+        return f"row {position} ({self.key}={value!r})"
+
+
+def build_spec(
+    *,
+    provider: str | Provider,
+    model: str,
+    task: Task = "generate",
+    output: Any = None,
+    system: str | pl.Expr | None = None,
+    options: dict[str, Any] | None = None,
+    dimensions: int | None = None,
+    api: str | None = None,
+    extra_body: dict[str, Any] | None = None,
+) -> tuple[RequestSpec, Provider]:
+    """Validate the call's arguments into a :class:`RequestSpec` (no data is touched)."""
+    prov = get_provider(provider)
+    if not isinstance(model, str) or not model:
+        raise LlmBatchError("model= must be a model name, e.g. model='gpt-4o-mini'")
+    out: OutputSpec | None = parse_output(output) if task == "generate" else None
+    system_const: str | None = None
+    per_row = False
+    if isinstance(system, pl.Expr):
+        per_row = True
+    elif isinstance(system, str):
+        tmpl = Template.parse(system)
+        if tmpl.columns:
+            per_row = True
+        else:
+            system_const = "".join(p for p in tmpl.parts if isinstance(p, str))
+    elif system is not None:
+        raise LlmBatchError(
+            f"system= must be a string, a template or a polars expression, not {type(system).__name__}"
+        )
+    spec = RequestSpec(
+        provider=prov.name,
+        model=model,
+        task=task,
+        output=out,
+        system=system_const,
+        system_per_row=per_row,
+        options={k: v for k, v in (options or {}).items() if v is not None},
+        dimensions=dimensions,
+        api=api,
+        extra_body=extra_body or {},
+    )
+    # Building the skeleton once validates every option against the model family now,
+    # before any data is read.
+    prov.body(spec, ("system", "user") if per_row else ("user",))
+    return spec, prov
+
+
+def prepare(
+    frame: pl.DataFrame | pl.LazyFrame,
+    prompt: str | pl.Expr | Template,
+    *,
+    provider: str | Provider,
+    model: str,
+    task: Task = "generate",
+    output: Any = None,
+    system: str | pl.Expr | None = None,
+    id: str | None = None,
+    on_null: OnNull = "skip",
+    options: dict[str, Any] | None = None,
+    dimensions: int | None = None,
+    api: str | None = None,
+    extra_body: dict[str, Any] | None = None,
+) -> Prepared:
+    """Render ``prompt`` for every row and build the unique requests (see :class:`Prepared`)."""
+    spec, prov = build_spec(
+        provider=provider,
+        model=model,
+        task=task,
+        output=output,
+        system=system,
+        options=options,
+        dimensions=dimensions,
+        api=api,
+        extra_body=extra_body,
+    )
+    if on_null not in ("skip", "empty", "error"):
+        raise LlmBatchError(f"on_null= must be 'skip', 'empty' or 'error', not {on_null!r}")
+    lazy = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
+    schema = lazy.collect_schema()
+    if id is not None and id not in schema:
+        raise LlmBatchError(
+            f"id= names column {id!r}, which the frame does not have; the columns are "
+            f"{list(schema.names())}"
+        )
+    fill = on_null == "empty"
+    exprs = {"user": prompt_expr(prompt, schema, "prompt", fill_null=fill)}
+    if spec.system_per_row:
+        exprs["system"] = prompt_expr(system, schema, "system", fill_null=fill)  # type: ignore[arg-type]
+    key = id if id is not None else ROW_NR
+    key_expr = pl.col(id) if id is not None else pl.int_range(pl.len(), dtype=pl.UInt64)
+    rendered = lazy.select(key_expr.alias(key), *(e.alias(n) for n, e in exprs.items())).collect()
+    if id is not None:
+        _check_unique(rendered, id)
+    rendered = _nulls(rendered, tuple(exprs), on_null, key)
+
+    digest = spec.digest()
+    # The id hashes the spec digest (provider, endpoint, model, options, output, constant
+    # system) and the per-row texts, length-prefixed so that no two inputs share a preimage.
+    # It does not hash the JSON bytes, so it survives changes in how JSON is escaped.
+    parts: list[pl.Expr] = [pl.lit(digest)]
+    for name in exprs:
+        parts += [pl.lit("\x1f"), pl.col(name).str.len_bytes().cast(pl.String), pl.lit(":")]
+        parts.append(pl.col(name))
+    keys = _sha256_keys(rendered.select(pl.concat_str(parts).alias("c")))
+    rows = rendered.with_columns(
+        pl.when(~pl.col("skipped")).then(keys["custom_id"]).alias("custom_id")
+    )
+    sent = (
+        rows.lazy()
+        .with_row_index("row")
+        .filter(~pl.col("skipped"))
+        .group_by("custom_id")
+        .agg(
+            pl.col("row").first(),
+            pl.len().alias("n_rows"),
+            *(pl.col(n).first() for n in exprs),
+        )
+        .sort("custom_id")
+    )
+    slots = {n: pl.col(n) for n in exprs}
+    body = _json.template(prov.body(spec, tuple(exprs)), slots)
+    requests = sent.with_columns(body.alias("body")).select(
+        "custom_id", "body", *exprs, "row", "n_rows"
+    )
+    return Prepared(
+        spec=spec,
+        provider=prov,
+        key=key,
+        rows=rows.select(key, "custom_id", "skipped"),
+        requests=requests.collect(),
+    )
+
+
+def _sha256_keys(canonical: pl.DataFrame) -> pl.DataFrame:
+    """``custom_id`` = the first KEY_LEN hex digits of SHA-256 of column ``c``, vectorised in DuckDB."""
+    with duckdb.connect() as con:
+        con.register("canonical", canonical.to_arrow())
+        sql = f"SELECT left(sha256(c), {KEY_LEN}) AS custom_id FROM canonical"
+        return con.sql(sql).pl()
+
+
+def _check_unique(frame: pl.DataFrame, id: str) -> None:
+    dupes = frame.group_by(id).len().filter(pl.col("len") > 1)
+    if dupes.height:
+        shown = dupes.sort(["len", id], descending=[True, False]).head(5)
+        listing = ", ".join(f"{v!r} ({n} rows)" for v, n in shown.iter_rows())
+        more = f" and {dupes.height - 5} more" if dupes.height > 5 else ""
+        raise LlmBatchError(
+            f"id= column {id!r} must be unique, but {dupes.height} value(s) repeat: "
+            f"{listing}{more}; pick a unique key column or leave id= out to key rows by position"
+        )
+    nulls = frame[id].null_count()
+    if nulls:
+        raise LlmBatchError(f"id= column {id!r} has {nulls} null value(s); every row needs a key")
+
+
+def _nulls(frame: pl.DataFrame, texts: tuple[str, ...], on_null: OnNull, key: str) -> pl.DataFrame:
+    any_null = pl.any_horizontal(*(pl.col(t).is_null() for t in texts))
+    frame = frame.with_columns(skipped=any_null)  # with on_null="empty" nothing is null
+    if on_null == "error":
+        bad = frame.with_row_index("_pos").filter(pl.col("skipped"))
+        if bad.height:
+            first = bad.row(0, named=True)
+            raise LlmBatchError(
+                f"{bad.height} row(s) render to null (a referenced value is null), first at row "
+                f"{first['_pos']} ({key}={first[key]!r}); fill the nulls, or pass on_null='skip' "
+                "to skip those rows or on_null='empty' to render nulls as empty text"
+            )
+    return frame

@@ -1,0 +1,173 @@
+"""Unique requests → shards within a provider's limits, and the exact bytes each shard uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from polars_llmbatch import _json
+from polars_llmbatch.errors import LlmBatchError, RequestTooLargeError
+from polars_llmbatch.providers import Framing
+from polars_llmbatch.requests import Prepared
+
+__all__ = ["Shard", "plan", "shard_bytes", "write_shards"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Requests ``start:stop`` of :attr:`Prepared.requests`, framed as one provider batch."""
+
+    index: int
+    start: int
+    stop: int
+    bytes: int
+    tokens: int | None
+    framing: Framing
+    tag: str
+
+    @property
+    def n_requests(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def filename(self) -> str:
+        ext = "jsonl" if self.framing.media_type == "application/jsonl" else "json"
+        return f"{self.index:05d}.{ext}"
+
+
+def plan(
+    prepared: Prepared,
+    *,
+    max_requests: int | None = None,
+    max_bytes: int | None = None,
+    max_tokens: int | None = None,
+    tokens: pl.Series | None = None,
+) -> list[Shard]:
+    """Split the unique requests into shards, in ``custom_id`` order.
+
+    The provider's limits always apply; ``max_requests`` / ``max_bytes`` may lower them, and
+    ``max_tokens`` (with per-request ``tokens``) caps input tokens per shard for queue limits.
+    A request that can never fit raises :class:`RequestTooLargeError` naming its row.
+    """
+    limits = prepared.provider.limits
+    spec = prepared.spec
+    cap_requests = _lower(max_requests, limits.max_requests, "max_shard_requests")
+    if spec.task == "embed" and limits.max_embedding_inputs is not None:
+        cap_requests = min(cap_requests, limits.max_embedding_inputs)  # one input per request
+    cap_bytes = _lower(max_bytes, limits.max_bytes, "max_shard_bytes")
+    reqs = prepared.requests
+    n = reqs.height
+    if n == 0:
+        return []
+    big = prepared.provider.framing(spec, _tag(prepared, 0), 0, 0)
+    budget = cap_bytes - big.size(0, 0)  # bytes left for lines once prefix and suffix are in
+    payload = reqs.select(
+        (pl.col("custom_id").str.len_bytes() + pl.col("body").str.len_bytes()).cast(pl.Int64)
+    ).to_series()
+    line = payload + big.line_bytes
+    too_big = line.arg_max()
+    if too_big is not None and line[too_big] > budget:
+        row = int(reqs["row"][too_big])
+        raise RequestTooLargeError(
+            f"{prepared.describe_row(row)} renders to a {line[too_big]:,}-byte request, over "
+            f"{spec.provider}'s {cap_bytes:,}-byte batch limit; shorten that row's text"
+        )
+    cum_bytes = line.cum_sum()
+    cum_tokens = None
+    if max_tokens is not None:
+        if tokens is None or len(tokens) != n:
+            raise ValueError("max_tokens needs per-request token counts")
+        worst = tokens.arg_max()
+        if worst is not None and tokens[worst] > max_tokens:
+            row = int(reqs["row"][worst])
+            raise RequestTooLargeError(
+                f"{prepared.describe_row(row)} has ~{tokens[worst]:,} input tokens, over "
+                f"max_shard_tokens={max_tokens:,}; raise the cap or shorten that row"
+            )
+        cum_tokens = tokens.cast(pl.Int64).cum_sum()
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    while start < n:
+        stop = min(start + cap_requests, n)
+        base = cum_bytes[start - 1] if start else 0
+        stop = min(stop, int(cum_bytes.search_sorted(base + budget, side="right")))
+        if cum_tokens is not None:
+            tbase = cum_tokens[start - 1] if start else 0
+            stop = min(stop, int(cum_tokens.search_sorted(tbase + max_tokens, side="right")))
+        bounds.append((start, stop))
+        start = stop
+    shards = []
+    for i, (a, b) in enumerate(bounds):
+        size = int(payload.slice(a, b - a).sum())
+        tag = _tag(prepared, i)
+        framing = prepared.provider.framing(spec, tag, b - a, size)
+        if framing.size(b - a, size) > cap_bytes:  # a form chosen by size must still fit the cap
+            framing = big
+        tok = (
+            int(cum_tokens[b - 1] - (cum_tokens[a - 1] if a else 0))
+            if cum_tokens is not None
+            else None
+        )
+        shards.append(Shard(i, a, b, framing.size(b - a, size), tok, framing, tag))
+    return shards
+
+
+def _lower(asked: int | None, limit: int, name: str) -> int:
+    if asked is None:
+        return limit
+    if not isinstance(asked, int) or asked < 1:
+        raise LlmBatchError(f"{name} must be a positive integer, got {asked!r}")
+    if asked > limit:
+        raise LlmBatchError(f"{name}={asked:,} is over the provider's limit of {limit:,}")
+    return asked
+
+
+def _tag(prepared: Prepared, index: int) -> str:
+    # The batch's tag (OpenAI metadata, Gemini displayName) names the job and shard, so that a
+    # crash between "create" and "record" can be recovered by listing remote batches.
+    return f"llmbatch-{prepared.job_id}-{index:05d}"
+
+
+def _lines(prepared: Prepared, shard: Shard) -> pl.Series:
+    part = prepared.requests.slice(shard.start, shard.n_requests)
+    line = _json.template(
+        shard.framing.line, {"key": pl.col("custom_id"), "body": pl.col("body")}, raw=("body",)
+    )
+    return part.select(line.alias("line")).to_series()
+
+
+def shard_bytes(prepared: Prepared, shard: Shard) -> bytes:
+    """The exact bytes uploaded (or POSTed) for ``shard``."""
+    f = shard.framing
+    lines = _lines(prepared, shard)
+    return (f.prefix + lines.str.join(f.sep).item() + f.suffix).encode()
+
+
+def write_shards(prepared: Prepared, shards: list[Shard], directory: str | Path) -> list[Path]:
+    """Write each shard's exact bytes to ``directory/NNNNN.jsonl`` (or ``.json``), atomically."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in shards:
+        data = shard_bytes(prepared, shard)
+        if len(data) != shard.bytes:  # pragma: no cover - the planner's arithmetic is tested
+            raise AssertionError(
+                f"shard {shard.index}: planned {shard.bytes} bytes, wrote {len(data)}"
+            )
+        path = out / shard.filename
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def shard_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import socket
+
+import polars as pl
+import pytest
+
+import polars_llmbatch  # noqa: F401  (registers .llm)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing here may reach a provider (or anything else) over the network."""
+
+    def refuse(self: socket.socket, address: object) -> None:
+        raise OSError(f"test tried to open a network connection to {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def tickets() -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "ticket_id": ["T1", "T2", "T3", "T4", "T5"],
+            "body": [
+                "I was charged twice",
+                "The app crashes on login",
+                None,
+                "I was charged twice",
+                'Quotes " and \\ backslashes,\nnewlines\tand 日本語 \u2028',
+            ],
+            "priority": [1, 2, 3, 1, 5],
+        }
+    )

@@ -1,0 +1,147 @@
+"""The ``llmbatch`` command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+TEMPLATE = "Classify this ticket: {body}"
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "polars_llmbatch.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    r = run("sample", "tickets.parquet", "--rows", "3000", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 3,000 tickets" in r.stdout
+    return d
+
+
+def test_estimate_prints_the_figures(sample: Path) -> None:
+    r = run(
+        "estimate",
+        "tickets.parquet",
+        "--prompt",
+        TEMPLATE,
+        "--provider",
+        "openai",
+        "--model",
+        "gpt-4o-mini",
+        "--categories",
+        "billing,bug,feature,other",
+        "--max-output-tokens",
+        "20",
+        cwd=sample,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "unique in 1 shard" in r.stdout and "batch $" in r.stdout
+
+
+def test_estimate_json_and_other_formats(sample: Path) -> None:
+    pl.read_parquet(sample / "tickets.parquet").write_csv(sample / "t.csv")
+    r = run(
+        "estimate",
+        "t.csv",
+        "--prompt",
+        TEMPLATE,
+        "--provider",
+        "gemini",
+        "--model",
+        "gemini-2.5-flash",
+        "--json",
+        cwd=sample,
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["rows"] == 3000 and d["provider"] == "gemini" and d["output_tokens_worst"] is None
+
+
+def test_requests_writes_shards(sample: Path) -> None:
+    r = run(
+        "requests",
+        "tickets.parquet",
+        "--prompt",
+        TEMPLATE,
+        "--provider",
+        "anthropic",
+        "--model",
+        "claude-haiku-4-5",
+        "--max-output-tokens",
+        "50",
+        "--id",
+        "ticket_id",
+        "--write-to",
+        "shards",
+        "--out",
+        "reqs.parquet",
+        cwd=sample,
+    )
+    assert r.returncode == 0, r.stderr
+    create = json.loads((sample / "shards" / "00000.json").read_bytes())
+    reqs = pl.read_parquet(sample / "reqs.parquet")
+    assert len(create["requests"]) == reqs["custom_id"].drop_nulls().n_unique()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--prompt", "{nope}", "--provider", "openai", "--model", "gpt-4o"], 1, "'nope'"),
+        (
+            ["--prompt", TEMPLATE, "--provider", "acme", "--model", "x"],
+            1,
+            "unknown provider 'acme'",
+        ),
+        (
+            [
+                "--prompt",
+                TEMPLATE,
+                "--provider",
+                "openai",
+                "--model",
+                "gpt-4o",
+                "--max-output-tokens",
+                "100",
+                "--max-cost",
+                "0.001",
+            ],
+            3,
+            "over budget",
+        ),
+    ],
+)
+def test_errors_are_one_line_with_distinct_codes(
+    sample: Path, args: list[str], code: int, message: str
+) -> None:
+    r = run("estimate", "tickets.parquet", *args, cwd=sample)
+    assert r.returncode == code
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_missing_input_file(tmp_path: Path) -> None:
+    r = run(
+        "estimate",
+        "nope.parquet",
+        "--prompt",
+        "x",
+        "--provider",
+        "openai",
+        "--model",
+        "m",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 1 and "does not exist" in r.stderr
