@@ -36,18 +36,37 @@ def json_text(expr: pl.Expr) -> pl.Expr:
     the five leading and one trailing characters.
     """
     encoded = pl.struct(expr.alias("s")).struct.json_encode().str.head(-1).str.tail(-_WRAP)
-    # U+2028/U+2029 are valid raw in JSON, but many line readers (Python's splitlines among
-    # them) break lines there: escape them so that a JSONL line is always one line.
-    encoded = encoded.str.replace_all("\u2028", "\\u2028", literal=True).str.replace_all(
-        "\u2029", "\\u2029", literal=True
-    )
     return pl.when(expr.is_not_null()).then(encoded)
 
 
-def template(skeleton: Any, slots: Mapping[str, pl.Expr], *, raw: Collection[str] = ()) -> pl.Expr:
+#: U+2028/U+2029 are valid raw in JSON, but many line readers (Python's ``splitlines`` among
+#: them) break lines there; escaped, a JSONL line is always one line.
+LINE_SEPARATORS = ("\u2028", "\u2029")
+_ESCAPED = ("\\u2028", "\\u2029")
+
+
+def has_line_separators(frame: pl.DataFrame, columns: Collection[str]) -> bool:
+    """Whether any text in ``columns`` holds U+2028/U+2029 (a cheap scan, to skip the escape)."""
+    pattern = "[" + "".join(LINE_SEPARATORS) + "]"
+    return bool(
+        frame.select(
+            pl.any_horizontal(pl.col(c).str.contains(pattern).any() for c in columns)
+        ).item()
+    )
+
+
+def template(
+    skeleton: Any,
+    slots: Mapping[str, pl.Expr],
+    *,
+    raw: Collection[str] = (),
+    escape_line_separators: bool = True,
+) -> pl.Expr:
     """The JSON text of ``skeleton`` with each ``slot(name)`` replaced by ``slots[name]``.
 
     Slot values are JSON-escaped, except those named in ``raw``, which already hold JSON text.
+    ``escape_line_separators=False`` skips escaping U+2028/U+2029 in slot values, for callers
+    that know there are none (:func:`has_line_separators`): the escape is a full extra pass.
 
     Example:
         >>> import polars as pl
@@ -56,6 +75,8 @@ def template(skeleton: Any, slots: Mapping[str, pl.Expr], *, raw: Collection[str
         '{"m":"x","p":"say \\\\"hi\\\\""}'
     """
     text = dumps(skeleton)
+    for sep, esc in zip(LINE_SEPARATORS, _ESCAPED, strict=True):
+        text = text.replace(sep, esc)
     pieces: list[pl.Expr] = []
     pos = 0
     for m in _SLOT_RE.finditer(text):
@@ -64,7 +85,12 @@ def template(skeleton: Any, slots: Mapping[str, pl.Expr], *, raw: Collection[str
         name = m.group(1)
         if name not in slots:
             raise KeyError(f"no expression for slot {name!r}")
-        pieces.append(slots[name] if name in raw else json_text(slots[name]))
+        if name in raw:
+            pieces.append(slots[name])
+        elif escape_line_separators:
+            pieces.append(json_text(slots[name]).str.replace_many(LINE_SEPARATORS, _ESCAPED))
+        else:
+            pieces.append(json_text(slots[name]))
         pos = m.end()
     if pos < len(text):
         pieces.append(pl.lit(text[pos:], pl.String))

