@@ -7,18 +7,22 @@ refuses) in a plain loop, which beats tiktoken's batch functions on short texts
 
 from __future__ import annotations
 
-import itertools
+import io
 import math
 import os
+import subprocess
+import sys
+import threading
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from polars_llmbatch.tokens.encodings import get_encoding
+from polars_llmbatch.tokens.worker import read_frame, write_frame
 
 __all__ = ["SampleCount", "count_chat_tokens", "count_texts", "sample_count"]
 
@@ -89,30 +93,65 @@ def count_texts(texts: pl.Series, encoding: str, *, processes: int | None = None
     if n < PARALLEL_MIN or workers < 2:
         return _count_list(encoding, texts.to_list())
     chunk = max(_CHUNK, math.ceil(n / (workers * 8)))
-    starts = iter(range(0, n, chunk))
-    results: dict[int, list[int]] = {}
-    # spawn, not fork: polars' thread pool makes forking a multi-threaded parent unsafe.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        # A bounded window of chunks in flight: each is a copy of its texts on the way out.
-        pending: dict[Future[list[int]], int] = {}
-        for start in itertools.islice(starts, 2 * workers):
-            pending[pool.submit(_count_arrow, encoding, texts.slice(start, chunk).to_arrow())] = (
-                start
-            )
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                results[pending.pop(fut)] = fut.result()
-                for start in itertools.islice(starts, 1):
-                    piece = texts.slice(start, chunk).to_arrow()
-                    pending[pool.submit(_count_arrow, encoding, piece)] = start
-    return pl.Series(
-        "tokens", [c for start in sorted(results) for c in results[start]], dtype=pl.Int64
+    return _count_in_workers(texts, encoding, workers, chunk)
+
+
+def _count_in_workers(texts: pl.Series, encoding: str, workers: int, chunk: int) -> pl.Series:
+    """Count in ``workers`` subprocesses (see :mod:`.worker`), one feeding thread each; each
+    thread takes the next chunk when its worker answers, so at most one chunk per worker is
+    in flight."""
+    starts = iter(range(0, len(texts), chunk))
+    lock = threading.Lock()
+    results: dict[int, pl.Series] = {}
+    failures: list[BaseException] = []
+
+    def feed(proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            while not failures:
+                with lock:
+                    start = next(starts, None)
+                if start is None:
+                    break
+                sink = io.BytesIO()
+                batch = pa.record_batch([texts.slice(start, chunk).to_arrow()], names=["t"])
+                with pa.ipc.new_stream(sink, batch.schema) as writer:
+                    writer.write_batch(batch)
+                write_frame(proc.stdin, sink.getvalue())
+                answer = read_frame(proc.stdout)
+                if answer is None:
+                    raise RuntimeError(f"token-count worker exited with code {proc.wait()}")
+                counts = array("q")
+                counts.frombytes(answer)
+                results[start] = pl.Series("tokens", counts, dtype=pl.Int64)
+        except BaseException as exc:  # surfaced in the calling thread below
+            failures.append(exc)
+        finally:
+            proc.stdin.close()
+
+    entry = (
+        "import sys; from polars_llmbatch.tokens.worker import main; sys.exit(main(sys.argv[1:]))"
     )
-
-
-def _count_arrow(encoding: str, array: Any) -> list[int]:
-    return _count_list(encoding, array.to_pylist()).to_list()
+    cmd = [sys.executable, "-c", entry, encoding]
+    procs = [
+        subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(workers)
+    ]
+    threads = [threading.Thread(target=feed, args=(p,), daemon=True) for p in procs]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for p in procs:
+            if p.poll() is None and failures:
+                p.kill()
+            p.wait()
+    if failures:
+        raise RuntimeError("counting tokens in worker processes failed") from failures[0]
+    if not results:
+        return pl.Series("tokens", [], dtype=pl.Int64)
+    return pl.concat([results[s] for s in sorted(results)])
 
 
 def _count_list(encoding: str, texts: Iterable[str | None]) -> pl.Series:
