@@ -60,6 +60,7 @@ class Estimate:
     price: Price
     token_source: str
     notes: tuple[str, ...] = field(default=())
+    cacheable_prefix_tokens: int = 0
 
     # costs --------------------------------------------------------------------------------
     def _cost(self, inp: float | None, out: float | None, batch: bool) -> float | None:
@@ -102,6 +103,19 @@ class Estimate:
     @property
     def input_cost_batch(self) -> float | None:
         return self._cost(self.input_tokens, 0.0, True)
+
+    @property
+    def cost_batch_cached(self) -> float | None:
+        """Best case at batch rates if the provider serves the shared prefix (the constant system
+        prompt) from its prompt cache for every request but the first. Caching is automatic at
+        OpenAI and Gemini above a minimum prefix length, but never guaranteed; ``None`` where it
+        does not apply."""
+        full = self.cost_batch
+        rate, base = self.price.batch_cached_input, self.price.batch_input
+        if not self.cacheable_prefix_tokens or full is None or rate is None or base is None:
+            return None
+        cached = self.cacheable_prefix_tokens * max(self.unique_requests - 1, 0)
+        return full - cached * (base - rate) / 1e6
 
     @property
     def savings(self) -> float | None:
@@ -152,6 +166,7 @@ class Estimate:
             "worst_cost_batch",
             "worst_cost_sync",
             "input_cost_batch",
+            "cost_batch_cached",
             "savings",
         ):
             d[name] = getattr(self, name)
@@ -199,6 +214,17 @@ class Estimate:
             ("input tokens", f"{self.input_tokens:,.0f}{err} [{how}]"),
             ("output tokens", out),
             ("cost, expected", expected),
+            *(
+                [
+                    (
+                        "cost, cached prefix",
+                        f"batch {_usd(self.cost_batch_cached)} if the {self.cacheable_prefix_tokens:,}"
+                        "-token shared prefix is served from the prompt cache (best case)",
+                    )
+                ]
+                if self.cost_batch_cached is not None
+                else []
+            ),
             (
                 "cost, worst case",
                 f"batch {_usd(self.worst_cost_batch)} · sync {_usd(self.worst_cost_sync)}",
@@ -254,8 +280,12 @@ def estimate(
 
     # Constant parts are counted once and multiplied; per-row texts are counted (or sampled).
     per_request = rule.per_request + rule.per_message * len(prepared.text_columns)
+    prefix = 0.0
     if spec.system is not None:
-        per_request += rule.per_message + rule.ratio * len(enc.encode_ordinary(spec.system))
+        prefix = rule.per_message + rule.ratio * len(enc.encode_ordinary(spec.system))
+        per_request += prefix
+    cache_min = prov.auto_cache_min_tokens(spec)
+    cacheable = int(prefix) if cache_min is not None and prefix >= cache_min else 0
     counted = exact or n <= EXACT_THRESHOLD
     variable = 0.0
     sampling_error = 0.0
@@ -323,6 +353,7 @@ def estimate(
         price=price,
         token_source=f"{rule.encoding} from {encoding_source(rule.encoding)}",
         notes=tuple(notes),
+        cacheable_prefix_tokens=cacheable,
     )
     return est, shards
 

@@ -9,9 +9,9 @@ import polars as pl
 
 from polars_llmbatch.estimate import Estimate, estimate
 from polars_llmbatch.providers import Provider
-from polars_llmbatch.requests import OnNull, prepare
+from polars_llmbatch.requests import OnNull, Prepared, prepare
 from polars_llmbatch.shards import write_shards
-from polars_llmbatch.spec import Task
+from polars_llmbatch.spec import GENERATION_OPTIONS, Task
 from polars_llmbatch.template import Template
 
 __all__ = ["LlmNamespace"]
@@ -71,21 +71,7 @@ class LlmNamespace:
             >>> est.unique_requests, est.output_tokens_worst, est.cost_batch < est.cost_sync
             (2, 40, True)
         """
-        prepared = prepare(
-            self._frame,
-            prompt,
-            provider=provider,
-            model=model,
-            task=task,
-            output=output,
-            system=system,
-            id=id,
-            on_null=on_null,
-            options=_options(max_output_tokens, temperature, top_p, stop, seed, reasoning_effort),
-            dimensions=dimensions,
-            api=api,
-            extra_body=extra_body,
-        )
+        prepared = _prepare(self._frame, prompt, locals())
         est, _ = estimate(
             prepared,
             exact=exact,
@@ -135,21 +121,7 @@ class LlmNamespace:
             >>> reqs.columns, reqs["custom_id"].n_unique()
             (['row_nr', 'custom_id', 'body'], 2)
         """
-        prepared = prepare(
-            self._frame,
-            prompt,
-            provider=provider,
-            model=model,
-            task=task,
-            output=output,
-            system=system,
-            id=id,
-            on_null=on_null,
-            options=_options(max_output_tokens, temperature, top_p, stop, seed, reasoning_effort),
-            dimensions=dimensions,
-            api=api,
-            extra_body=extra_body,
-        )
+        prepared = _prepare(self._frame, prompt, locals())
         if write_to is not None:
             from polars_llmbatch.shards import plan
 
@@ -161,22 +133,15 @@ class LlmNamespace:
         )
 
 
-def _options(
-    max_output_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    stop: str | list[str] | None,
-    seed: int | None,
-    reasoning_effort: str | None,
-) -> dict[str, Any]:
-    return {
-        "max_output_tokens": max_output_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "stop": stop,
-        "seed": seed,
-        "reasoning_effort": reasoning_effort,
-    }
+_REQUEST_ARGS = ("provider", "model", "output", "system", "id", "task", "on_null")
+_REQUEST_ARGS += ("dimensions", "api", "extra_body")
+
+
+def _prepare(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, args: dict[str, Any]) -> Prepared:
+    """``prepare`` with the namespace method's own arguments (its ``locals()``): the methods
+    spell every option out for their signatures and docs, and share this one call."""
+    options = {name: args[name] for name in GENERATION_OPTIONS}
+    return prepare(frame, prompt, options=options, **{k: args[k] for k in _REQUEST_ARGS})
 
 
 def register() -> None:

@@ -23,7 +23,11 @@ _KEYS = ("input", "output", "batch_input", "batch_output")
 
 @dataclass(frozen=True)
 class Price:
-    """Per-million-token prices. ``None`` fields are unknown."""
+    """Per-million-token prices. ``None`` fields are unknown.
+
+    ``cached_input`` / ``batch_cached_input`` are the rates of input tokens served from the
+    provider's prompt cache (sync and batch), where the provider has one.
+    """
 
     input: float | None
     output: float | None
@@ -32,6 +36,8 @@ class Price:
     source: str
     as_of: str
     context_window: int | None = None
+    cached_input: float | None = None
+    batch_cached_input: float | None = None
 
     @property
     def known(self) -> bool:
@@ -43,6 +49,8 @@ class Price:
             "output": self.output,
             "batch_input": self.batch_input,
             "batch_output": self.batch_output,
+            "cached_input": self.cached_input,
+            "batch_cached_input": self.batch_cached_input,
             "source": self.source,
             "as_of": self.as_of,
         }
@@ -101,12 +109,26 @@ def _from_genai_prices(provider: str, model: str) -> Price | None:
     batch = info.get_prices(now, {"processing": "batch"})
     inp, out = _mtok(sync, "input_mtok"), _mtok(sync, "output_mtok")
     b_inp, b_out = _mtok(batch, "input_mtok"), _mtok(batch, "output_mtok")
+    cached, b_cached = _mtok(sync, "cache_read_mtok"), _mtok(batch, "cache_read_mtok")
     source = f"genai-prices {version} ({pid}/{info.id})"
     if batch == sync:  # no batch variant modelled: the providers' documented 50%
         b_inp = inp / 2 if inp is not None else None
         b_out = out / 2 if out is not None else None
+        # Gemini bills batch cache hits at the sync cached rate; the others halve them too.
+        if cached is not None and provider != "gemini":
+            b_cached = cached / 2
         source += ", batch = 50% of sync (derived)"
-    return Price(inp, out, b_inp, b_out, source, now.date().isoformat(), info.context_window)
+    return Price(
+        inp,
+        out,
+        b_inp,
+        b_out,
+        source,
+        now.date().isoformat(),
+        info.context_window,
+        cached,
+        b_cached,
+    )
 
 
 def _mtok(price: Any, field: str) -> float | None:

@@ -57,6 +57,12 @@ class RequestSpec:
                 f"unknown generation option(s) {unknown}; the options are "
                 f"{sorted(GENERATION_OPTIONS)} (provider-specific fields go in extra_body={{...}})"
             )
+        if self.task == "embed":
+            used = sorted(k for k, v in self.options.items() if v is not None)
+            if used:
+                raise LlmBatchError(f"embeddings take no generation options; drop {used}")
+            if self.system is not None or self.system_per_row:
+                raise LlmBatchError("embeddings have no system prompt; drop system=")
         mot = self.options.get("max_output_tokens")
         if mot is not None and (not isinstance(mot, int) or isinstance(mot, bool) or mot < 1):
             raise LlmBatchError(f"max_output_tokens must be a positive integer, got {mot!r}")

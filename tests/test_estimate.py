@@ -161,3 +161,28 @@ def test_lazyframe_estimate(tickets: pl.DataFrame) -> None:
     )
     b = tickets.llm.estimate("{body}", provider="openai", model="gpt-4o", max_output_tokens=5)
     assert a == b
+
+
+def test_cached_shared_prefix_best_case() -> None:
+    df = pl.DataFrame({"body": [f"ticket {i}" for i in range(50)]})
+    system = "You are a careful support triage assistant. " * 150
+    kw = {"output": CATS, "max_output_tokens": 30, "system": system}
+    est = df.llm.estimate("{body}", provider="openai", model="gpt-5-mini", **kw)
+    prefix = est.cacheable_prefix_tokens
+    assert prefix >= 1024
+    p = est.price
+    assert p.batch_cached_input == pytest.approx(p.batch_input / 10)
+    saved = prefix * 49 * (p.batch_input - p.batch_cached_input) / 1e6
+    assert est.cost_batch_cached == pytest.approx(est.cost_batch - saved)
+    assert "cached prefix" in repr(est)
+    short = df.llm.estimate(
+        "{body}",
+        provider="openai",
+        model="gpt-5-mini",
+        output=CATS,
+        max_output_tokens=30,
+        system="Be brief.",
+    )
+    assert short.cacheable_prefix_tokens == 0 and short.cost_batch_cached is None
+    claude = df.llm.estimate("{body}", provider="anthropic", model="claude-haiku-4-5", **kw)
+    assert claude.cost_batch_cached is None  # Anthropic caches only with an explicit cache_control

@@ -109,3 +109,14 @@ def test_estimate_with_shard_token_cap_and_files(tmp_path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
     keys = [json.loads(line)["custom_id"] for x in paths for line in x.read_text().splitlines()]
     assert keys == p.requests["custom_id"].to_list()  # sorted by id, independent of row order
+
+
+def test_gemini_inline_form_falls_back_to_file_under_a_lower_cap() -> None:
+    df = pl.DataFrame({"t": [f"text {i} " * 20 for i in range(40)]})
+    p = prepare(df, "{t}", provider="gemini", model="gemini-2.5-flash")
+    (inline,) = plan(p)
+    assert inline.framing.kind == "inline"
+    shards = plan(p, max_bytes=inline.bytes - 1)  # the inline body no longer fits: file form
+    assert all(s.framing.kind == "file" for s in shards)
+    for s in shards:
+        assert len(shard_bytes(p, s)) == s.bytes <= inline.bytes - 1

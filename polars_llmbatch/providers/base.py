@@ -108,6 +108,11 @@ class Provider(ABC):
         """Expected output tokens per request where the task fixes them (embeddings: 0)."""
         return 0.0 if spec.task == "embed" else None
 
+    def auto_cache_min_tokens(self, spec: RequestSpec) -> int | None:
+        """The prefix length from which the provider caches a shared prompt prefix by itself
+        (no request flag needed); ``None`` when it does not."""
+        return None
+
     def max_input_tokens(self, spec: RequestSpec) -> int | None:
         """A per-request input cap the provider enforces beyond the model's context window."""
         return None

@@ -42,6 +42,12 @@ class Gemini(Provider):
         verb = "embedContent" if spec.task == "embed" else "generateContent"
         return f"/v1beta/models/{spec.model}:{verb}"
 
+    def auto_cache_min_tokens(self, spec: RequestSpec) -> int | None:
+        # Implicit caching (Gemini 2.5 and later): 1,024 tokens on Flash, 2,048 on Pro models.
+        if spec.task == "embed":
+            return None
+        return 2048 if "pro" in spec.model else 1024
+
     def max_input_tokens(self, spec: RequestSpec) -> int | None:
         return 2048 if spec.task == "embed" else None  # gemini-embedding-001 input limit
 
@@ -93,11 +99,6 @@ class Gemini(Provider):
         return body
 
     def _embedding(self, spec: RequestSpec) -> dict[str, Any]:
-        used = sorted(k for k, v in spec.options.items() if v is not None)
-        if used:
-            raise self._refuse(spec, ", ".join(used), "embeddings take no generation options")
-        if spec.system is not None or spec.system_per_row:
-            raise self._refuse(spec, "system", "embeddings have no system prompt")
         body: dict[str, Any] = {"content": {"parts": [{"text": slot("user")}]}}
         if spec.dimensions is not None:
             body["outputDimensionality"] = spec.dimensions

@@ -44,6 +44,10 @@ class OpenAI(Provider):
             return "/v1/embeddings"
         return "/v1/responses" if spec.api == "responses" else "/v1/chat/completions"
 
+    def auto_cache_min_tokens(self, spec: RequestSpec) -> int | None:
+        # Prompt caching is automatic for prompts of 1,024 tokens or more.
+        return None if spec.task == "embed" else 1024
+
     def max_input_tokens(self, spec: RequestSpec) -> int | None:
         return 8192 if spec.task == "embed" else None  # tokens per embedding input
 
@@ -129,11 +133,6 @@ class OpenAI(Provider):
         return body
 
     def _embedding(self, spec: RequestSpec) -> dict[str, Any]:
-        used = sorted(k for k, v in spec.options.items() if v is not None)
-        if used:
-            raise self._refuse(spec, ", ".join(used), "embeddings take no generation options")
-        if spec.system is not None or spec.system_per_row:
-            raise self._refuse(spec, "system", "embeddings have no system prompt")
         body: dict[str, Any] = {"model": spec.model, "input": slot("user")}
         if spec.dimensions is not None:
             if not spec.model.startswith("text-embedding-3"):
