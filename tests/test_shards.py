@@ -120,3 +120,21 @@ def test_gemini_inline_form_falls_back_to_file_under_a_lower_cap() -> None:
     assert all(s.framing.kind == "file" for s in shards)
     for s in shards:
         assert len(shard_bytes(p, s)) == s.bytes <= inline.bytes - 1
+
+
+@pytest.mark.parametrize(
+    ("provider", "limit", "options"),
+    [("openai", 200_000_000, {}), ("anthropic", 256_000_000, {"max_output_tokens": 5})],
+)
+def test_real_byte_limits_exactly(provider: str, limit: int, options: dict) -> None:
+    """Four texts sized so the batch is exactly 200 MB (256 MB): one shard; one byte more: two."""
+    kw = {"provider": provider, "model": "m", "options": options}
+    (small,) = plan(prepare(pl.DataFrame({"t": ["a", "b", "c", "d"]}), "{t}", **kw))
+    room = limit - (small.bytes - 4)  # what is left for the four texts
+    texts = [ch * (room // 4) for ch in "abcd"]
+    texts[3] += "d" * (room - 4 * (room // 4))
+    assert [s.bytes for s in plan(prepare(pl.DataFrame({"t": texts}), "{t}", **kw))] == [limit]
+    texts[3] += "d"
+    split = plan(prepare(pl.DataFrame({"t": texts}), "{t}", **kw))
+    assert len(split) == 2 and sum(s.bytes for s in split) > limit
+    assert all(s.bytes <= limit for s in split)
