@@ -10,8 +10,9 @@ from typing import Any
 import polars as pl
 
 from polars_llmbatch._json import dumps
-from polars_llmbatch.errors import BudgetExceededError, RequestTooLargeError
+from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
 from polars_llmbatch.prices import Price, lookup_price
+from polars_llmbatch.providers import TokenRule
 from polars_llmbatch.requests import Prepared
 from polars_llmbatch.shards import Shard, plan
 from polars_llmbatch.tokens.counting import count_texts, sample_count
@@ -46,6 +47,7 @@ class Estimate:
     provider: str
     model: str
     endpoint: str
+    task: str
     rows: int
     skipped_rows: int
     unique_requests: int
@@ -66,9 +68,9 @@ class Estimate:
     def _cost(self, inp: float | None, out: float | None, batch: bool) -> float | None:
         p_in = self.price.batch_input if batch else self.price.input
         p_out = self.price.batch_output if batch else self.price.output
-        if inp is None or out is None or p_in is None or p_out is None:
+        if inp is None or out is None or p_in is None or (p_out is None and out):
             return None
-        return (inp * p_in + out * p_out) / 1e6
+        return (inp * p_in + out * (p_out or 0.0)) / 1e6
 
     @property
     def cost_batch(self) -> float | None:
@@ -133,7 +135,7 @@ class Estimate:
             return
         worst = self.worst_cost_batch if mode == "batch" else self.worst_cost_sync
         if worst is None:
-            raise BudgetExceededError(
+            raise LlmBatchError(
                 f"max_cost={_usd(max_cost)} cannot be checked: no price is known for "
                 f"{self.provider} model {self.model!r}; pass prices={{'input': ..., 'output': ...}}"
                 " (USD per 1M tokens)"
@@ -156,7 +158,8 @@ class Estimate:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Every figure as plain data (JSON-able; ``inf`` stands for unbounded)."""
+        """Every figure as plain, strict-JSON data; an unbounded worst case is ``None`` with
+        ``"output_unbounded": True``."""
         d = asdict(self)
         d["price"] = self.price.to_dict()
         d["notes"] = list(self.notes)
@@ -169,7 +172,9 @@ class Estimate:
             "cost_batch_cached",
             "savings",
         ):
-            d[name] = getattr(self, name)
+            value = getattr(self, name)
+            d[name] = None if value is not None and math.isinf(value) else value
+        d["output_unbounded"] = self.output_tokens_worst is None
         return d
 
     # display ------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ class Estimate:
         how = self.input_method
         if self.sampled:
             how = f"sample of {self.sampled:,}; {how}"
-        if self.output_tokens_worst == 0 and self.output_tokens_expected == 0:
+        if self.task == "embed":
             out = "none (embeddings)"
         else:
             out_exp = (
@@ -273,17 +278,13 @@ def estimate(
     spec, prov = prepared.spec, prepared.provider
     rule = prov.token_rule(spec)
     enc = get_encoding(rule.encoding)
-    price = lookup_price(spec.provider, spec.model, prices)
+    price = lookup_price(prov, spec.model, prices)
     reqs = prepared.requests
     n = reqs.height
     notes: list[str] = []
 
     # Constant parts are counted once and multiplied; per-row texts are counted (or sampled).
-    per_request = rule.per_request + rule.per_message * len(prepared.text_columns)
-    prefix = 0.0
-    if spec.system is not None:
-        prefix = rule.per_message + rule.ratio * len(enc.encode_ordinary(spec.system))
-        per_request += prefix
+    per_request, prefix = _constant_tokens(prepared, rule)
     cache_min = prov.auto_cache_min_tokens(spec)
     cacheable = int(prefix) if cache_min is not None and prefix >= cache_min else 0
     counted = exact or n <= EXACT_THRESHOLD
@@ -307,15 +308,19 @@ def estimate(
             f"(±{rule.band:.0%})"
         )
 
-    _check_context(prepared, rule, price.context_window)
+    _check_context(prepared, rule, price.context_window, per_request)
 
     tokens_per_request = None
     if max_shard_tokens is not None:
+        # Queue limits are hard: plan on the top of each request's range, not its midpoint.
+        margin = 1.0 + rule.band
         if per_row_tokens is None:  # sampled: scale characters by the sample's tokens/char
             chars = sum(reqs[c].str.len_chars().cast(pl.Float64) for c in prepared.text_columns)
             total_chars = float(chars.sum()) or 1.0
-            per_row_tokens = (chars * (variable / total_chars)).ceil()
-        tokens_per_request = (per_row_tokens * rule.ratio + per_request).ceil().cast(pl.Int64)
+            per_row_tokens = chars * (variable / total_chars)
+            margin += sampling_error / variable if variable else 0.0
+        upper = (per_row_tokens * rule.ratio + per_request) * margin + rule.slack
+        tokens_per_request = upper.ceil().cast(pl.Int64)
     shards = plan(
         prepared,
         max_requests=max_shard_requests,
@@ -339,6 +344,7 @@ def estimate(
         provider=spec.provider,
         model=spec.model,
         endpoint=prov.endpoint(spec),
+        task=spec.task,
         rows=rows,
         skipped_rows=int(prepared.rows["skipped"].sum()),
         unique_requests=n,
@@ -380,28 +386,54 @@ def _expected_output(
     return None
 
 
-def _check_context(prepared: Prepared, rule: Any, context: int | None) -> None:
+def check_fits(prepared: Prepared, prices: dict[str, float] | None = None) -> None:
+    """Refuse a request whose input can never fit the model's context window (or the provider's
+    per-input cap), naming its row. Needs no full token count: see :func:`_check_context`."""
+    rule = prepared.provider.token_rule(prepared.spec)
+    price = lookup_price(prepared.provider, prepared.spec.model, prices)
+    _check_context(prepared, rule, price.context_window, _constant_tokens(prepared, rule)[0])
+
+
+def _constant_tokens(prepared: Prepared, rule: TokenRule) -> tuple[float, float]:
+    """Tokens every request carries whatever its row (framing, schema, a constant system
+    prompt), and the part of them that is a shared, cacheable prefix (the system prompt)."""
+    spec = prepared.spec
+    per_request = rule.per_request + rule.per_message * len(prepared.text_columns)
+    prefix = 0.0
+    if spec.system is not None:
+        enc = get_encoding(rule.encoding)
+        prefix = rule.per_message + rule.ratio * len(enc.encode_ordinary(spec.system))
+    return per_request + prefix, prefix
+
+
+def _check_context(prepared: Prepared, rule: TokenRule, context: int | None, fixed: float) -> None:
     """Refuse a request whose input can never fit the model's context (or input cap).
 
-    A token is at least one byte, so only rows longer in bytes than the cap can break it:
-    those few are counted exactly.
+    A token is at least one byte, so only rows longer in bytes than what the cap leaves after
+    the constant part can break it: those few are counted exactly.
     """
     cap = prepared.provider.max_input_tokens(prepared.spec) or context
     if cap is None:
         return
+    spec = prepared.spec
+    if fixed > cap:
+        raise RequestTooLargeError(
+            f"every request carries ~{fixed:,.0f} tokens before its row's text (system prompt, "
+            f"framing, output schema), over {spec.model}'s limit of {cap:,}; shorten system="
+        )
     reqs = prepared.requests
     nbytes = sum(reqs[c].str.len_bytes().cast(pl.Int64) for c in prepared.text_columns)
-    suspects = reqs.filter(nbytes * max(rule.ratio, 1.0) > cap)
+    suspects = reqs.filter(nbytes * max(rule.ratio, 1.0) + fixed > cap)
     if suspects.height == 0:
         return
     tokens = sum(count_texts(suspects[c], rule.encoding) for c in prepared.text_columns)
-    over = suspects.with_columns(tokens=tokens * rule.ratio).filter(pl.col("tokens") > cap)
+    total = suspects.with_columns(tokens=tokens * rule.ratio + fixed)
+    over = total.filter(pl.col("tokens") > cap)
     if over.height:
         first = over.sort("row").row(0, named=True)
         approx = "~" if rule.ratio != 1.0 else ""
         raise RequestTooLargeError(
             f"{prepared.describe_row(first['row'])} has {approx}{first['tokens']:,.0f} input "
-            f"tokens, over {prepared.spec.model}'s limit of {cap:,} "
-            f"({over.height} request(s) in all); shorten or truncate those rows, e.g. "
-            "pl.col('text').str.slice(0, 20_000)"
+            f"tokens, over {spec.model}'s limit of {cap:,} ({over.height} request(s) in all); "
+            "shorten or truncate those rows' text (e.g. with .str.slice(0, n) on the column)"
         )

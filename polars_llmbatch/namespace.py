@@ -7,10 +7,11 @@ from typing import Any
 
 import polars as pl
 
-from polars_llmbatch.estimate import Estimate, estimate
-from polars_llmbatch.providers import Provider
+from polars_llmbatch.estimate import Estimate, check_fits, estimate
+from polars_llmbatch.prices import check_override
+from polars_llmbatch.providers import Provider, get_provider
 from polars_llmbatch.requests import OnNull, Prepared, prepare
-from polars_llmbatch.shards import write_shards
+from polars_llmbatch.shards import check_caps, check_target, plan, write_shards
 from polars_llmbatch.spec import GENERATION_OPTIONS, Task
 from polars_llmbatch.template import Template
 
@@ -71,6 +72,8 @@ class LlmNamespace:
             >>> est.unique_requests, est.output_tokens_worst, est.cost_batch < est.cost_sync
             (2, 40, True)
         """
+        check_caps(get_provider(provider), max_shard_requests, max_shard_bytes, max_shard_tokens)
+        check_override(prices)
         prepared = _prepare(self._frame, prompt, locals())
         est, _ = estimate(
             prepared,
@@ -121,10 +124,12 @@ class LlmNamespace:
             >>> reqs.columns, reqs["custom_id"].n_unique()
             (['row_nr', 'custom_id', 'body'], 2)
         """
-        prepared = _prepare(self._frame, prompt, locals())
+        check_caps(get_provider(provider), max_shard_requests, max_shard_bytes)
         if write_to is not None:
-            from polars_llmbatch.shards import plan
-
+            check_target(write_to)
+        prepared = _prepare(self._frame, prompt, locals())
+        check_fits(prepared)
+        if write_to is not None:
             shards = plan(prepared, max_requests=max_shard_requests, max_bytes=max_shard_bytes)
             write_shards(prepared, shards, write_to)
         bodies = prepared.requests.select("custom_id", "body")

@@ -183,24 +183,36 @@ def _pydantic_spec(model: type) -> OutputSpec:
     return OutputSpec("struct", columns, schema, strict=strict, name=model.__name__)
 
 
+# Keywords whose value is a schema, a list of schemas, or a name → schema mapping. Walking only
+# these (never a ``properties`` mapping's keys) keeps fields named "title" or "default" intact.
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_SUBSCHEMAS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_NAMED_SUBSCHEMAS = ("properties", "$defs", "definitions", "patternProperties")
+
+
 def _normalise(node: Any) -> bool:
-    """Close every object (additionalProperties: false); say whether the schema fits strict mode."""
+    """Close every object (additionalProperties: false), drop titles and defaults; say whether
+    the schema fits OpenAI's strict mode (every field required, no defaults)."""
+    if not isinstance(node, dict):
+        return True
     strict = True
-    if isinstance(node, dict):
-        node.pop("title", None)
-        if node.get("type") == "object" and "properties" in node:
-            node.setdefault("additionalProperties", False)
-            if set(node.get("required", [])) != set(node["properties"]):
-                strict = False  # optional fields: OpenAI strict mode needs every field required
-        if "default" in node:
-            strict = False
-            node.pop("default")
-        for key, value in node.items():
-            if key != "enum":
-                strict = _normalise(value) and strict
-    elif isinstance(node, list):
-        for value in node:
-            strict = _normalise(value) and strict
+    node.pop("title", None)
+    if "default" in node:
+        node.pop("default")
+        strict = False
+    if node.get("type") == "object" and "properties" in node:
+        node.setdefault("additionalProperties", False)
+        if set(node.get("required", [])) != set(node["properties"]):
+            strict = False  # optional fields: strict mode needs every field required
+    for key in _SUBSCHEMA:
+        if isinstance(node.get(key), dict):
+            strict = _normalise(node[key]) and strict
+    for key in _SUBSCHEMAS:
+        for sub in node.get(key, []):
+            strict = _normalise(sub) and strict
+    for key in _NAMED_SUBSCHEMAS:
+        for sub in node.get(key, {}).values():
+            strict = _normalise(sub) and strict
     return strict
 
 

@@ -14,10 +14,10 @@ from importlib import metadata
 from typing import Any
 
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.providers import Provider
 
 __all__ = ["Price", "lookup_price"]
 
-_PROVIDER_IDS = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
 _KEYS = ("input", "output", "batch_input", "batch_output")
 
 
@@ -56,48 +56,68 @@ class Price:
         }
 
 
-def lookup_price(provider: str, model: str, prices: Mapping[str, float] | None = None) -> Price:
+def check_override(prices: Mapping[str, float] | None) -> None:
+    """Refuse a malformed ``prices=`` before any data is read."""
+    if prices is None:
+        return
+    unknown = sorted(set(prices) - set(_KEYS))
+    bad = [k for k, v in prices.items() if not isinstance(v, (int, float)) or v < 0]
+    if unknown or "input" not in prices or bad:
+        raise LlmBatchError(
+            f"prices= takes keys {list(_KEYS)} with non-negative numbers (USD per 1M tokens; "
+            f"'input' required), got {dict(prices)}"
+        )
+
+
+def lookup_price(
+    provider: Provider, model: str, prices: Mapping[str, float] | None = None
+) -> Price:
     """Prices for ``model``: the caller's ``prices=`` override, else genai-prices.
 
     ``prices`` takes ``input`` and ``output`` (sync, USD per 1M tokens) and optionally
-    ``batch_input`` / ``batch_output`` (default: half of sync).
+    ``batch_input`` / ``batch_output`` (default: half of sync). Without ``output`` the output
+    price is unknown (fine for embeddings, which have no output).
 
     Example:
-        >>> p = lookup_price("openai", "my-finetune", {"input": 0.3, "output": 1.2})
+        >>> from polars_llmbatch.providers import get_provider
+        >>> p = lookup_price(get_provider("openai"), "my-ft", {"input": 0.3, "output": 1.2})
         >>> p.batch_input, p.batch_output, p.source
         (0.15, 0.6, 'prices= override')
     """
     today = dt.date.today().isoformat()
     found = _from_genai_prices(provider, model)
     if prices is not None:
-        unknown = sorted(set(prices) - set(_KEYS))
-        if unknown or "input" not in prices:
-            raise LlmBatchError(
-                f"prices= takes keys {list(_KEYS)} (USD per 1M tokens; 'input' required), got "
-                f"{sorted(prices)}"
-            )
+        check_override(prices)
         inp = float(prices["input"])
-        out = float(prices.get("output", 0.0))
+        out = float(prices["output"]) if "output" in prices else None
+        b_out = prices.get("batch_output", out / 2 if out is not None else None)
         return Price(
             inp,
             out,
             float(prices.get("batch_input", inp / 2)),
-            float(prices.get("batch_output", out / 2)),
+            float(b_out) if b_out is not None else None,
             "prices= override",
             today,
             found.context_window if found else None,
         )
     if found is None:
-        return Price(None, None, None, None, f"unknown model {model!r} in genai-prices", today)
+        return Price(
+            None,
+            None,
+            None,
+            None,
+            f"unknown {provider.name} model {model!r} in genai-prices",
+            today,
+        )
     return found
 
 
-def _from_genai_prices(provider: str, model: str) -> Price | None:
+def _from_genai_prices(provider: Provider, model: str) -> Price | None:
     try:
         import genai_prices
     except ImportError:  # pragma: no cover - a dependency
         return None
-    pid = _PROVIDER_IDS.get(provider, provider)
+    pid = provider.prices_id
     version = metadata.version("genai-prices")
     try:
         snapshot = genai_prices.data_snapshot.get_snapshot()
@@ -114,8 +134,7 @@ def _from_genai_prices(provider: str, model: str) -> Price | None:
     if batch == sync:  # no batch variant modelled: the providers' documented 50%
         b_inp = inp / 2 if inp is not None else None
         b_out = out / 2 if out is not None else None
-        # Gemini bills batch cache hits at the sync cached rate; the others halve them too.
-        if cached is not None and provider != "gemini":
+        if cached is not None and provider.batch_halves_cache_hits:
             b_cached = cached / 2
         source += ", batch = 50% of sync (derived)"
     return Price(

@@ -6,6 +6,7 @@ MD5 digests computed by DuckDB.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +24,10 @@ __all__ = ["ROW_NR", "Prepared", "prepare"]
 
 #: The row key column when the caller gives no ``id=``: the row's position in the input frame.
 ROW_NR = "row_nr"
+#: Names the request frames use themselves; an ``id=`` column may not take them.
+_RESERVED = frozenset({"custom_id", "skipped", "body"})
+#: Rendered texts while rows are processed: a name no user column has.
+_INTERNAL = "__llmbatch_{}__"
 #: A custom_id is the MD5 of the canonical request text as 32 hex characters (128 bits): an
 #: identifier, not a security measure, and fits ^[a-zA-Z0-9_-]{1,64}$. MD5 over SHA-256 because
 #: it hashes a million prompts in half the time (benchmarks/README.md).
@@ -69,7 +74,7 @@ def build_spec(
     model: str,
     task: Task = "generate",
     output: Any = None,
-    system: str | pl.Expr | None = None,
+    system: str | pl.Expr | Template | None = None,
     options: dict[str, Any] | None = None,
     dimensions: int | None = None,
     api: str | None = None,
@@ -79,17 +84,24 @@ def build_spec(
     prov = get_provider(provider)
     if not isinstance(model, str) or not model:
         raise LlmBatchError("model= must be a model name, e.g. model='gpt-4o-mini'")
+    if task not in ("generate", "embed"):
+        raise LlmBatchError(f"task= must be 'generate' or 'embed', not {task!r}")
+    if task == "embed" and output is not None:
+        raise LlmBatchError("output= applies to generation; embeddings always give one vector")
+    if task == "generate" and dimensions is not None:
+        raise LlmBatchError("dimensions= applies to embeddings (task='embed') only")
     out: OutputSpec | None = parse_output(output) if task == "generate" else None
     system_const: str | None = None
     per_row = False
+    if isinstance(system, str):
+        system = Template.parse(system)
     if isinstance(system, pl.Expr):
         per_row = True
-    elif isinstance(system, str):
-        tmpl = Template.parse(system)
-        if tmpl.columns:
+    elif isinstance(system, Template):
+        if system.columns:
             per_row = True
         else:
-            system_const = "".join(p for p in tmpl.parts if isinstance(p, str))
+            system_const = "".join(p for p in system.parts if isinstance(p, str))
     elif system is not None:
         raise LlmBatchError(
             f"system= must be a string, a template or a polars expression, not {type(system).__name__}"
@@ -108,7 +120,13 @@ def build_spec(
     )
     # Building the skeleton once validates every option against the model family now,
     # before any data is read.
-    prov.body(spec, ("system", "user") if per_row else ("user",))
+    skeleton = prov.body(spec, ("system", "user") if per_row else ("user",))
+    try:
+        _json.dumps(skeleton)
+    except (TypeError, ValueError) as exc:
+        raise LlmBatchError(
+            f"the request body is not JSON ({exc}); check extra_body= and options"
+        ) from exc
     return spec, prov
 
 
@@ -149,24 +167,33 @@ def prepare(
             f"id= names column {id!r}, which the frame does not have; the columns are "
             f"{list(schema.names())}"
         )
+    if id in _RESERVED:
+        raise LlmBatchError(
+            f"id= column {id!r} has a name the request frames use themselves "
+            f"({sorted(_RESERVED)}); rename it, e.g. df.rename({{{id!r}: 'key'}})"
+        )
     fill = on_null == "empty"
     exprs = {"user": prompt_expr(prompt, schema, "prompt", fill_null=fill)}
     if spec.system_per_row:
         exprs["system"] = prompt_expr(system, schema, "system", fill_null=fill)  # type: ignore[arg-type]
+    texts = tuple(exprs)
+    internal = {n: _INTERNAL.format(n) for n in texts}  # never collides with the key column
     key = id if id is not None else ROW_NR
     key_expr = pl.col(id) if id is not None else pl.int_range(pl.len(), dtype=pl.UInt64)
-    rendered = lazy.select(key_expr.alias(key), *(e.alias(n) for n, e in exprs.items())).collect(
-        engine="streaming"
-    )
+    rendered = lazy.select(
+        key_expr.alias(key), *(e.alias(internal[n]) for n, e in exprs.items())
+    ).collect(engine="streaming")
     if id is not None:
         _check_unique(rendered, id)
-    rendered = _nulls(rendered, tuple(exprs), on_null, key)
+    skipped = _nulls(rendered, [internal[n] for n in texts], on_null, key)
+    if spec.task == "embed":
+        _check_not_empty(rendered, internal["user"], skipped, key)
 
-    # The id hashes the spec digest (provider, endpoint, model, options, output, constant
-    # system) and the per-row texts, length-prefixed so that no two inputs share a preimage.
-    # It does not hash the JSON bytes, so it survives changes in how JSON is escaped.
-    keys = _request_ids(rendered, spec.digest(), tuple(exprs))
-    rows = pl.DataFrame([rendered[key], keys, rendered["skipped"]])
+    skeleton = prov.body(spec, texts)
+    keys = _request_ids(
+        rendered, request_digest(prov, spec, skeleton), [internal[n] for n in texts]
+    )
+    rows = pl.DataFrame([rendered[key], keys.alias("custom_id"), skipped.alias("skipped")])
     # Deduplicate on the narrow (id, position) pair, then fetch each unique request's texts by
     # position: the long texts are copied once, not sorted along.
     first = (
@@ -179,39 +206,48 @@ def prepare(
         .select("custom_id", "row")
         .collect()
     )
-    texts = rendered.select(pl.col(n).gather(first["row"]) for n in exprs)
+    unique_texts = rendered.select(pl.col(internal[n]).gather(first["row"]).alias(n) for n in texts)
     del rendered
     body = _json.template(
-        prov.body(spec, tuple(exprs)),
-        {n: pl.col(n) for n in exprs},
-        escape_line_separators=_json.has_line_separators(texts, tuple(exprs)),
+        skeleton,
+        {n: pl.col(n) for n in texts},
+        escape_line_separators=_json.has_line_separators(unique_texts, texts),
     )
     # The streaming engine builds the bodies in morsels: faster here, and it never holds the
     # whole column of intermediate JSON at once (benchmarks/README.md).
     requests = (
-        pl.concat([first, texts], how="horizontal")
+        pl.concat([first, unique_texts], how="horizontal")
         .lazy()
-        .select("custom_id", body.alias("body"), *exprs, "row")
+        .select("custom_id", body.alias("body"), *texts, "row")
         .collect(engine="streaming")
     )
     return Prepared(
         spec=spec,
         provider=prov,
         key=key,
-        rows=rows.select(key, "custom_id", "skipped"),
+        rows=rows,
         requests=requests,
     )
 
 
-def _request_ids(rendered: pl.DataFrame, digest: str, texts: tuple[str, ...]) -> pl.Series:
-    """``custom_id``: the MD5 hex digest of the canonical request text.
+def request_digest(provider: Provider, spec: RequestSpec, skeleton: dict[str, Any]) -> str:
+    """SHA-256 of what every request of the job shares: the provider, the endpoint and the body
+    skeleton (the exact body with placeholders where the per-row texts go)."""
+    shared = {"provider": provider.name, "endpoint": provider.endpoint(spec), "body": skeleton}
+    return hashlib.sha256(_json.dumps(shared).encode()).hexdigest()
 
-    DuckDB hashes the column vectorised; a null text (a skipped row) gives a null id.
+
+def _request_ids(rendered: pl.DataFrame, digest: str, columns: list[str]) -> pl.Series:
+    """``custom_id``: the MD5 hex digest of the request's canonical text, which is the shared
+    digest, then each per-row text length-prefixed (so no two inputs share one string).
+
+    This is a content hash of the body (skeleton + texts) that does not depend on how JSON
+    escapes the texts. DuckDB hashes the column vectorised; a null text gives a null id.
     """
-    canonical = " || ".join(f'chr(31) || strlen("{t}")::VARCHAR || \':\' || "{t}"' for t in texts)
+    canonical = " || ".join(f'chr(31) || strlen("{c}")::VARCHAR || \':\' || "{c}"' for c in columns)
     sql = f"SELECT md5('{digest}' || {canonical}) AS custom_id FROM rendered"
     with duckdb.connect() as con:
-        con.register("rendered", rendered.select(texts))
+        con.register("rendered", rendered.select(columns))
         return con.sql(sql).pl().to_series()
 
 
@@ -230,16 +266,26 @@ def _check_unique(frame: pl.DataFrame, id: str) -> None:
         raise LlmBatchError(f"id= column {id!r} has {nulls} null value(s); every row needs a key")
 
 
-def _nulls(frame: pl.DataFrame, texts: tuple[str, ...], on_null: OnNull, key: str) -> pl.DataFrame:
-    any_null = pl.any_horizontal(*(pl.col(t).is_null() for t in texts))
-    frame = frame.with_columns(skipped=any_null)  # with on_null="empty" nothing is null
-    if on_null == "error":
-        bad = frame.with_row_index("_pos").filter(pl.col("skipped"))
-        if bad.height:
-            first = bad.row(0, named=True)
-            raise LlmBatchError(
-                f"{bad.height} row(s) render to null (a referenced value is null), first at row "
-                f"{first['_pos']} ({key}={first[key]!r}); fill the nulls, or pass on_null='skip' "
-                "to skip those rows or on_null='empty' to render nulls as empty text"
-            )
-    return frame
+def _nulls(frame: pl.DataFrame, texts: list[str], on_null: OnNull, key: str) -> pl.Series:
+    """Which rows render to null (skipped); with ``on_null="empty"`` none do."""
+    skipped = frame.select(pl.any_horizontal(pl.col(t).is_null() for t in texts)).to_series()
+    if on_null == "error" and skipped.any():
+        first = int(skipped.arg_true()[0])
+        raise LlmBatchError(
+            f"{skipped.sum()} row(s) render to null (a referenced value is null), first at row "
+            f"{first} ({key}={frame[key][first]!r}); fill the nulls, or pass on_null='skip' "
+            "to skip those rows or on_null='empty' to render nulls as empty text"
+        )
+    return skipped
+
+
+def _check_not_empty(frame: pl.DataFrame, text: str, skipped: pl.Series, key: str) -> None:
+    """Embedding APIs reject empty input: refuse it now, naming the first row."""
+    empty = (frame[text].str.len_bytes() == 0) & ~skipped
+    if empty.any():
+        first = int(empty.arg_true()[0])
+        raise LlmBatchError(
+            f"{empty.sum()} row(s) render to empty text, which embedding APIs reject, first at "
+            f"row {first} ({key}={frame[key][first]!r}); filter them out first, e.g. "
+            "df.filter(pl.col('text').str.len_chars() > 0)"
+        )

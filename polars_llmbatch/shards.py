@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import polars as pl
 
 from polars_llmbatch import _json
 from polars_llmbatch.errors import LlmBatchError, RequestTooLargeError
-from polars_llmbatch.providers import Framing
+from polars_llmbatch.providers import Framing, Provider
 from polars_llmbatch.requests import Prepared
 
 __all__ = ["Shard", "plan", "shard_bytes", "write_shards"]
@@ -119,10 +120,26 @@ def plan(
     return shards
 
 
+def check_caps(
+    provider: Provider,
+    max_requests: int | None = None,
+    max_bytes: int | None = None,
+    max_tokens: int | None = None,
+) -> None:
+    """Refuse shard caps that are not positive integers or that exceed the provider's limits,
+    before any data is read."""
+    _lower(max_requests, provider.limits.max_requests, "max_shard_requests")
+    _lower(max_bytes, provider.limits.max_bytes, "max_shard_bytes")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise LlmBatchError(f"max_shard_tokens must be a positive integer, got {max_tokens!r}")
+
+
 def _lower(asked: int | None, limit: int, name: str) -> int:
     if asked is None:
         return limit
-    if not isinstance(asked, int) or asked < 1:
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
         raise LlmBatchError(f"{name} must be a positive integer, got {asked!r}")
     if asked > limit:
         raise LlmBatchError(f"{name}={asked:,} is over the provider's limit of {limit:,}")
@@ -191,6 +208,7 @@ def write_shards(prepared: Prepared, shards: list[Shard], directory: str | Path)
     (temp file, fsync, rename), two at a time: polars writes outside the GIL, and two writers
     fill fresh pages about twice as fast as one (benchmarks/README.md)."""
     out = Path(directory)
+    check_target(out)
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=WRITERS) as pool:
         paths = list(pool.map(lambda shard: _write_one(prepared, shard, out), shards))
@@ -200,6 +218,23 @@ def write_shards(prepared: Prepared, shards: list[Shard], directory: str | Path)
 
 #: Shard files written at once.
 WRITERS = 2
+_SHARD_FILE = re.compile(r"^\d{5}\.jsonl?$")
+
+
+def check_target(directory: str | Path) -> None:
+    """Refuse a folder that already holds shard files: mixed with a new job's, a stale shard
+    would be uploaded (and paid for) by whoever submits the folder."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise LlmBatchError(f"write_to={str(out)!r} is a file; name a folder")
+    stale = (
+        sorted(p.name for p in out.iterdir() if _SHARD_FILE.match(p.name)) if out.is_dir() else []
+    )
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise LlmBatchError(
+            f"{out} already holds shard files ({shown}); write to an empty folder or delete them"
+        )
 
 
 def _write_one(prepared: Prepared, shard: Shard, out: Path) -> Path:

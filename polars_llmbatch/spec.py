@@ -63,6 +63,17 @@ class RequestSpec:
                 raise LlmBatchError(f"embeddings take no generation options; drop {used}")
             if self.system is not None or self.system_per_row:
                 raise LlmBatchError("embeddings have no system prompt; drop system=")
+        for name in ("temperature", "top_p"):
+            value = self.options.get(name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise LlmBatchError(f"{name} must be a number, got {value!r}")
+        stop = self.options.get("stop")
+        if stop is not None and not (
+            isinstance(stop, str) or all(isinstance(x, str) for x in stop)
+        ):
+            raise LlmBatchError(f"stop must be a string or a list of strings, got {stop!r}")
         mot = self.options.get("max_output_tokens")
         if mot is not None and (not isinstance(mot, int) or isinstance(mot, bool) or mot < 1):
             raise LlmBatchError(f"max_output_tokens must be a positive integer, got {mot!r}")

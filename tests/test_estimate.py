@@ -6,9 +6,9 @@ import math
 import polars as pl
 import pytest
 
-from polars_llmbatch import BudgetExceededError, Estimate, RequestTooLargeError
+from polars_llmbatch import BudgetExceededError, Estimate, LlmBatchError, RequestTooLargeError
 from polars_llmbatch import estimate as estimate_module
-from polars_llmbatch.tokens.counting import count_chat_tokens
+from polars_llmbatch.providers.openai import count_chat_tokens
 
 CATS = ["billing", "bug", "feature", "other"]
 PRICES = {"input": 2.0, "output": 8.0}  # USD per 1M tokens; batch defaults to half
@@ -65,8 +65,9 @@ def test_unknown_model_keeps_tokens_but_cost_is_unknown(tickets: pl.DataFrame) -
     )
     assert est.input_tokens > 0 and est.cost_batch is None and est.worst_cost_batch is None
     assert "unknown" in repr(est) and any("prices=" in n for n in est.notes)
-    with pytest.raises(BudgetExceededError, match=r"cannot be checked.*prices="):
+    with pytest.raises(LlmBatchError, match=r"cannot be checked.*prices=") as e:
         est.check_budget(1.0)
+    assert not isinstance(e.value, BudgetExceededError)  # bad input, not over budget
 
 
 def test_max_cost(tickets: pl.DataFrame) -> None:
@@ -186,3 +187,107 @@ def test_cached_shared_prefix_best_case() -> None:
     assert short.cacheable_prefix_tokens == 0 and short.cost_batch_cached is None
     claude = df.llm.estimate("{body}", provider="anthropic", model="claude-haiku-4-5", **kw)
     assert claude.cost_batch_cached is None  # Anthropic caches only with an explicit cache_control
+
+
+def never_read() -> pl.LazyFrame:
+    """A LazyFrame that fails if its data is ever computed: for errors that must come first."""
+
+    def boom(_: pl.DataFrame) -> pl.DataFrame:
+        raise AssertionError("the data was read before the bad argument was refused")
+
+    return pl.LazyFrame({"body": ["x"]}).map_batches(boom, schema={"body": pl.String})
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"max_shard_requests": 60_000}, "over the provider's limit of 50,000"),
+        ({"max_shard_bytes": 0}, "max_shard_bytes must be a positive integer"),
+        ({"max_shard_tokens": -5}, "max_shard_tokens must be a positive integer"),
+        ({"prices": {"inptu": 1.0}}, "prices= takes keys"),
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"output": ["a", "a"]}, "unique"),
+        ({"task": "embedding"}, "task="),
+    ],
+)
+def test_bad_arguments_are_refused_before_reading_data(kw: dict, match: str) -> None:
+    with pytest.raises(LlmBatchError, match=match):
+        never_read().llm.estimate("{body}", provider="openai", model="gpt-4o-mini", **kw)
+
+
+def test_requests_refuses_a_folder_with_shards_before_reading(tmp_path) -> None:
+    df = pl.DataFrame({"body": ["a", "b"]})
+    df.llm.requests("{body}", provider="openai", model="gpt-4o-mini", write_to=tmp_path)
+    with pytest.raises(LlmBatchError, match=r"already holds shard files \(00000.jsonl\)"):
+        never_read().llm.requests(
+            "{body}", provider="openai", model="gpt-4o-mini", write_to=tmp_path
+        )
+    with pytest.raises(LlmBatchError, match="over the provider's limit"):
+        never_read().llm.requests("{body}", provider="openai", model="m", max_shard_requests=10**6)
+
+
+def test_context_counts_the_constant_part_and_requests_checks_it_too() -> None:
+    df = pl.DataFrame({"body": ["hi", "word " * 9_000]})  # 9,001 tokens: fits on its own
+    system = "lorem ipsum " * 60_000  # 120,002 tokens: fits on its own
+    with pytest.raises(RequestTooLargeError, match=r"every request carries ~140,0\d\d tokens"):
+        df.llm.estimate(
+            "{body}", provider="openai", model="gpt-4o-mini", system="lorem ipsum " * 70_000
+        )
+    with pytest.raises(RequestTooLargeError, match=r"row 1 has 129,0\d\d input tokens"):
+        df.llm.estimate("{body}", provider="openai", model="gpt-4o-mini", system=system)
+    with pytest.raises(RequestTooLargeError, match="row 1"):
+        df.llm.requests("{body}", provider="openai", model="gpt-4o-mini", system=system)
+    with pytest.raises(RequestTooLargeError, match="limit of 8,192"):
+        pl.DataFrame({"t": ["word " * 9_000]}).llm.requests(
+            "{t}", provider="openai", model="text-embedding-3-small", task="embed"
+        )
+
+
+def test_price_override_without_output_price() -> None:
+    df = pl.DataFrame({"body": ["some text to embed", "more"]})
+    emb = df.llm.estimate(
+        "{body}",
+        provider="openai",
+        model="text-embedding-3-small",
+        task="embed",
+        prices={"input": 0.02},
+    )
+    assert emb.cost_batch == pytest.approx(emb.input_tokens * 0.01 / 1e6)
+    gen = df.llm.estimate(
+        "{body}", provider="openai", model="gpt-4o", prices={"input": 2.0}, max_output_tokens=10
+    )
+    assert gen.worst_cost_batch is None and gen.input_cost_batch is not None
+    with pytest.raises(LlmBatchError, match="cannot be checked"):
+        gen.check_budget(1.0)
+
+
+def test_unbounded_to_dict_is_strict_json() -> None:
+    est = pl.DataFrame({"body": ["x"]}).llm.estimate(
+        "{body}", provider="gemini", model="gemini-2.5-flash"
+    )
+    d = est.to_dict()
+    assert d["worst_cost_batch"] is None and d["output_unbounded"] is True
+    json.dumps(d, allow_nan=False)
+
+
+def test_empty_generate_job_is_not_called_embeddings() -> None:
+    est = pl.DataFrame({"body": [None, None]}, schema={"body": pl.String}).llm.estimate(
+        "{body}", provider="openai", model="gpt-4o", max_output_tokens=5
+    )
+    assert est.unique_requests == 0 and est.skipped_rows == 2 and est.shards == 0
+    assert "embeddings" not in repr(est)
+
+
+def test_gpt41_is_not_claimed_exact() -> None:
+    df = pl.DataFrame({"body": ["hello there"]})
+    est = df.llm.estimate("{body}", provider="openai", model="gpt-4.1-mini", max_output_tokens=5)
+    assert est.input_tokens_error == 2 and "±2" in est.input_method
+
+
+def test_token_capped_shards_plan_on_the_upper_bound() -> None:
+    df = pl.DataFrame({"body": [f"ticket {i} " * 30 for i in range(40)]})
+    kw = {"max_output_tokens": 5, "max_shard_tokens": 1_000}
+    claude = df.llm.estimate("{body}", provider="anthropic", model="claude-haiku-4-5", **kw)
+    per_request = claude.input_tokens / claude.unique_requests  # ~115
+    # planned at +15% (7 a shard, 6 shards), not on the point estimate (8 a shard, 5 shards)
+    assert claude.shards == -(-40 // int(1_000 // (per_request * 1.15))) == 6

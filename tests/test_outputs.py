@@ -97,3 +97,16 @@ def test_pydantic_model() -> None:
 def test_bad_outputs(bad: object, match: str) -> None:
     with pytest.raises(LlmBatchError, match=match):
         parse_output(bad)
+
+
+class Article(BaseModel):
+    title: str
+    default: int
+    score: float
+
+
+def test_fields_named_like_schema_keywords_survive() -> None:
+    spec = parse_output(Article)
+    assert spec.columns == {"title": pl.String(), "default": pl.Int64(), "score": pl.Float64()}
+    assert set(spec.schema["properties"]) == {"title", "default", "score"}
+    assert spec.strict and "title" not in spec.schema  # the model's own title is dropped

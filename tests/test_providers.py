@@ -66,6 +66,10 @@ def test_openai_reasoning_models() -> None:
     ):
         assert body["max_completion_tokens"] == 50 and "max_tokens" not in body
         assert body["reasoning_effort"] == "low"
+    with pytest.raises(LlmBatchError, match="'o3' does not take stop"):
+        bodies("openai", "o3", options={"stop": "END"})
+    for body in bodies("openai", "gpt-5", options={"reasoning_effort": "max"}):
+        assert body["reasoning_effort"] == "max"
     with pytest.raises(LlmBatchError, match="'gpt-5-mini' does not take temperature"):
         bodies("openai", "gpt-5-mini", options={"temperature": 0.2})
     with pytest.raises(LlmBatchError, match="not a reasoning model"):

@@ -6,9 +6,10 @@ import re
 
 import polars as pl
 import pytest
+from pydantic import BaseModel
 
 from polars_llmbatch import LlmBatchError
-from polars_llmbatch.requests import ROW_NR, prepare
+from polars_llmbatch.requests import ROW_NR, prepare, request_digest
 
 ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 KW = {"provider": "openai", "model": "gpt-4o-mini"}
@@ -35,10 +36,16 @@ def test_ids_stable_across_runs_and_row_order(tickets: pl.DataFrame) -> None:
     assert a.requests["body"].to_list() == b.requests["body"].to_list()
     # a pinned value: the id must not change between releases (it names paid-for results)
     one = prepare(pl.DataFrame({"t": ["hello"]}), "{t}", **KW)
-    assert one.requests["custom_id"].item() == "1dd73c3f82281ebc46ce3a6f2d373adb"
-    # ... and it is the documented definition: MD5 of spec digest + length-prefixed texts
-    canonical = one.spec.digest() + "\x1f5:hello"
-    assert hashlib.md5(canonical.encode()).hexdigest() == "1dd73c3f82281ebc46ce3a6f2d373adb"
+    assert one.requests["custom_id"].item() == "d6bd23e8530024facc8bebfb039ade27"
+    # ... and it is the documented definition: MD5 of the shared digest (provider, endpoint,
+    # body skeleton) followed by the length-prefixed texts
+    skeleton = one.provider.body(one.spec, ("user",))
+    assert json.loads(one.requests["body"].item()) == {
+        **skeleton,
+        "messages": [{"role": "user", "content": "hello"}],
+    }
+    canonical = request_digest(one.provider, one.spec, skeleton) + "\x1f5:hello"
+    assert hashlib.md5(canonical.encode()).hexdigest() == "d6bd23e8530024facc8bebfb039ade27"
 
 
 def test_ids_change_with_anything_in_the_body(tickets: pl.DataFrame) -> None:
@@ -118,3 +125,68 @@ def test_bad_arguments_fail_before_reading_data() -> None:
         prepare(df, "{body}", options={"temprature": 1}, **KW)
     with pytest.raises(LlmBatchError, match="model="):
         prepare(df, "{body}", provider="openai", model="")
+
+
+def test_ids_follow_the_body_not_the_python_objects() -> None:
+    class A(BaseModel):
+        x: int
+
+    class B(BaseModel):
+        x: int
+
+    df = pl.DataFrame({"t": ["same text"]})
+    a = prepare(df, "{t}", output=A, **KW)
+    b = prepare(df, "{t}", output=B, **KW)
+    assert a.requests["body"].item() != b.requests["body"].item()  # the schema's name differs
+    assert a.requests["custom_id"].item() != b.requests["custom_id"].item()
+    # the target dtype of a field is not part of the request: same body, same id
+    i32 = prepare(df, "{t}", output={"x": pl.Int32}, **KW)
+    i64 = prepare(df, "{t}", output={"x": pl.Int64}, **KW)
+    assert i32.requests["custom_id"].item() == i64.requests["custom_id"].item()
+
+
+@pytest.mark.parametrize("name", ["user", "system", "row", "row_nr", "_pos"])
+def test_columns_named_like_internals_work(name: str) -> None:
+    df = pl.DataFrame({name: ["k1", "k2"], "text": ["a", None]})
+    p = prepare(df, "{text} {" + name + "}", id=name, **KW)
+    assert p.rows[name].to_list() == ["k1", "k2"] and p.requests.height == 1
+    with pytest.raises(LlmBatchError, match=r"first at row 1"):
+        prepare(df, "{text}", id=name, on_null="error", **KW)
+
+
+@pytest.mark.parametrize("name", ["custom_id", "skipped", "body"])
+def test_reserved_id_names_are_refused(name: str) -> None:
+    df = pl.DataFrame({name: ["k1"], "text": ["a"]})
+    with pytest.raises(
+        LlmBatchError, match=f"id= column '{name}' has a name the request frames use"
+    ):
+        prepare(df, "{text}", id=name, **KW)
+
+
+def test_argument_checks() -> None:
+    df = pl.DataFrame({"t": ["a"], "lang": ["fr"]})
+    with pytest.raises(LlmBatchError, match="task= must be 'generate' or 'embed'"):
+        prepare(df, "{t}", task="embedding", **KW)  # type: ignore[arg-type]
+    with pytest.raises(LlmBatchError, match="output= applies to generation"):
+        prepare(
+            df, "{t}", provider="openai", model="text-embedding-3-small", task="embed", output="x"
+        )
+    with pytest.raises(LlmBatchError, match="dimensions= applies to embeddings"):
+        prepare(df, "{t}", dimensions=64, **KW)
+    with pytest.raises(LlmBatchError, match="not JSON"):
+        prepare(df, "{t}", extra_body={"x": object()}, **KW)
+    from polars_llmbatch import Template
+
+    p = prepare(df, "{t}", system=Template.parse("Answer in {lang}"), **KW)
+    assert json.loads(p.requests["body"].item())["messages"][0]["content"] == "Answer in fr"
+
+
+def test_empty_embedding_input_is_refused_early() -> None:
+    df = pl.DataFrame({"t": ["a", "", None]})
+    kw = {"provider": "openai", "model": "text-embedding-3-small", "task": "embed"}
+    with pytest.raises(
+        LlmBatchError, match="empty text, which embedding APIs reject, first at row 1"
+    ):
+        prepare(df, "{t}", **kw)
+    with pytest.raises(LlmBatchError, match="first at row 1"):
+        prepare(df, "{t}", on_null="empty", **kw)

@@ -32,6 +32,7 @@ class Anthropic(Provider):
     name = "anthropic"
     limits = Limits(max_requests=100_000, max_bytes=256_000_000)
     env_key = ("ANTHROPIC_API_KEY",)
+    prices_id = "anthropic"
 
     def endpoint(self, spec: RequestSpec) -> str:
         return "/v1/messages"

@@ -78,6 +78,10 @@ class Provider(ABC):
     name: str
     limits: Limits
     env_key: tuple[str, ...] = ()
+    #: The provider's id in genai-prices.
+    prices_id: str = ""
+    #: Whether batch halves the price of prompt-cache hits too (Gemini bills them at sync rate).
+    batch_halves_cache_hits: bool = True
 
     @abstractmethod
     def endpoint(self, spec: RequestSpec) -> str:

@@ -15,7 +15,7 @@ __all__ = ["INLINE_MAX_BYTES", "Gemini"]
 #: Shards smaller than this go inline in the create call (the documented cap is 20 MB); larger
 #: ones are uploaded as a JSONL file.
 INLINE_MAX_BYTES = 19_000_000
-_THINKING_LEVELS = ("minimal", "low", "medium", "high")
+_THINKING_LEVELS = ("minimal", "low", "medium", "high", "xhigh")  # SDK ThinkingLevel
 _THINKING_LEVEL_MODELS = re.compile(r"^gemini-(3|[4-9])")
 
 
@@ -37,6 +37,8 @@ class Gemini(Provider):
     # file and its retry unit a manageable size. Files may be up to 2 GB.
     limits = Limits(max_requests=100_000, max_bytes=2_000_000_000)
     env_key = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    prices_id = "google"
+    batch_halves_cache_hits = False  # batch cache hits are billed at the sync cached rate
 
     def endpoint(self, spec: RequestSpec) -> str:
         verb = "embedContent" if spec.task == "embed" else "generateContent"

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from polars_llmbatch._json import slot
+from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.providers.base import Framing, Limits, Provider, TokenRule
 from polars_llmbatch.spec import RequestSpec
+from polars_llmbatch.tokens.encodings import get_encoding
 
-__all__ = ["OpenAI"]
+__all__ = ["OpenAI", "count_chat_tokens", "encoding_for"]
 
-# Reasoning models take max_completion_tokens and reasoning_effort, and reject temperature/top_p.
+# Reasoning models take max_completion_tokens and reasoning_effort, and reject temperature,
+# top_p and stop.
 _REASONING = re.compile(r"^(o\d|gpt-5|gpt-6)(?!.*-chat)")
 # Models the cookbook's counting rules were checked on (exact); newer ones are off by up to ±2.
-_COOKBOOK_EXACT = re.compile(r"^(gpt-3\.5|gpt-4(?!\.5)|gpt-4o|chatgpt-4o)")
+_COOKBOOK_EXACT = re.compile(r"^(gpt-3\.5|gpt-4$|gpt-4-|gpt-4o|chatgpt-4o)")
 _CL100K = re.compile(r"^(gpt-4(?![o.])|gpt-3\.5|gpt-35|text-embedding|davinci-002|babbage-002)")
-_EFFORTS = ("minimal", "low", "medium", "high", "xhigh", "none")
+_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # SDK ReasoningEffort
 
 
 def encoding_for(model: str) -> str:
@@ -38,6 +41,7 @@ class OpenAI(Provider):
     name = "openai"
     limits = Limits(max_requests=50_000, max_bytes=200_000_000, max_embedding_inputs=50_000)
     env_key = ("OPENAI_API_KEY",)
+    prices_id = "openai"
 
     def endpoint(self, spec: RequestSpec) -> str:
         if spec.task == "embed":
@@ -62,9 +66,9 @@ class OpenAI(Provider):
             return self._embedding(spec)
         reasoning = bool(_REASONING.match(spec.model))
         opts = dict(spec.options)
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "stop"):
             if reasoning and opts.get(name) is not None:
-                raise self._refuse(spec, name, "reasoning models reject sampling options; drop it")
+                raise self._refuse(spec, name, "reasoning models reject it; drop it")
         effort = opts.get("reasoning_effort")
         if effort is not None and not reasoning:
             raise self._refuse(spec, "reasoning_effort", "it is not a reasoning model")
@@ -189,8 +193,6 @@ def _put(body: dict[str, Any], key: str, value: Any) -> None:
 def _schema_tokens(schema: dict[str, Any], encoding: str) -> int:
     """Structured-output overhead: the schema as compact JSON without required/
     additionalProperties/$schema, plus 9 (community recipe, openai-cookbook #2140)."""
-    from polars_llmbatch._json import dumps
-    from polars_llmbatch.tokens.encodings import get_encoding
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
@@ -204,3 +206,51 @@ def _schema_tokens(schema: dict[str, Any], encoding: str) -> int:
         return node
 
     return len(get_encoding(encoding).encode_ordinary(dumps(strip(schema)))) + 9
+
+
+def count_chat_tokens(
+    messages: Sequence[Mapping[str, str]],
+    model: str = "gpt-4o",
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> int:
+    """Input tokens of an OpenAI chat request by the cookbook's rules (exact for the models it checks).
+
+    Example:
+        >>> count_chat_tokens([{"role": "user", "content": "Hello!"}], "gpt-4o")
+        9
+    """
+    enc = get_encoding(encoding_for(model))
+    per_message, per_name = (4, -1) if model == "gpt-3.5-turbo-0301" else (3, 1)
+    total = 3  # every reply is primed with <|start|>assistant<|message|>
+    for message in messages:
+        total += per_message
+        for key, value in message.items():
+            total += len(enc.encode_ordinary(value))
+            if key == "name":
+                total += per_name
+    if tools:
+        total += _tool_tokens(tools, model, enc)
+    return total
+
+
+def _tool_tokens(tools: Sequence[Mapping[str, Any]], model: str, enc: Any) -> int:
+    func_init = 7 if model.startswith(("gpt-4o", "gpt-4.1", "o", "gpt-5")) else 10
+    prop_init, prop_key, enum_init, enum_item, func_end = 3, 3, -3, 3, 12
+    total = 0
+    for tool in tools:
+        fn = tool["function"]
+        total += func_init
+        desc = fn.get("description", "").removesuffix(".")
+        total += len(enc.encode_ordinary(f"{fn['name']}:{desc}"))
+        props = fn.get("parameters", {}).get("properties", {})
+        if props:
+            total += prop_init
+            for key, prop in props.items():
+                total += prop_key
+                if "enum" in prop:
+                    total += enum_init
+                    for item in prop["enum"]:
+                        total += enum_item + len(enc.encode_ordinary(item))
+                p_desc = prop.get("description", "").removesuffix(".")
+                total += len(enc.encode_ordinary(f"{key}:{prop.get('type', '')}:{p_desc}"))
+    return total + func_end

@@ -1,4 +1,4 @@
-"""Token counts: the cookbook's chat rules, exact counts of many texts, and sampled estimates.
+"""Token counts: exact counts of many texts (in worker processes when large), and sampled estimates.
 
 Counting uses ``encode_ordinary`` (user text may contain ``<|endoftext|>``, which ``encode``
 refuses) in a plain loop, which beats tiktoken's batch functions on short texts
@@ -14,9 +14,8 @@ import subprocess
 import sys
 import threading
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -24,61 +23,11 @@ import pyarrow as pa
 from polars_llmbatch.tokens.encodings import get_encoding
 from polars_llmbatch.tokens.worker import read_frame, write_frame
 
-__all__ = ["SampleCount", "count_chat_tokens", "count_texts", "sample_count"]
+__all__ = ["SampleCount", "count_texts", "sample_count"]
 
 #: Above this many texts an exact count runs in worker processes (one per core).
 PARALLEL_MIN = 50_000
 _CHUNK = 20_000
-
-
-def count_chat_tokens(
-    messages: Sequence[Mapping[str, str]],
-    model: str = "gpt-4o",
-    tools: Sequence[Mapping[str, Any]] | None = None,
-) -> int:
-    """Input tokens of an OpenAI chat request by the cookbook's rules (exact for the models it checks).
-
-    Example:
-        >>> count_chat_tokens([{"role": "user", "content": "Hello!"}], "gpt-4o")
-        9
-    """
-    from polars_llmbatch.providers.openai import encoding_for
-
-    enc = get_encoding(encoding_for(model))
-    per_message, per_name = (4, -1) if model == "gpt-3.5-turbo-0301" else (3, 1)
-    total = 3  # every reply is primed with <|start|>assistant<|message|>
-    for message in messages:
-        total += per_message
-        for key, value in message.items():
-            total += len(enc.encode_ordinary(value))
-            if key == "name":
-                total += per_name
-    if tools:
-        total += _tool_tokens(tools, model, enc)
-    return total
-
-
-def _tool_tokens(tools: Sequence[Mapping[str, Any]], model: str, enc: Any) -> int:
-    func_init = 7 if model.startswith(("gpt-4o", "gpt-4.1", "o", "gpt-5")) else 10
-    prop_init, prop_key, enum_init, enum_item, func_end = 3, 3, -3, 3, 12
-    total = 0
-    for tool in tools:
-        fn = tool["function"]
-        total += func_init
-        desc = fn.get("description", "").removesuffix(".")
-        total += len(enc.encode_ordinary(f"{fn['name']}:{desc}"))
-        props = fn.get("parameters", {}).get("properties", {})
-        if props:
-            total += prop_init
-            for key, prop in props.items():
-                total += prop_key
-                if "enum" in prop:
-                    total += enum_init
-                    for item in prop["enum"]:
-                        total += enum_item + len(enc.encode_ordinary(item))
-                p_desc = prop.get("description", "").removesuffix(".")
-                total += len(enc.encode_ordinary(f"{key}:{prop.get('type', '')}:{p_desc}"))
-    return total + func_end
 
 
 def count_texts(texts: pl.Series, encoding: str, *, processes: int | None = None) -> pl.Series:
