@@ -7,15 +7,22 @@ import pytest
 
 import polars_llmbatch  # noqa: F401  (registers .llm)
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing here may reach a provider (or anything else) over the network."""
+    """Nothing here may reach a provider (or anything else) over the network: only the
+    emulator on the loopback address."""
+    connect = socket.socket.connect
 
-    def refuse(self: socket.socket, address: object) -> None:
+    def loopback_only(self: socket.socket, address: object) -> None:
+        host = address[0] if isinstance(address, tuple) else address
+        if self.family == socket.AF_UNIX or host in _LOOPBACK:
+            return connect(self, address)
         raise OSError(f"test tried to open a network connection to {address!r}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
 @pytest.fixture

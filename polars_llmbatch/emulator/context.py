@@ -1,0 +1,50 @@
+"""What every provider emulation shares: faults, the ledger, the clock and the batch speed."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from polars_llmbatch.emulator.faults import Faults
+from polars_llmbatch.emulator.ledger import Ledger
+
+__all__ = ["Context"]
+
+
+@dataclass
+class Context:
+    faults: Faults = field(default_factory=Faults)
+    ledger: Ledger = field(default_factory=Ledger)
+    #: Seconds a batch takes from create to done (before the ``slow`` fault): ~1 s is "fast".
+    batch_seconds: float = 1.0
+    clock: Callable[[], float] = time.time
+    base_url: str = ""
+    _spent: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def duration(self) -> float:
+        return self.batch_seconds * self.faults.slow
+
+    def take(self, budget: str) -> bool:
+        """Consume one unit of the fault budget ``budget`` (e.g. ``"rate_limit_creates"``);
+        true while the fault still applies."""
+        limit = getattr(self.faults, budget)
+        with self._lock:
+            used = self._spent.get(budget, 0)
+            if used >= limit:
+                return False
+            self._spent[budget] = used + 1
+            return True
+
+    def new_id(self, prefix: str, length: int = 24, alphabet: str = "") -> str:
+        """A fresh id: ``prefix`` + random characters (unique within the process)."""
+        chars = alphabet or "abcdefghijklmnopqrstuvwxyz0123456789"
+        n = next(self._ids)
+        body = "".join(secrets.choice(chars) for _ in range(length - 4)) + f"{n:04d}"[-4:]
+        return prefix + body

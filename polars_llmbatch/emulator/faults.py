@@ -1,0 +1,68 @@
+"""Faults the emulator injects, chosen per server and deterministic for a seed.
+
+Per-request faults pick their victims by a stable hash of (seed, fault, custom_id), so the same
+seed hits the same requests in every run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from polars_llmbatch.emulator.model import stable_int
+
+__all__ = ["Faults"]
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What goes wrong. Every field defaults to "nothing".
+
+    - ``rate_limit_creates``: the first N batch-create calls get 429 with ``Retry-After``.
+    - ``read_errors``: the first N GETs of a batch's state (or results) get 500/503.
+    - ``request_errors``: the share of requests that fail individually (4xx in the error file,
+      ``errored`` results).
+    - ``expire_at``: the batch expires once this share of its requests has run; the rest are
+      ``batch_expired`` / ``expired`` (Gemini: no results at all).
+    - ``queue_limit_tokens``: a batch whose input tokens exceed it fails as over the enqueued-token
+      limit (OpenAI ``token_limit_exceeded``; Anthropic and Gemini 429 on create).
+    - ``missing``: the share of requests silently absent from the output.
+    - ``duplicates``: the share of output lines written twice.
+    - ``malformed``: the share of output lines written as broken JSON.
+    - ``slow``: a factor on every batch's processing time.
+    - ``drop_downloads``: the first N result downloads are cut mid-stream.
+    """
+
+    seed: int = 0
+    rate_limit_creates: int = 0
+    read_errors: int = 0
+    request_errors: float = 0.0
+    expire_at: float | None = None
+    queue_limit_tokens: int | None = None
+    missing: float = 0.0
+    duplicates: float = 0.0
+    malformed: float = 0.0
+    slow: float = 1.0
+    drop_downloads: int = 0
+
+    def hits(self, fault: str, share: float, custom_id: str) -> bool:
+        """Whether the per-request ``fault`` hits request ``custom_id``."""
+        if share <= 0:
+            return False
+        return stable_int(str(self.seed), fault, custom_id) % 1_000_000 < share * 1_000_000
+
+    @classmethod
+    def parse(cls, text: str | None) -> Faults:
+        """``"request_errors=0.1,expire_at=0.5,seed=3"`` (the CLI's ``--faults``)."""
+        if not text:
+            return cls()
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for part in text.split(","):
+            name, _, raw = part.partition("=")
+            name = name.strip()
+            if name not in types:
+                raise ValueError(f"unknown fault {name!r}; the faults are {sorted(types)}")
+            kind = str(types[name])
+            values[name] = float(raw) if "float" in kind else int(raw)
+        return cls(**values)

@@ -1,0 +1,165 @@
+"""The emulator's HTTP plumbing: a threaded server on 127.0.0.1, requests, responses, routing.
+
+Standard library only (``http.server``): the emulator needs no web framework, and the project
+needs no extra dependency for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = ["Request", "Response", "Router", "Server"]
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    params: dict[str, str] = field(default_factory=dict)  # filled by the router
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Fault: send the headers and this many bytes of the body, then drop the connection.
+    cut_after: int | None = None
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        return cls(status, data, {"content-type": "application/json", **(headers or {})})
+
+    @classmethod
+    def raw(cls, data: bytes, content_type: str = "application/octet-stream") -> Response:
+        return cls(200, data, {"content-type": content_type})
+
+
+Handler = Callable[[Request], Response]
+
+
+class Router:
+    """Routes ``METHOD /path/{name}/...`` patterns to handlers; ``{name}`` matches one segment,
+    ``{name:path}`` the rest of the path."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = re.sub(r"\{(\w+):path\}", r"(?P<\1>.+)", pattern)
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", regex)
+        self._routes.append((method, re.compile(f"^{regex}$"), handler))
+
+    def find(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | None:
+        matched_path = False
+        for m, regex, handler in self._routes:
+            hit = regex.match(path)
+            if hit:
+                matched_path = True
+                if m == method:
+                    return handler, hit.groupdict()
+        if matched_path:
+            return _method_not_allowed, {}
+        return None
+
+
+def _method_not_allowed(request: Request) -> Response:
+    return Response.json({"error": {"message": f"{request.method} not allowed"}}, 405)
+
+
+class Server:
+    """A threaded HTTP server bound to 127.0.0.1 only, serving one :class:`Router`."""
+
+    def __init__(self, router: Router, port: int = 0, not_found: Handler | None = None) -> None:
+        self.router = router
+        self.not_found = not_found or (lambda r: Response.json({"error": "not found"}, 404))
+        server = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                return
+
+            def _handle(self) -> None:
+                split = urlsplit(self.path)
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                request = Request(
+                    method=self.command,
+                    path=split.path,
+                    query=parse_qs(split.query),
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    body=body,
+                )
+                found = server.router.find(self.command, split.path)
+                try:
+                    if found is None:
+                        response = server.not_found(request)
+                    else:
+                        handler, params = found
+                        request.params = params
+                        response = handler(request)
+                except Exception as exc:  # an emulator bug: say so, as a 500
+                    response = Response.json(
+                        {"error": {"message": f"emulator error: {exc!r}", "type": "server_error"}},
+                        500,
+                    )
+                self._send(response)
+
+            def _send(self, response: Response) -> None:
+                self.send_response(response.status)
+                for name, value in response.headers.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(response.body)))
+                self.end_headers()
+                if response.cut_after is not None:
+                    self.wfile.write(response.body[: response.cut_after])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(response.body)
+
+            do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _handle
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()

@@ -1,0 +1,115 @@
+"""The emulator's deterministic model: answers tests can predict.
+
+- **Free text**: ``"Emulated answer to: "`` followed by the first 12 words of the prompt (the last
+  user message). Cut to ``max_tokens`` tokens (o200k) with finish reason "length" when longer.
+- **JSON schema**: an instance that satisfies the schema. An enum value is picked by a stable hash
+  of (prompt, field path): ``enum[md5(prompt + "|" + path) % len(enum)]``; integers are that hash
+  mod 100, numbers mod 1000 / 10, booleans mod 2, strings ``"<field> for: <first 5 words>"``,
+  dates ``2026-01-DD``; arrays have two items; objects every property.
+- **Embeddings**: a unit vector of the model's dimension (or ``dimensions``), from a generator
+  seeded by md5 of the text: the same text always embeds the same.
+
+Token counts use the project's own counters, so an emulated ``usage`` equals what the estimate
+predicts for OpenAI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import struct
+from typing import Any
+
+from polars_llmbatch.tokens.encodings import get_encoding
+
+__all__ = ["answer", "embedding", "embedding_dims", "enum_pick", "stable_int"]
+
+_PREFIX = "Emulated answer to: "
+_DIMS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+    "gemini-embedding-001": 3072,
+}
+
+
+def stable_int(*parts: str) -> int:
+    return int(hashlib.md5("|".join(parts).encode()).hexdigest()[:15], 16)
+
+
+def enum_pick(prompt: str, path: str, values: list[Any]) -> Any:
+    """The enum value the emulator answers for ``prompt`` at field ``path`` (e.g. ``"label"``)."""
+    return values[stable_int(prompt, path) % len(values)]
+
+
+def answer(
+    prompt: str, schema: dict[str, Any] | None, max_tokens: int | None
+) -> tuple[str, bool, int]:
+    """(text, truncated, output tokens) for ``prompt``; JSON text when ``schema`` is given."""
+    enc = get_encoding("o200k_base")
+    if schema is not None:
+        text = json.dumps(_instance(schema, prompt, "", schema.get("$defs", {})))
+    else:
+        text = _PREFIX + " ".join(prompt.split()[:12])
+    tokens = enc.encode_ordinary(text)
+    if max_tokens is not None and len(tokens) > max_tokens:
+        return enc.decode(tokens[:max_tokens]), True, max_tokens
+    return text, False, len(tokens)
+
+
+def _instance(node: dict[str, Any], prompt: str, path: str, defs: dict[str, Any]) -> Any:
+    if "$ref" in node:
+        return _instance(defs[node["$ref"].rsplit("/", 1)[-1]], prompt, path, defs)
+    for key in ("anyOf", "oneOf"):
+        if key in node:
+            options = [o for o in node[key] if o.get("type") != "null"] or node[key]
+            return _instance(options[0], prompt, path, defs)
+    if "enum" in node:
+        return enum_pick(prompt, path or "value", list(node["enum"]))
+    kind = node.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    h = stable_int(prompt, path)
+    if kind == "object":
+        props = node.get("properties", {})
+        return {
+            k: _instance(v, prompt, f"{path}.{k}" if path else k, defs) for k, v in props.items()
+        }
+    if kind == "array":
+        items = node.get("items", {"type": "string"})
+        return [_instance(items, prompt, f"{path}[{i}]", defs) for i in range(2)]
+    if kind == "integer":
+        return h % 100
+    if kind == "number":
+        return (h % 1000) / 10
+    if kind == "boolean":
+        return bool(h % 2)
+    if kind == "null":
+        return None
+    fmt = node.get("format")
+    if fmt == "date":
+        return f"2026-01-{h % 28 + 1:02d}"
+    if fmt == "date-time":
+        return f"2026-01-{h % 28 + 1:02d}T12:00:00Z"
+    return f"{path or 'value'} for: {' '.join(prompt.split()[:5])}"
+
+
+def embedding_dims(model: str, dimensions: int | None) -> int:
+    return dimensions or _DIMS.get(model.removeprefix("models/"), 768)
+
+
+def embedding(text: str, dims: int) -> list[float]:
+    """A deterministic unit vector of ``dims`` floats for ``text``."""
+    rng = random.Random(stable_int(text))
+    values = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    # Rounded through float32, so float and base64 encodings give the same numbers.
+    return list(struct.unpack(f"<{dims}f", struct.pack(f"<{dims}f", *(v / norm for v in values))))
+
+
+def embedding_base64(values: list[float]) -> str:
+    import base64
+
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()

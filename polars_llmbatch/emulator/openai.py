@@ -1,0 +1,731 @@
+"""OpenAI emulation: Files, Batches and the sync endpoints, under ``/openai/v1``.
+
+Lifecycle ``validating → in_progress → finalizing → completed`` (or ``failed`` with
+``errors.data``, ``expired`` with partial output and ``batch_expired`` lines, ``cancelling →
+cancelled``), results split into an output file and an error file, lines in shuffled order.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Any
+
+from polars_llmbatch.emulator import model
+from polars_llmbatch.emulator.context import Context
+from polars_llmbatch.emulator.http import Request, Response, Router
+from polars_llmbatch.emulator.results import finish_lines, outcomes
+from polars_llmbatch.emulator.timeline import Timeline
+from polars_llmbatch.providers.openai import _schema_tokens, count_chat_tokens, encoding_for
+from polars_llmbatch.tokens.encodings import get_encoding
+
+__all__ = ["OpenAIEmulator"]
+
+PREFIX = "/openai/v1"
+ENDPOINTS = (
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+)
+SUPPORTED = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+MAX_REQUESTS = 50_000
+MAX_BYTES = 200_000_000
+MAX_EMBEDDING_INPUTS = 50_000
+
+
+def error(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return Response.json(body, status, headers)
+
+
+@dataclass
+class _File:
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+    expires_at: int | None = None
+
+    def obj(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": self.expires_at,
+            "status_details": None,
+        }
+
+
+@dataclass
+class _Batch:
+    id: str
+    endpoint: str
+    input_file_id: str
+    metadata: dict[str, str] | None
+    created_at: float
+    timeline: Timeline
+    lines: list[dict[str, Any]]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    expire_at: float | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    final: dict[str, Any] | None = None  # the terminal object, frozen once results exist
+    usage: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class OpenAIEmulator:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.files: dict[str, _File] = {}
+        self.batches: dict[str, _Batch] = {}
+        self.order: list[str] = []  # batch ids, oldest first
+        self.lock = threading.Lock()
+
+    def routes(self, router: Router) -> None:
+        def r(method: str, path: str, handler: Any) -> None:
+            router.add(method, path, self.guard(handler))
+
+        r("POST", f"{PREFIX}/files", self.upload)
+        r("GET", f"{PREFIX}/files", self.list_files)
+        r("GET", f"{PREFIX}/files/{{file_id}}", self.get_file)
+        r("DELETE", f"{PREFIX}/files/{{file_id}}", self.delete_file)
+        r("GET", f"{PREFIX}/files/{{file_id}}/content", self.file_content)
+        r("POST", f"{PREFIX}/batches", self.create_batch)
+        r("GET", f"{PREFIX}/batches", self.list_batches)
+        r("GET", f"{PREFIX}/batches/{{batch_id}}", self.get_batch)
+        r("POST", f"{PREFIX}/batches/{{batch_id}}/cancel", self.cancel_batch)
+        r("POST", f"{PREFIX}/chat/completions", self.sync("/v1/chat/completions"))
+        r("POST", f"{PREFIX}/responses", self.sync("/v1/responses"))
+        r("POST", f"{PREFIX}/embeddings", self.sync("/v1/embeddings"))
+
+    def guard(self, handler: Any) -> Any:
+        def guarded(request: Request) -> Response:
+            return self.authorised(request) or handler(request)
+
+        return guarded
+
+    @staticmethod
+    def authorised(request: Request) -> Response | None:
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or not auth[7:].strip():
+            return error(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                "invalid_request_error",
+            )
+        return None
+
+    # files --------------------------------------------------------------------------------
+    def upload(self, request: Request) -> Response:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            return error(400, "Expected multipart/form-data", "invalid_request_error")
+        message = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + request.body
+        )
+        fields: dict[str, str] = {}
+        content: bytes | None = None
+        filename = "upload.jsonl"
+        for part in message.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if name == "file":
+                content = part.get_payload(decode=True) or b""
+                filename = part.get_filename() or filename
+            elif name:
+                fields[name] = (part.get_payload(decode=True) or b"").decode()
+        if content is None:
+            return error(400, "Missing file", "invalid_request_error", param="file")
+        purpose = fields.get("purpose")
+        if purpose not in ("batch", "assistants", "fine-tune", "vision", "user_data", "evals"):
+            return error(
+                400, f"Invalid purpose: {purpose!r}", "invalid_request_error", param="purpose"
+            )
+        now = int(self.ctx.clock())
+        seconds = int(fields.get("expires_after[seconds]", 30 * 86400 if purpose == "batch" else 0))
+        f = _File(
+            self.ctx.new_id("file-"),
+            filename,
+            purpose,
+            content,
+            now,
+            now + seconds if seconds else None,
+        )
+        with self.lock:
+            self.files[f.id] = f
+        self.ctx.ledger.upload("openai", f.id, len(content))
+        return Response.json(f.obj())
+
+    def _file(self, request: Request) -> _File | Response:
+        f = self.files.get(request.params["file_id"])
+        if f is None:
+            return error(
+                404,
+                f"No such File object: {request.params['file_id']}",
+                "invalid_request_error",
+                param="id",
+            )
+        return f
+
+    def get_file(self, request: Request) -> Response:
+        f = self._file(request)
+        return f if isinstance(f, Response) else Response.json(f.obj())
+
+    def delete_file(self, request: Request) -> Response:
+        f = self._file(request)
+        if isinstance(f, Response):
+            return f
+        with self.lock:
+            self.files.pop(f.id, None)
+        return Response.json({"id": f.id, "object": "file", "deleted": True})
+
+    def list_files(self, request: Request) -> Response:
+        purpose = request.arg("purpose")
+        files = [f for f in self.files.values() if purpose in (None, f.purpose)]
+        files.sort(key=lambda f: f.created_at, reverse=request.arg("order", "desc") == "desc")
+        data = [f.obj() for f in files]
+        return Response.json(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": False,
+            }
+        )
+
+    def file_content(self, request: Request) -> Response:
+        f = self._file(request)
+        if isinstance(f, Response):
+            return f
+        if f.purpose == "batch_output" and self.ctx.take("read_errors"):
+            return error(503, "The server is overloaded. Please retry.", "server_error")
+        response = Response.raw(f.data, "application/octet-stream")
+        if f.purpose == "batch_output" and self.ctx.take("drop_downloads"):
+            response.cut_after = len(f.data) // 2
+        return response
+
+    # batches ------------------------------------------------------------------------------
+    def create_batch(self, request: Request) -> Response:
+        if self.ctx.take("rate_limit_creates"):
+            return error(
+                429,
+                "Rate limit reached for requests. Please try again in 1s.",
+                "requests",
+                code="rate_limit_exceeded",
+                headers={"retry-after": "1"},
+            )
+        body = request.json() or {}
+        file_id = body.get("input_file_id")
+        endpoint = body.get("endpoint")
+        if body.get("completion_window") != "24h":
+            return error(
+                400,
+                "Invalid completion_window: only '24h' is supported.",
+                "invalid_request_error",
+                param="completion_window",
+            )
+        if endpoint not in ENDPOINTS:
+            return error(
+                400, f"Invalid endpoint: {endpoint!r}", "invalid_request_error", param="endpoint"
+            )
+        metadata = body.get("metadata")
+        if metadata is not None and (
+            len(metadata) > 16 or any(len(k) > 64 or len(str(v)) > 512 for k, v in metadata.items())
+        ):
+            return error(
+                400,
+                "metadata: at most 16 pairs, keys ≤64 and values ≤512 characters",
+                "invalid_request_error",
+                param="metadata",
+            )
+        f = self.files.get(file_id or "")
+        if f is None:
+            return error(
+                404,
+                f"No such File object: {file_id}",
+                "invalid_request_error",
+                param="input_file_id",
+            )
+        if f.purpose != "batch":
+            return error(
+                400,
+                "The input file must be uploaded with purpose 'batch'.",
+                "invalid_request_error",
+                param="input_file_id",
+            )
+        now = self.ctx.clock()
+        lines, errors = validate(f.data, endpoint, self.ctx.faults.queue_limit_tokens)
+        b = _Batch(
+            id=self.ctx.new_id("batch_"),
+            endpoint=endpoint,
+            input_file_id=f.id,
+            metadata=metadata,
+            created_at=now,
+            timeline=Timeline(now, self.ctx.duration),
+            lines=lines,
+            errors=errors,
+            expire_at=self.ctx.faults.expire_at,
+        )
+        with self.lock:
+            self.batches[b.id] = b
+            self.order.append(b.id)
+        self.ctx.ledger.batch(
+            "openai", b.id, len(lines), json.dumps(metadata) if metadata else None
+        )
+        return Response.json(self.obj(b, now))
+
+    def _batch(self, request: Request) -> _Batch | Response:
+        b = self.batches.get(request.params["batch_id"])
+        if b is None:
+            return error(
+                404,
+                f"No batch found with id '{request.params['batch_id']}'.",
+                "invalid_request_error",
+                param="batch_id",
+            )
+        return b
+
+    def get_batch(self, request: Request) -> Response:
+        if self.ctx.take("read_errors"):
+            return error(
+                500, "The server had an error while processing your request.", "server_error"
+            )
+        b = self._batch(request)
+        return b if isinstance(b, Response) else Response.json(self.obj(b, self.ctx.clock()))
+
+    def cancel_batch(self, request: Request) -> Response:
+        b = self._batch(request)
+        if isinstance(b, Response):
+            return b
+        now = self.ctx.clock()
+        current = self.obj(b, now)
+        if current["status"] in ("completed", "failed", "expired", "cancelled"):
+            return error(
+                409,
+                f"Cannot cancel a batch with status '{current['status']}'.",
+                "invalid_request_error",
+            )
+        if b.timeline.cancelled_at is None:
+            b.timeline.cancelled_at = now
+        return Response.json(self.obj(b, now))
+
+    def list_batches(self, request: Request) -> Response:
+        limit = min(max(int(request.arg("limit", "20") or 20), 1), 100)
+        ids = list(reversed(self.order))  # newest first
+        after = request.arg("after")
+        if after in ids:
+            ids = ids[ids.index(after) + 1 :]
+        page, now = ids[:limit], self.ctx.clock()
+        data = [self.obj(self.batches[i], now) for i in page]
+        return Response.json(
+            {
+                "object": "list",
+                "data": data,
+                "first_id": page[0] if page else None,
+                "last_id": page[-1] if page else None,
+                "has_more": len(ids) > limit,
+            }
+        )
+
+    # the batch object at a moment -----------------------------------------------------------
+    def obj(self, b: _Batch, now: float) -> dict[str, Any]:
+        if b.final is not None:
+            return b.final
+        t = b.timeline
+        phase = t.at(now)
+        total = len(b.lines)
+        o: dict[str, Any] = {
+            "id": b.id,
+            "object": "batch",
+            "endpoint": b.endpoint,
+            "errors": None,
+            "input_file_id": b.input_file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": int(b.created_at),
+            "in_progress_at": None,
+            "expires_at": int(b.created_at) + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": b.metadata,
+            "model": next((line["body"].get("model") for line in b.lines), None),
+            "usage": None,
+        }
+        validated = t.t0 + 0.1 * t.duration
+        if b.errors and phase.name != "validating":
+            # Validation failed: the whole batch fails, whatever happened after.
+            o.update(status="failed", failed_at=int(validated))
+            o["errors"] = {"object": "list", "data": b.errors}
+            b.final = o
+            return o
+        if phase.name != "validating":
+            o["in_progress_at"] = int(validated)
+        expire_at = b.expire_at
+        if expire_at is not None and phase.progress >= expire_at and phase.name != "cancelled":
+            when = t.when(expire_at)
+            return self._finish(b, o, "expired", expire_at, when)
+        if phase.name == "validating":
+            return o
+        done = int(total * phase.progress)
+        o["request_counts"] = {"total": total, "completed": done, "failed": 0}
+        if phase.name == "running":
+            o["status"] = "in_progress"
+        elif phase.name == "finalizing":
+            o.update(status="finalizing", finalizing_at=int(phase.since))
+        elif phase.name == "cancelling":
+            o.update(status="cancelling", cancelling_at=int(t.cancelled_at or now))
+        elif phase.name == "cancelled":
+            o["cancelling_at"] = int(t.cancelled_at or now)
+            return self._finish(b, o, "cancelled", phase.progress, phase.since)
+        else:
+            o.update(finalizing_at=int(t.t0 + 0.8 * t.duration))
+            return self._finish(b, o, "completed", 1.0, phase.since)
+        return o
+
+    def _finish(
+        self, b: _Batch, o: dict[str, Any], status: str, processed: float, when: float
+    ) -> dict[str, Any]:
+        """Run the requests, write the output and error files, freeze the terminal object."""
+        with b.lock:
+            if b.final is not None:
+                return b.final
+            faults = self.ctx.faults
+            ok_lines: list[tuple[str, str]] = []
+            err_lines: list[tuple[str, str]] = []
+            usage = {"input_tokens": 0, "output_tokens": 0}
+            n_ok = n_failed = 0
+            for out in outcomes([line["custom_id"] for line in b.lines], processed, faults):
+                line = b.lines[out.index]
+                req_id = self.ctx.new_id("batch_req_")
+                if out.kind == "ok":
+                    resp, inp, outp = respond(b.endpoint, line["body"], self.ctx.new_id)
+                    record = {
+                        "id": req_id,
+                        "custom_id": out.custom_id,
+                        "response": {
+                            "status_code": 200,
+                            "request_id": self.ctx.new_id("req_"),
+                            "body": resp,
+                        },
+                        "error": None,
+                    }
+                    ok_lines.append((out.custom_id, json.dumps(record)))
+                    usage["input_tokens"] += inp
+                    usage["output_tokens"] += outp
+                    self.ctx.ledger.bill("openai", b.id, out.custom_id, inp, outp)
+                    n_ok += 1
+                elif out.kind == "error":
+                    body = {
+                        "error": {
+                            "message": "Emulated invalid request (request_errors fault).",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                    record = {
+                        "id": req_id,
+                        "custom_id": out.custom_id,
+                        "response": {
+                            "status_code": 400,
+                            "request_id": self.ctx.new_id("req_"),
+                            "body": body,
+                        },
+                        "error": None,
+                    }
+                    err_lines.append((out.custom_id, json.dumps(record)))
+                    n_failed += 1
+                else:
+                    code, message = (
+                        (
+                            "batch_expired",
+                            "This request could not be executed before the completion window expired.",
+                        )
+                        if status == "expired"
+                        else (
+                            "batch_cancelled",
+                            "This request was not executed because the batch was cancelled.",
+                        )
+                    )
+                    record = {
+                        "id": req_id,
+                        "custom_id": out.custom_id,
+                        "response": None,
+                        "error": {"code": code, "message": message},
+                    }
+                    err_lines.append((out.custom_id, json.dumps(record)))
+                    n_failed += 1
+            now_i = int(when)
+            for lines, attr in ((ok_lines, "output_file_id"), (err_lines, "error_file_id")):
+                if lines:
+                    data = "".join(
+                        x + "\n" for x in finish_lines(lines, faults, shuffle=True)
+                    ).encode()
+                    f = _File(
+                        self.ctx.new_id("file-"),
+                        f"{b.id}_{attr[:-8]}.jsonl",
+                        "batch_output",
+                        data,
+                        now_i,
+                        now_i + 30 * 86400,
+                    )
+                    with self.lock:
+                        self.files[f.id] = f
+                    o[attr] = f.id
+            o["status"] = status
+            o[f"{status}_at"] = now_i
+            o["request_counts"] = {"total": len(b.lines), "completed": n_ok, "failed": n_failed}
+            o["usage"] = {
+                "input_tokens": usage["input_tokens"],
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": usage["output_tokens"],
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage["input_tokens"] + usage["output_tokens"],
+            }
+            b.final = o
+            return o
+
+    # sync ---------------------------------------------------------------------------------
+    def sync(self, endpoint: str):
+        def handler(request: Request) -> Response:
+            body = request.json()
+            if not isinstance(body, dict) or "model" not in body:
+                return error(
+                    400,
+                    "you must provide a model parameter",
+                    "invalid_request_error",
+                    param="model",
+                )
+            resp, inp, outp = respond(endpoint, body, self.ctx.new_id)
+            self.ctx.ledger.bill(
+                "openai", None, request.headers.get("x-request-key", ""), inp, outp
+            )
+            return Response.json(resp)
+
+        return handler
+
+
+def validate(
+    data: bytes, endpoint: str, queue_limit: int | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Parse an input file as the Batch API validates it; (lines, errors)."""
+    errors: list[dict[str, Any]] = []
+
+    def fail(code: str, message: str, line: int | None = None) -> None:
+        errors.append({"code": code, "message": message, "param": None, "line": line})
+
+    if len(data) > MAX_BYTES:
+        fail("file_too_large", f"The input file is larger than the {MAX_BYTES:,}-byte limit.")
+        return [], errors
+    lines: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    models: set[str] = set()
+    inputs = 0
+    tokens = 0
+    for n, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+            cid, url, body = line["custom_id"], line["url"], line["body"]
+        except (ValueError, KeyError, TypeError):
+            fail("invalid_json_line", "This line is not parseable as valid JSON.", n)
+            continue
+        if cid in seen:
+            fail(
+                "duplicate_custom_id",
+                "The custom_id for this request is a duplicate of another request. The custom_id parameter must be unique for each request in a batch.",
+                n,
+            )
+            continue
+        seen.add(cid)
+        if url != endpoint:
+            fail(
+                "url_mismatch",
+                f"The URL provided for this request does not match the batch endpoint: {url!r} vs {endpoint!r}.",
+                n,
+            )
+            continue
+        if line.get("method", "POST") != "POST":
+            fail("invalid_method", "Only POST is supported.", n)
+            continue
+        models.add(str(body.get("model")))
+        if len(models) > 1:
+            fail("model_mismatch", "All requests in a batch must use the same model.", n)
+            models = {next(iter(models))}
+            continue
+        if endpoint == "/v1/embeddings":
+            inp = body.get("input")
+            inputs += len(inp) if isinstance(inp, list) else 1
+        lines.append(line)
+        if queue_limit is not None:
+            tokens += input_tokens(endpoint, body)
+    if not lines and not errors:
+        fail("empty_file", "The input file is empty.")
+    if len(lines) > MAX_REQUESTS:
+        fail(
+            "too_many_tasks",
+            f"The batch has {len(lines):,} requests; the limit is {MAX_REQUESTS:,}.",
+        )
+    if inputs > MAX_EMBEDDING_INPUTS:
+        fail(
+            "too_many_tasks",
+            f"The batch has {inputs:,} embedding inputs; the limit is {MAX_EMBEDDING_INPUTS:,}.",
+        )
+    if queue_limit is not None and tokens > queue_limit and not errors:
+        model_name = next(iter(models), "?")
+        fail(
+            "token_limit_exceeded",
+            f"Enqueued token limit reached for {model_name} in organization org-emulator. Limit: "
+            f"{queue_limit:,} enqueued tokens. Please try again once some in_progress batches have been completed.",
+        )
+    return lines, errors
+
+
+def _prompt(body: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+    """The last user text and the messages as plain {role, content} strings."""
+    messages = []
+    for m in body.get("messages", []):
+        content = m.get("content", "")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        messages.append({"role": m.get("role", "user"), "content": content})
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return user, messages
+
+
+def input_tokens(endpoint: str, body: dict[str, Any]) -> int:
+    model_name = str(body.get("model", ""))
+    if endpoint == "/v1/embeddings":
+        inp = body.get("input", "")
+        texts = inp if isinstance(inp, list) else [inp]
+        enc = get_encoding(encoding_for(model_name))
+        return sum(len(enc.encode_ordinary(t)) for t in texts if isinstance(t, str))
+    if endpoint == "/v1/responses":
+        messages = (
+            [{"role": "system", "content": body["instructions"]}]
+            if body.get("instructions")
+            else []
+        )
+        inp = body.get("input", "")
+        messages.append(
+            {"role": "user", "content": inp if isinstance(inp, str) else json.dumps(inp)}
+        )
+        schema = ((body.get("text") or {}).get("format") or {}).get("schema")
+    else:
+        _, messages = _prompt(body)
+        schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    total = count_chat_tokens(messages, model_name)
+    if schema is not None:
+        total += _schema_tokens(schema, encoding_for(model_name))
+    return total
+
+
+def respond(endpoint: str, body: dict[str, Any], new_id: Any) -> tuple[dict[str, Any], int, int]:
+    """The sync response body for ``body``, with its input and output tokens."""
+    model_name = str(body.get("model", ""))
+    inp_tokens = input_tokens(endpoint, body)
+    if endpoint == "/v1/embeddings":
+        inp = body.get("input", "")
+        texts = inp if isinstance(inp, list) else [inp]
+        dims = model.embedding_dims(model_name, body.get("dimensions"))
+        b64 = body.get("encoding_format") == "base64"
+        data = []
+        for i, t in enumerate(texts):
+            vec = model.embedding(str(t), dims)
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": model.embedding_base64(vec) if b64 else vec,
+                }
+            )
+        usage = {"prompt_tokens": inp_tokens, "total_tokens": inp_tokens}
+        return {"object": "list", "data": data, "model": model_name, "usage": usage}, inp_tokens, 0
+    if endpoint == "/v1/responses":
+        inp = body.get("input", "")
+        prompt = inp if isinstance(inp, str) else json.dumps(inp)
+        schema = ((body.get("text") or {}).get("format") or {}).get("schema")
+        text, cut, out_tokens = model.answer(prompt, schema, body.get("max_output_tokens"))
+        resp = {
+            "id": new_id("resp_"),
+            "object": "response",
+            "created_at": 0,
+            "status": "incomplete" if cut else "completed",
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "model": model_name,
+            "output": [
+                {
+                    "type": "message",
+                    "id": new_id("msg_"),
+                    "status": "incomplete" if cut else "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": inp_tokens,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": out_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": inp_tokens + out_tokens,
+            },
+        }
+        return resp, inp_tokens, out_tokens
+    user, _ = _prompt(body)
+    schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    cap = body.get("max_completion_tokens") or body.get("max_tokens")
+    text, cut, out_tokens = model.answer(user, schema, cap)
+    resp = {
+        "id": new_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": 0,
+        "model": model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "length" if cut else "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": inp_tokens,
+            "completion_tokens": out_tokens,
+            "total_tokens": inp_tokens + out_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_emulator",
+    }
+    return resp, inp_tokens, out_tokens
