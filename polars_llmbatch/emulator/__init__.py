@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from polars_llmbatch.emulator.anthropic import AnthropicEmulator
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Response, Router, Server
@@ -43,6 +44,8 @@ class Emulator:
         router = Router()
         self.openai = OpenAIEmulator(self.ctx)
         self.openai.routes(router)
+        self.anthropic = AnthropicEmulator(self.ctx)
+        self.anthropic.routes(router)
         router.add("GET", "/_emulator/ledger", lambda r: Response.json(self.ledger.to_dict()))
         self.server = Server(router, port)
         self.ctx.base_url = self.server.url
@@ -60,9 +63,14 @@ class Emulator:
         """For ``OPENAI_BASE_URL`` (it includes ``/v1``, as the SDK expects)."""
         return f"{self.server.url}/openai/v1"
 
+    @property
+    def anthropic_url(self) -> str:
+        """For ``ANTHROPIC_BASE_URL`` (no ``/v1``: the SDK adds it)."""
+        return f"{self.server.url}/anthropic"
+
     def env(self) -> dict[str, str]:
         """Environment variables that point the official SDKs (and this library) here."""
-        return {"OPENAI_BASE_URL": self.openai_url}
+        return {"OPENAI_BASE_URL": self.openai_url, "ANTHROPIC_BASE_URL": self.anthropic_url}
 
     def start(self) -> Emulator:
         self.server.start()

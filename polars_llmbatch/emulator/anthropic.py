@@ -1,0 +1,367 @@
+"""Anthropic emulation: Message Batches and sync Messages, under ``/anthropic``.
+
+Lifecycle ``in_progress → (canceling →) ended``; results (``succeeded``, ``errored``,
+``canceled``, ``expired``) stream as JSONL from an absolute ``results_url``, in shuffled order.
+Structural problems fail the create call; problems in a request come back as ``errored``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from polars_llmbatch.emulator import model
+from polars_llmbatch.emulator.context import Context
+from polars_llmbatch.emulator.http import Request, Response, Router
+from polars_llmbatch.emulator.results import finish_lines, outcomes
+from polars_llmbatch.emulator.timeline import Timeline
+from polars_llmbatch.providers.anthropic import Anthropic
+from polars_llmbatch.spec import RequestSpec
+from polars_llmbatch.tokens.encodings import get_encoding
+
+__all__ = ["AnthropicEmulator"]
+
+PREFIX = "/anthropic/v1"
+MAX_REQUESTS = 100_000
+MAX_BYTES = 256_000_000
+_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"type": "error", "error": {"type": type_, "message": message}, "request_id": None}
+    return Response.json(body, status, headers)
+
+
+def rfc3339(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class _Batch:
+    id: str
+    created_at: float
+    timeline: Timeline
+    requests: list[dict[str, Any]]
+    expire_at: float | None
+    results: bytes | None = None
+    final: dict[str, Any] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class AnthropicEmulator:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.batches: dict[str, _Batch] = {}
+        self.order: list[str] = []
+        self.lock = threading.Lock()
+
+    def routes(self, router: Router) -> None:
+        def r(method: str, path: str, handler: Any) -> None:
+            router.add(method, path, self.guard(handler))
+
+        r("POST", f"{PREFIX}/messages/batches", self.create)
+        r("GET", f"{PREFIX}/messages/batches", self.list)
+        r("GET", f"{PREFIX}/messages/batches/{{batch_id}}", self.get)
+        r("POST", f"{PREFIX}/messages/batches/{{batch_id}}/cancel", self.cancel)
+        r("DELETE", f"{PREFIX}/messages/batches/{{batch_id}}", self.delete)
+        r("GET", f"{PREFIX}/messages/batches/{{batch_id}}/results", self.results)
+        r("POST", f"{PREFIX}/messages", self.sync)
+
+    def guard(self, handler: Any) -> Any:
+        def guarded(request: Request) -> Response:
+            key = request.headers.get("x-api-key", "")
+            auth = request.headers.get("authorization", "")
+            if not key.strip() and not (auth.startswith("Bearer ") and auth[7:].strip()):
+                return error(401, "authentication_error", "x-api-key header is required")
+            return handler(request)
+
+        return guarded
+
+    # batches ------------------------------------------------------------------------------
+    def create(self, request: Request) -> Response:
+        if self.ctx.take("rate_limit_creates"):
+            return error(
+                429,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your rate limit.",
+                {"retry-after": "1"},
+            )
+        if len(request.body) > MAX_BYTES:
+            return error(
+                413,
+                "request_too_large",
+                f"Request exceeds the maximum allowed number of bytes ({MAX_BYTES:,}).",
+            )
+        body = request.json() or {}
+        reqs = body.get("requests")
+        if not isinstance(reqs, list) or not reqs:
+            return error(400, "invalid_request_error", "requests: List should have at least 1 item")
+        if len(reqs) > MAX_REQUESTS:
+            return error(
+                400,
+                "invalid_request_error",
+                f"requests: List should have at most {MAX_REQUESTS} items",
+            )
+        seen: set[str] = set()
+        for i, entry in enumerate(reqs):
+            cid = entry.get("custom_id") if isinstance(entry, dict) else None
+            if not isinstance(cid, str) or not _ID.match(cid):
+                return error(
+                    400,
+                    "invalid_request_error",
+                    f"requests.{i}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'",
+                )
+            if cid in seen:
+                return error(
+                    400,
+                    "invalid_request_error",
+                    f"requests.{i}.custom_id: Duplicate custom_id '{cid}'",
+                )
+            if not isinstance(entry.get("params"), dict):
+                return error(400, "invalid_request_error", f"requests.{i}.params: Field required")
+            seen.add(cid)
+        limit = self.ctx.faults.queue_limit_tokens
+        if limit is not None and sum(input_tokens(e["params"]) for e in reqs) > limit:
+            return error(
+                429,
+                "rate_limit_error",
+                f"Batch queue full: this batch would exceed the limit of {limit:,} enqueued tokens.",
+                {"retry-after": "1"},
+            )
+        now = self.ctx.clock()
+        b = _Batch(
+            self.ctx.new_id("msgbatch_"),
+            now,
+            Timeline(now, self.ctx.duration),
+            reqs,
+            self.ctx.faults.expire_at,
+        )
+        with self.lock:
+            self.batches[b.id] = b
+            self.order.append(b.id)
+        self.ctx.ledger.batch("anthropic", b.id, len(reqs), None)
+        return Response.json(self.obj(b, now))
+
+    def _batch(self, request: Request) -> _Batch | Response:
+        b = self.batches.get(request.params["batch_id"])
+        if b is None:
+            return error(
+                404, "not_found_error", f"No message batch with id {request.params['batch_id']!r}"
+            )
+        return b
+
+    def get(self, request: Request) -> Response:
+        if self.ctx.take("read_errors"):
+            return error(529, "overloaded_error", "Overloaded")
+        b = self._batch(request)
+        return b if isinstance(b, Response) else Response.json(self.obj(b, self.ctx.clock()))
+
+    def cancel(self, request: Request) -> Response:
+        b = self._batch(request)
+        if isinstance(b, Response):
+            return b
+        now = self.ctx.clock()
+        if self.obj(b, now)["processing_status"] == "ended":
+            return error(
+                400, "invalid_request_error", "Batch has already ended and cannot be canceled."
+            )
+        if b.timeline.cancelled_at is None:
+            b.timeline.cancelled_at = now
+        return Response.json(self.obj(b, now))
+
+    def delete(self, request: Request) -> Response:
+        b = self._batch(request)
+        if isinstance(b, Response):
+            return b
+        if self.obj(b, self.ctx.clock())["processing_status"] != "ended":
+            return error(
+                400,
+                "invalid_request_error",
+                "Batch is still processing; cancel it before deleting it.",
+            )
+        with self.lock:
+            self.batches.pop(b.id, None)
+            self.order.remove(b.id)
+        return Response.json({"id": b.id, "type": "message_batch_deleted"})
+
+    def list(self, request: Request) -> Response:
+        limit = min(max(int(request.arg("limit", "20") or 20), 1), 1000)
+        ids = list(reversed(self.order))  # newest first
+        after, before = request.arg("after_id"), request.arg("before_id")
+        if after in ids:
+            ids = ids[ids.index(after) + 1 :]
+        if before in ids:
+            ids = ids[: ids.index(before)][-limit:]
+        page, now = ids[:limit], self.ctx.clock()
+        return Response.json(
+            {
+                "data": [self.obj(self.batches[i], now) for i in page],
+                "has_more": len(ids) > limit,
+                "first_id": page[0] if page else None,
+                "last_id": page[-1] if page else None,
+            }
+        )
+
+    def results(self, request: Request) -> Response:
+        b = self._batch(request)
+        if isinstance(b, Response):
+            return b
+        if self.ctx.take("read_errors"):
+            return error(500, "api_error", "Internal server error")
+        self.obj(b, self.ctx.clock())
+        if b.results is None:
+            return error(
+                404, "not_found_error", "Results are not available until the batch has ended."
+            )
+        response = Response.raw(b.results, "application/binary")
+        if self.ctx.take("drop_downloads"):
+            response.cut_after = len(b.results) // 2
+        return response
+
+    # the batch at a moment ------------------------------------------------------------------
+    def obj(self, b: _Batch, now: float) -> dict[str, Any]:
+        if b.final is not None:
+            return b.final
+        t = b.timeline
+        phase = t.at(now)
+        total = len(b.requests)
+        o: dict[str, Any] = {
+            "id": b.id,
+            "type": "message_batch",
+            "processing_status": "in_progress",
+            "request_counts": {
+                "processing": total,
+                "succeeded": 0,
+                "errored": 0,
+                "canceled": 0,
+                "expired": 0,
+            },
+            "ended_at": None,
+            "created_at": rfc3339(b.created_at),
+            "expires_at": rfc3339(b.created_at + 86400),
+            "archived_at": None,
+            "cancel_initiated_at": rfc3339(t.cancelled_at) if t.cancelled_at is not None else None,
+            "results_url": None,
+        }
+        if b.expire_at is not None and phase.progress >= b.expire_at and phase.name != "cancelled":
+            return self._finish(b, o, b.expire_at, "expired", t.when(b.expire_at))
+        if phase.name == "cancelling":
+            o["processing_status"] = "canceling"
+        elif phase.name == "cancelled":
+            return self._finish(b, o, phase.progress, "canceled", phase.since)
+        elif phase.name == "done":
+            return self._finish(b, o, 1.0, "", phase.since)
+        return o
+
+    def _finish(
+        self, b: _Batch, o: dict[str, Any], processed: float, rest: str, when: float
+    ) -> dict[str, Any]:
+        with b.lock:
+            if b.final is not None:
+                return b.final
+            counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+            lines: list[tuple[str, str]] = []
+            for out in outcomes([e["custom_id"] for e in b.requests], processed, self.ctx.faults):
+                params = b.requests[out.index]["params"]
+                if out.kind == "ok":
+                    message, inp, outp = respond(params, self.ctx.new_id)
+                    result: dict[str, Any] = {"type": "succeeded", "message": message}
+                    self.ctx.ledger.bill("anthropic", b.id, out.custom_id, inp, outp)
+                    counts["succeeded"] += 1
+                elif out.kind == "error":
+                    result = {
+                        "type": "errored",
+                        "error": {
+                            "type": "error",
+                            "error": {
+                                "type": "invalid_request_error",
+                                "message": "Emulated invalid request (request_errors fault).",
+                            },
+                            "request_id": None,
+                        },
+                    }
+                    counts["errored"] += 1
+                else:
+                    result = {"type": rest}
+                    counts[rest] += 1
+                lines.append(
+                    (out.custom_id, json.dumps({"custom_id": out.custom_id, "result": result}))
+                )
+            b.results = "".join(
+                x + "\n" for x in finish_lines(lines, self.ctx.faults, shuffle=True)
+            ).encode()
+            o.update(
+                processing_status="ended",
+                request_counts=counts,
+                ended_at=rfc3339(when),
+                results_url=f"{self.ctx.base_url}{PREFIX}/messages/batches/{b.id}/results",
+            )
+            b.final = o
+            return o
+
+    # sync ---------------------------------------------------------------------------------
+    def sync(self, request: Request) -> Response:
+        params = request.json()
+        if not isinstance(params, dict) or "max_tokens" not in params:
+            return error(400, "invalid_request_error", "max_tokens: Field required")
+        message, inp, outp = respond(params, self.ctx.new_id, "standard")
+        self.ctx.ledger.bill("anthropic", None, "", inp, outp)
+        return Response.json(message)
+
+
+def _texts(params: dict[str, Any]) -> tuple[str, str]:
+    """(system text, last user text) of a Messages body."""
+    system = params.get("system") or ""
+    if isinstance(system, list):
+        system = "".join(p.get("text", "") for p in system if isinstance(p, dict))
+    user = ""
+    for m in params.get("messages", []):
+        if m.get("role") == "user":
+            c = m.get("content", "")
+            user = (
+                c
+                if isinstance(c, str)
+                else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+            )
+    return system, user
+
+
+def input_tokens(params: dict[str, Any]) -> int:
+    """Input tokens by the project's own Claude approximation (o200k × ratio + frame)."""
+    rule = Anthropic().token_rule(RequestSpec("anthropic", str(params.get("model", ""))))
+    enc = get_encoding(rule.encoding)
+    system, user = _texts(params)
+    n = rule.per_request + rule.per_message * (2 if system else 1)
+    return round(
+        n + rule.ratio * (len(enc.encode_ordinary(system)) + len(enc.encode_ordinary(user)))
+    )
+
+
+def respond(
+    params: dict[str, Any], new_id: Any, tier: str = "batch"
+) -> tuple[dict[str, Any], int, int]:
+    _, user = _texts(params)
+    schema = (((params.get("output_config") or {}).get("format")) or {}).get("schema")
+    text, cut, out_tokens = model.answer(user, schema, params.get("max_tokens"))
+    inp = input_tokens(params)
+    message = {
+        "id": new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": params.get("model", ""),
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "max_tokens" if cut else "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": inp,
+            "output_tokens": out_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "service_tier": tier,
+        },
+    }
+    return message, inp, out_tokens
