@@ -73,6 +73,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=20_000, help="number of tickets (default 20000)")
     s.add_argument("--seed", type=int, default=0)
 
+    e = sub.add_parser(
+        "emulator",
+        help="serve the OpenAI, Anthropic and Gemini batch APIs locally (127.0.0.1), for free",
+        epilog=(
+            "examples:\n  llmbatch emulator --port 8765\n"
+            "  llmbatch emulator --batch-seconds 10 --faults request_errors=0.1,expire_at=0.8"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free)")
+    e.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=1.0,
+        help="seconds from create to done for each batch (default 1: fast)",
+    )
+    e.add_argument("--faults", help="e.g. request_errors=0.1,missing=0.01,seed=3")
+
     for name, text in (
         ("estimate", "tokens and cost at batch and sync rates; nothing is sent"),
         ("requests", "build the request per row; --write-to DIR writes the shard files"),
@@ -146,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 df.write_parquet(out)
             print(f"wrote {df.height:,} tickets to {out}")
             return 0
+        if args.command == "emulator":
+            return _emulator(args)
         frame = read_input(args.input)
         if args.command == "estimate":
             est = frame.llm.estimate(
@@ -170,6 +190,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LlmBatchError, pl.exceptions.PolarsError, OSError) as exc:
         print(f"llmbatch: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _emulator(args: argparse.Namespace) -> int:
+    import threading
+
+    from polars_llmbatch.emulator import Emulator, Faults
+
+    try:
+        faults = Faults.parse(args.faults)
+    except (ValueError, TypeError) as exc:
+        raise LlmBatchError(f"--faults: {exc}") from exc
+    emu = Emulator(port=args.port, batch_seconds=args.batch_seconds, faults=faults).start()
+    print(f"emulator on {emu.url} (127.0.0.1 only); point the SDKs here with:")
+    for name, value in emu.env().items():
+        print(f"  export {name}={value}")
+    print("any non-empty API key is accepted; the ledger is at " + emu.url + "/_emulator/ledger")
+    print("Ctrl-C to stop", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emu.stop()
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from polars_llmbatch.emulator.anthropic import AnthropicEmulator
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
+from polars_llmbatch.emulator.gemini import GeminiEmulator
 from polars_llmbatch.emulator.http import Response, Router, Server
 from polars_llmbatch.emulator.ledger import Ledger
 from polars_llmbatch.emulator.openai import OpenAIEmulator
@@ -46,6 +47,8 @@ class Emulator:
         self.openai.routes(router)
         self.anthropic = AnthropicEmulator(self.ctx)
         self.anthropic.routes(router)
+        self.gemini = GeminiEmulator(self.ctx)
+        self.gemini.routes(router)
         router.add("GET", "/_emulator/ledger", lambda r: Response.json(self.ledger.to_dict()))
         self.server = Server(router, port)
         self.ctx.base_url = self.server.url
@@ -68,9 +71,18 @@ class Emulator:
         """For ``ANTHROPIC_BASE_URL`` (no ``/v1``: the SDK adds it)."""
         return f"{self.server.url}/anthropic"
 
+    @property
+    def gemini_url(self) -> str:
+        """For ``GOOGLE_GEMINI_BASE_URL`` (no version: the SDK adds ``v1`` or ``v1beta``)."""
+        return f"{self.server.url}/gemini"
+
     def env(self) -> dict[str, str]:
         """Environment variables that point the official SDKs (and this library) here."""
-        return {"OPENAI_BASE_URL": self.openai_url, "ANTHROPIC_BASE_URL": self.anthropic_url}
+        return {
+            "OPENAI_BASE_URL": self.openai_url,
+            "ANTHROPIC_BASE_URL": self.anthropic_url,
+            "GOOGLE_GEMINI_BASE_URL": self.gemini_url,
+        }
 
     def start(self) -> Emulator:
         self.server.start()

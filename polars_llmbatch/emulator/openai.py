@@ -18,7 +18,7 @@ from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import finish_lines, outcomes
-from polars_llmbatch.emulator.timeline import Timeline
+from polars_llmbatch.emulator.timeline import Phase, Timeline
 from polars_llmbatch.providers.openai import _schema_tokens, count_chat_tokens, encoding_for
 from polars_llmbatch.tokens.encodings import get_encoding
 
@@ -81,8 +81,14 @@ class _Batch:
     metadata: dict[str, str] | None
     created_at: float
     timeline: Timeline
-    lines: list[dict[str, Any]]
+    data: bytes
+    lines: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # Validation and the model's work run in a background thread from create on, as the real
+    # service validates asynchronously; the states wait for them.
+    validated: threading.Event = field(default_factory=threading.Event)
+    computed: threading.Event = field(default_factory=threading.Event)
+    responses: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
     expire_at: float | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -273,7 +279,6 @@ class OpenAIEmulator:
                 param="input_file_id",
             )
         now = self.ctx.clock()
-        lines, errors = validate(f.data, endpoint, self.ctx.faults.queue_limit_tokens)
         b = _Batch(
             id=self.ctx.new_id("batch_"),
             endpoint=endpoint,
@@ -281,17 +286,28 @@ class OpenAIEmulator:
             metadata=metadata,
             created_at=now,
             timeline=Timeline(now, self.ctx.duration),
-            lines=lines,
-            errors=errors,
+            data=f.data,
             expire_at=self.ctx.faults.expire_at,
         )
         with self.lock:
             self.batches[b.id] = b
             self.order.append(b.id)
-        self.ctx.ledger.batch(
-            "openai", b.id, len(lines), json.dumps(metadata) if metadata else None
-        )
+        n = sum(1 for line in f.data.splitlines() if line.strip())
+        self.ctx.ledger.batch("openai", b.id, n, json.dumps(metadata) if metadata else None)
+        threading.Thread(target=self._work, args=(b,), daemon=True).start()
         return Response.json(self.obj(b, now))
+
+    def _work(self, b: _Batch) -> None:
+        try:
+            b.lines, b.errors = validate(b.data, b.endpoint, self.ctx.faults.queue_limit_tokens)
+        except Exception as exc:  # an emulator bug: fail the batch visibly
+            b.errors = [
+                {"code": "emulator_error", "message": repr(exc), "param": None, "line": None}
+            ]
+        b.validated.set()
+        if not b.errors:
+            b.responses = [respond(b.endpoint, line["body"], self.ctx.new_id) for line in b.lines]
+        b.computed.set()
 
     def _batch(self, request: Request) -> _Batch | Response:
         b = self.batches.get(request.params["batch_id"])
@@ -377,6 +393,8 @@ class OpenAIEmulator:
             "model": next((line["body"].get("model") for line in b.lines), None),
             "usage": None,
         }
+        if not b.validated.is_set():
+            return o  # still validating, whatever the clock says
         validated = t.t0 + 0.1 * t.duration
         if b.errors and phase.name != "validating":
             # Validation failed: the whole batch fails, whatever happened after.
@@ -387,9 +405,11 @@ class OpenAIEmulator:
         if phase.name != "validating":
             o["in_progress_at"] = int(validated)
         expire_at = b.expire_at
+        ready = b.computed.is_set()  # a terminal state needs the model's work done
         if expire_at is not None and phase.progress >= expire_at and phase.name != "cancelled":
-            when = t.when(expire_at)
-            return self._finish(b, o, "expired", expire_at, when)
+            if ready:
+                return self._finish(b, o, "expired", expire_at, t.when(expire_at))
+            phase = Phase("running", expire_at, phase.since)
         if phase.name == "validating":
             return o
         done = int(total * phase.progress)
@@ -402,9 +422,15 @@ class OpenAIEmulator:
             o.update(status="cancelling", cancelling_at=int(t.cancelled_at or now))
         elif phase.name == "cancelled":
             o["cancelling_at"] = int(t.cancelled_at or now)
+            if not ready:
+                o["status"] = "cancelling"
+                return o
             return self._finish(b, o, "cancelled", phase.progress, phase.since)
         else:
             o.update(finalizing_at=int(t.t0 + 0.8 * t.duration))
+            if not ready:
+                o["status"] = "finalizing"
+                return o
             return self._finish(b, o, "completed", 1.0, phase.since)
         return o
 
@@ -421,10 +447,9 @@ class OpenAIEmulator:
             usage = {"input_tokens": 0, "output_tokens": 0}
             n_ok = n_failed = 0
             for out in outcomes([line["custom_id"] for line in b.lines], processed, faults):
-                line = b.lines[out.index]
                 req_id = self.ctx.new_id("batch_req_")
                 if out.kind == "ok":
-                    resp, inp, outp = respond(b.endpoint, line["body"], self.ctx.new_id)
+                    resp, inp, outp = b.responses[out.index]
                     record = {
                         "id": req_id,
                         "custom_id": out.custom_id,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from polars_llmbatch._json import dumps, slot
@@ -193,6 +195,17 @@ def _put(body: dict[str, Any], key: str, value: Any) -> None:
 def _schema_tokens(schema: dict[str, Any], encoding: str) -> int:
     """Structured-output overhead: the schema as compact JSON without required/
     additionalProperties/$schema, plus 9 (community recipe, openai-cookbook #2140)."""
+    return _schema_tokens_of(dumps(schema), encoding)
+
+
+@lru_cache(maxsize=64)
+def _role_tokens(role: str, encoding: str) -> int:
+    return len(get_encoding(encoding).encode_ordinary(role))
+
+
+@lru_cache(maxsize=256)
+def _schema_tokens_of(schema_json: str, encoding: str) -> int:
+    schema = json.loads(schema_json)
 
     def strip(node: Any) -> Any:
         if isinstance(node, dict):
@@ -225,7 +238,10 @@ def count_chat_tokens(
     for message in messages:
         total += per_message
         for key, value in message.items():
-            total += len(enc.encode_ordinary(value))
+            if key == "role":  # a handful of values: count each once
+                total += _role_tokens(value, enc.name)
+            else:
+                total += len(enc.encode_ordinary(value))
             if key == "name":
                 total += per_name
     if tools:

@@ -1,0 +1,532 @@
+"""Gemini (Developer API) emulation: Batch Mode, Files and the sync calls, under ``/gemini``.
+
+Served under both ``/v1`` and ``/v1beta`` (the SDK defaults to ``v1``, the docs use ``v1beta``).
+States ``BATCH_STATE_PENDING → RUNNING → SUCCEEDED`` (or ``FAILED``, ``CANCELLED``, ``EXPIRED``
+with no results at all); int64 counters as strings with zero counters left out; the output in
+both ``metadata.output`` and ``response``; results in input order, keyed by ``key``/``metadata``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from polars_llmbatch.emulator import model
+from polars_llmbatch.emulator.context import Context
+from polars_llmbatch.emulator.http import Request, Response, Router
+from polars_llmbatch.emulator.results import finish_lines, outcomes
+from polars_llmbatch.emulator.timeline import Timeline
+from polars_llmbatch.tokens.encodings import get_encoding
+
+__all__ = ["GeminiEmulator"]
+
+PREFIX = "/gemini"
+VERSIONS = ("v1", "v1beta")
+INLINE_MAX_BYTES = 20_000_000
+_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main."
+
+
+def error(status: int, code: str, message: str) -> Response:
+    return Response.json({"error": {"code": status, "message": message, "status": code}}, status)
+
+
+def rfc3339(t: float) -> str:
+    whole = dt.datetime.fromtimestamp(int(t), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{whole}.{int((t % 1) * 1e9):09d}Z"
+
+
+def _get(obj: dict[str, Any], *names: str) -> Any:
+    """A field by its camelCase or snake_case name (proto-JSON accepts both)."""
+    for name in names:
+        if name in obj:
+            return obj[name]
+    return None
+
+
+@dataclass
+class _File:
+    name: str
+    display_name: str
+    mime_type: str
+    data: bytes
+    created_at: float
+    source: str = "UPLOADED"
+
+    def obj(self, base: str) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "displayName": self.display_name,
+            "mimeType": self.mime_type,
+            "sizeBytes": str(len(self.data)),
+            "createTime": rfc3339(self.created_at),
+            "updateTime": rfc3339(self.created_at),
+            "expirationTime": rfc3339(self.created_at + 48 * 3600),
+            "sha256Hash": base64.b64encode(hashlib.sha256(self.data).digest()).decode(),
+            "uri": f"{base}/v1beta/{self.name}",
+            "downloadUri": f"{base}/download/v1beta/{self.name}:download?alt=media",
+            "state": "ACTIVE",
+            "source": self.source,
+        }
+
+
+@dataclass
+class _Batch:
+    id: str
+    model: str
+    kind: str  # "generate" or "embed"
+    display_name: str | None
+    created_at: float
+    timeline: Timeline
+    entries: list[tuple[str, dict[str, Any], dict[str, Any] | None]]  # (key, request, metadata)
+    inline: bool
+    input_file: str | None
+    expire_at: float | None
+    final: dict[str, Any] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class GeminiEmulator:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.files: dict[str, _File] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}
+        self.batches: dict[str, _Batch] = {}
+        self.order: list[str] = []
+        self.lock = threading.Lock()
+
+    @property
+    def base(self) -> str:
+        return f"{self.ctx.base_url}{PREFIX}"
+
+    def routes(self, router: Router) -> None:
+        def r(method: str, path: str, handler: Any) -> None:
+            router.add(method, PREFIX + path, self.guard(handler))
+
+        for v in VERSIONS:
+            r("POST", f"/upload/{v}/files", self.upload)
+            r("GET", f"/{v}/files/{{file_id}}:download", self.download)
+            r("GET", f"/download/{v}/files/{{file_id}}:download", self.download)
+            r("GET", f"/{v}/files/{{file_id}}", self.get_file)
+            r("DELETE", f"/{v}/files/{{file_id}}", self.delete_file)
+            r("POST", f"/{v}/models/{{model_verb}}", self.model_call)
+            r("GET", f"/{v}/batches", self.list)
+            r("POST", f"/{v}/batches/{{batch_verb}}", self.batch_verb)
+            r("GET", f"/{v}/batches/{{batch_id}}", self.get)
+            r("DELETE", f"/{v}/batches/{{batch_id}}", self.delete)
+
+    def guard(self, handler: Any) -> Any:
+        def guarded(request: Request) -> Response:
+            # The resumable upload URL is itself the credential of the second step.
+            if request.arg("upload_id") in self.uploads:
+                return handler(request)
+            if not (request.headers.get("x-goog-api-key", "").strip() or request.arg("key")):
+                return error(
+                    403,
+                    "PERMISSION_DENIED",
+                    "Method doesn't allow unregistered callers (callers without established "
+                    "identity). Please use API Key or other form of API consumer identity to call "
+                    "this API.",
+                )
+            return handler(request)
+
+        return guarded
+
+    # files --------------------------------------------------------------------------------
+    def upload(self, request: Request) -> Response:
+        command = request.headers.get("x-goog-upload-command", "")
+        upload_id = request.arg("upload_id")
+        if upload_id is None:
+            if "start" not in command:
+                return error(400, "INVALID_ARGUMENT", "Expected X-Goog-Upload-Command: start")
+            meta = _get(request.json() or {}, "file") or {}
+            upload_id = self.ctx.new_id("", 32)
+            self.uploads[upload_id] = {
+                "display_name": _get(meta, "displayName", "display_name") or "",
+                "mime_type": _get(meta, "mimeType", "mime_type")
+                or request.headers.get(
+                    "x-goog-upload-header-content-type", "application/octet-stream"
+                ),
+                "data": bytearray(),
+            }
+            url = f"{self.base}/upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
+            return Response(
+                200,
+                b"",
+                {
+                    "x-goog-upload-url": url,
+                    "x-goog-upload-status": "active",
+                    "content-type": "application/json",
+                },
+            )
+        pending = self.uploads.get(upload_id)
+        if pending is None:
+            return error(404, "NOT_FOUND", "Unknown upload")
+        pending["data"] += request.body
+        if "finalize" not in command:
+            return Response(200, b"", {"x-goog-upload-status": "active"})
+        del self.uploads[upload_id]
+        f = _File(
+            f"files/{self.ctx.new_id('', 12)}",
+            pending["display_name"],
+            pending["mime_type"],
+            bytes(pending["data"]),
+            self.ctx.clock(),
+        )
+        with self.lock:
+            self.files[f.name] = f
+        self.ctx.ledger.upload("gemini", f.name, len(f.data))
+        return Response.json({"file": f.obj(self.base)}, headers={"x-goog-upload-status": "final"})
+
+    def _file(self, request: Request) -> _File | Response:
+        f = self.files.get("files/" + request.params["file_id"])
+        if f is None:
+            return error(404, "NOT_FOUND", f"File files/{request.params['file_id']} not found")
+        return f
+
+    def get_file(self, request: Request) -> Response:
+        f = self._file(request)
+        return f if isinstance(f, Response) else Response.json(f.obj(self.base))
+
+    def delete_file(self, request: Request) -> Response:
+        f = self._file(request)
+        if isinstance(f, Response):
+            return f
+        with self.lock:
+            self.files.pop(f.name, None)
+        return Response.json({})
+
+    def download(self, request: Request) -> Response:
+        f = self._file(request)
+        if isinstance(f, Response):
+            return f
+        if f.source == "GENERATED" and self.ctx.take("read_errors"):
+            return error(503, "UNAVAILABLE", "The service is currently unavailable.")
+        response = Response.raw(f.data, "application/octet-stream")
+        if f.source == "GENERATED" and self.ctx.take("drop_downloads"):
+            response.cut_after = len(f.data) // 2
+        return response
+
+    # models/{model}:{verb} ----------------------------------------------------------------
+    def model_call(self, request: Request) -> Response:
+        model_name, _, verb = request.params["model_verb"].partition(":")
+        body = request.json() or {}
+        if verb == "generateContent":
+            resp, inp, outp = respond(model_name, body)
+            self.ctx.ledger.bill("gemini", None, "", inp, outp)
+            return Response.json(resp)
+        if verb == "embedContent":
+            resp, inp = embed(model_name, body)
+            self.ctx.ledger.bill("gemini", None, "", inp, 0)
+            return Response.json(resp)
+        if verb == "batchEmbedContents":
+            out = [embed(model_name, r) for r in body.get("requests", [])]
+            return Response.json({"embeddings": [r["embedding"] for r, _ in out]})
+        if verb in ("batchGenerateContent", "asyncBatchEmbedContent"):
+            return self.create(
+                model_name, "generate" if verb == "batchGenerateContent" else "embed", body
+            )
+        return error(404, "NOT_FOUND", f"Unknown method {verb!r}")
+
+    # batches ------------------------------------------------------------------------------
+    def create(self, model_name: str, kind: str, body: dict[str, Any]) -> Response:
+        if self.ctx.take("rate_limit_creates"):
+            return error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "You exceeded your current quota, please check your plan and billing details.",
+            )
+        batch = _get(body, "batch")
+        if not isinstance(batch, dict):
+            return error(400, "INVALID_ARGUMENT", "Invalid JSON payload received. Missing 'batch'.")
+        config = _get(batch, "inputConfig", "input_config") or {}
+        file_name = _get(config, "fileName", "file_name")
+        entries: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+        if file_name:
+            f = self.files.get(file_name)
+            if f is None:
+                return error(404, "NOT_FOUND", f"File {file_name} not found")
+            for n, raw in enumerate(f.data.splitlines(), start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = json.loads(raw)
+                    entries.append((str(line["key"]), line["request"], None))
+                except (ValueError, KeyError, TypeError):
+                    return error(
+                        400, "INVALID_ARGUMENT", f"Invalid JSON on line {n} of {file_name}."
+                    )
+        else:
+            reqs = _get(_get(config, "requests") or {}, "requests")
+            if not isinstance(reqs, list) or not reqs:
+                return error(
+                    400,
+                    "INVALID_ARGUMENT",
+                    "Invalid JSON payload received. inputConfig needs fileName or requests.",
+                )
+            for i, item in enumerate(reqs):
+                meta = item.get("metadata")
+                key = str((meta or {}).get("key", i))
+                entries.append((key, item.get("request", {}), meta))
+        limit = self.ctx.faults.queue_limit_tokens
+        if limit is not None and sum(input_tokens(req) for _, req, _ in entries) > limit:
+            return error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                f"Enqueued token limit exceeded for model {model_name}: limit {limit:,}.",
+            )
+        now = self.ctx.clock()
+        b = _Batch(
+            id=self.ctx.new_id("", 36),
+            model=model_name,
+            kind=kind,
+            display_name=_get(batch, "displayName", "display_name"),
+            created_at=now,
+            timeline=Timeline(now, self.ctx.duration),
+            entries=entries,
+            inline=not file_name,
+            input_file=file_name,
+            expire_at=self.ctx.faults.expire_at,
+        )
+        with self.lock:
+            self.batches[b.id] = b
+            self.order.append(b.id)
+        self.ctx.ledger.batch("gemini", f"batches/{b.id}", len(entries), b.display_name)
+        return Response.json(self.operation(b, now))
+
+    def _batch(self, request: Request, param: str = "batch_id") -> _Batch | Response:
+        b = self.batches.get(request.params[param].partition(":")[0])
+        if b is None:
+            return error(404, "NOT_FOUND", f"Batch batches/{request.params[param]} not found")
+        return b
+
+    def get(self, request: Request) -> Response:
+        if self.ctx.take("read_errors"):
+            return error(503, "UNAVAILABLE", "The service is currently unavailable.")
+        b = self._batch(request)
+        return b if isinstance(b, Response) else Response.json(self.operation(b, self.ctx.clock()))
+
+    def batch_verb(self, request: Request) -> Response:
+        b = self._batch(request, "batch_verb")
+        if isinstance(b, Response):
+            return b
+        verb = request.params["batch_verb"].partition(":")[2]
+        if verb == "cancel":
+            now = self.ctx.clock()
+            if self.operation(b, now).get("done"):
+                return error(400, "FAILED_PRECONDITION", "The batch has already finished.")
+            if b.timeline.cancelled_at is None:
+                # Gemini has no "cancelling" state: the cancel takes effect at once.
+                b.timeline.cancelled_at = now - b.timeline.duration
+            return Response.json({})
+        if verb == "delete":
+            return self._delete(b)
+        return error(404, "NOT_FOUND", f"Unknown method {verb!r}")
+
+    def delete(self, request: Request) -> Response:
+        b = self._batch(request)
+        return b if isinstance(b, Response) else self._delete(b)
+
+    def _delete(self, b: _Batch) -> Response:
+        with self.lock:
+            self.batches.pop(b.id, None)
+            self.order.remove(b.id)
+        return Response.json({})
+
+    def list(self, request: Request) -> Response:
+        size = min(max(int(request.arg("pageSize", "50") or 50), 1), 1000)
+        start = int(request.arg("pageToken", "0") or 0)
+        ids = list(reversed(self.order))
+        page, now = ids[start : start + size], self.ctx.clock()
+        # Like the real list, without inlined responses.
+        ops = [self.operation(self.batches[i], now, with_output=False) for i in page]
+        out: dict[str, Any] = {"operations": ops}
+        if start + size < len(ids):
+            out["nextPageToken"] = str(start + size)
+        return Response.json(out)
+
+    # the operation at a moment --------------------------------------------------------------
+    def operation(self, b: _Batch, now: float, with_output: bool = True) -> dict[str, Any]:
+        if b.final is None:
+            self._advance(b, now)
+        if b.final is not None:
+            op = json.loads(json.dumps(b.final))
+            if not with_output:
+                op["metadata"].pop("output", None)
+                op.pop("response", None)
+            return op
+        t = b.timeline
+        phase = t.at(now)
+        total = len(b.entries)
+        done = int(total * phase.progress)
+        stats = {"requestCount": str(total)}
+        if done:
+            stats["successfulRequestCount"] = str(done)
+        if total - done:
+            stats["pendingRequestCount"] = str(total - done)
+        meta = self._meta(
+            b,
+            "BATCH_STATE_PENDING" if phase.name == "validating" else "BATCH_STATE_RUNNING",
+            now,
+            stats,
+        )
+        return {"name": f"batches/{b.id}", "metadata": meta}
+
+    def _meta(self, b: _Batch, state: str, now: float, stats: dict[str, str]) -> dict[str, Any]:
+        resource = "GenerateContentBatch" if b.kind == "generate" else "EmbedContentBatch"
+        meta: dict[str, Any] = {
+            "@type": _TYPE + resource,
+            "model": f"models/{b.model}",
+            "createTime": rfc3339(b.created_at),
+            "updateTime": rfc3339(now),
+            "batchStats": stats,
+            "state": state,
+            "name": f"batches/{b.id}",
+        }
+        if b.display_name:
+            meta["displayName"] = b.display_name
+        if b.input_file:
+            meta["inputConfig"] = {"fileName": b.input_file}
+        return meta
+
+    def _advance(self, b: _Batch, now: float) -> None:
+        t = b.timeline
+        phase = t.at(now)
+        if b.expire_at is not None and phase.progress >= b.expire_at and phase.name != "cancelled":
+            self._finish(b, "BATCH_STATE_EXPIRED", 0.0, t.when(b.expire_at))
+        elif phase.name == "cancelled":
+            self._finish(b, "BATCH_STATE_CANCELLED", phase.progress, phase.since)
+        elif phase.name == "done":
+            self._finish(b, "BATCH_STATE_SUCCEEDED", 1.0, phase.since)
+
+    def _finish(self, b: _Batch, state: str, processed: float, when: float) -> None:
+        with b.lock:
+            if b.final is not None:
+                return
+            faults = self.ctx.faults
+            total = len(b.entries)
+            ok = failed = 0
+            responses: list[tuple[str, dict[str, Any]]] = []
+            for out in outcomes([key for key, _, _ in b.entries], processed, faults):
+                key, req, meta = b.entries[out.index]
+                if out.kind == "unprocessed":
+                    continue
+                if out.kind == "ok":
+                    if b.kind == "embed":
+                        resp, inp = embed(b.model, req)
+                        outp = 0
+                        resp = {"embedding": resp["embedding"], "tokenCount": str(inp)}
+                    else:
+                        resp, inp, outp = respond(b.model, req)
+                    self.ctx.ledger.bill("gemini", f"batches/{b.id}", key, inp, outp)
+                    item: dict[str, Any] = {"response": resp}
+                    ok += 1
+                else:
+                    item = {
+                        "error": {
+                            "code": 400,
+                            "message": "Emulated invalid request (request_errors fault).",
+                            "status": "INVALID_ARGUMENT",
+                        }
+                    }
+                    failed += 1
+                responses.append((key, {"meta": meta, **item}))
+            stats = {"requestCount": str(total)}
+            if ok:
+                stats["successfulRequestCount"] = str(ok)
+            if failed:
+                stats["failedRequestCount"] = str(failed)
+            if total - ok - failed:
+                stats["pendingRequestCount"] = str(total - ok - failed)
+            meta = self._meta(b, state, when, stats)
+            meta["endTime"] = rfc3339(when)
+            op: dict[str, Any] = {"name": f"batches/{b.id}", "metadata": meta, "done": True}
+            if state != "BATCH_STATE_EXPIRED":  # an expired job has no results at all
+                output = self._output(b, responses)
+                out_type = (
+                    "GenerateContentBatchOutput"
+                    if b.kind == "generate"
+                    else "EmbedContentBatchOutput"
+                )
+                meta["output"] = output
+                op["response"] = {"@type": _TYPE + out_type, **output}
+            b.final = op
+
+    def _output(self, b: _Batch, responses: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        faults = self.ctx.faults
+        if b.inline:
+            items = []
+            for key, r in responses:
+                if faults.hits("missing", faults.missing, key):
+                    continue
+                entry = {k: v for k, v in r.items() if k != "meta"}
+                if r["meta"] is not None:
+                    entry = {"metadata": r["meta"], **entry}
+                items.append(entry)
+                if faults.hits("duplicates", faults.duplicates, key):
+                    items.append(entry)
+            return {"inlinedResponses": {"inlinedResponses": items}}
+        lines = [
+            (key, json.dumps({"key": key, **{k: v for k, v in r.items() if k != "meta"}}))
+            for key, r in responses
+        ]
+        data = "".join(x + "\n" for x in finish_lines(lines, faults, shuffle=False)).encode()
+        name = f"files/batch-{b.id}"
+        f = _File(name, name, "application/jsonl", data, self.ctx.clock(), source="GENERATED")
+        with self.lock:
+            self.files[name] = f
+        return {"responsesFile": name}
+
+
+def _text(content: Any) -> str:
+    parts = (content or {}).get("parts", []) if isinstance(content, dict) else []
+    return "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+
+
+def input_tokens(req: dict[str, Any]) -> int:
+    """Prompt tokens as the project approximates Gemini's: o200k tokens of the texts."""
+    enc = get_encoding("o200k_base")
+    contents = _get(req, "contents") or [_get(req, "content")]
+    texts = [_text(c) for c in contents] + [
+        _text(_get(req, "systemInstruction", "system_instruction"))
+    ]
+    return sum(len(enc.encode_ordinary(t)) for t in texts if t)
+
+
+def respond(model_name: str, req: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+    contents = _get(req, "contents") or []
+    user = _text(next((c for c in reversed(contents) if c.get("role", "user") == "user"), {}))
+    config = _get(req, "generationConfig", "generation_config") or {}
+    schema = _get(config, "responseJsonSchema", "response_json_schema")
+    cap = _get(config, "maxOutputTokens", "max_output_tokens")
+    text, cut, out_tokens = model.answer(user, schema, cap)
+    inp = input_tokens(req)
+    usage: dict[str, Any] = {"promptTokenCount": inp, "totalTokenCount": inp + out_tokens}
+    if out_tokens:
+        usage["candidatesTokenCount"] = out_tokens
+    resp = {
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": [{"text": text}]},
+                "finishReason": "MAX_TOKENS" if cut else "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": usage,
+        "modelVersion": model_name,
+        "responseId": hashlib.md5(text.encode()).hexdigest()[:22],
+    }
+    return resp, inp, out_tokens
+
+
+def embed(model_name: str, req: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    text = _text(_get(req, "content"))
+    dims = model.embedding_dims(
+        model_name, _get(req, "outputDimensionality", "output_dimensionality")
+    )
+    enc = get_encoding("o200k_base")
+    return {"embedding": {"values": model.embedding(text, dims)}}, len(enc.encode_ordinary(text))
