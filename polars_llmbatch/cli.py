@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _emulator(args: argparse.Namespace) -> int:
-    import threading
+    import time
 
     from polars_llmbatch.emulator import Emulator, Faults
 
@@ -208,7 +208,8 @@ def _emulator(args: argparse.Namespace) -> int:
     print("any non-empty API key is accepted; the ledger is at " + emu.url + "/_emulator/ledger")
     print("Ctrl-C to stop", flush=True)
     try:
-        threading.Event().wait()
+        while True:  # time.sleep, unlike a lock wait, is interrupted by Ctrl-C
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:

@@ -145,3 +145,37 @@ def test_missing_input_file(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_emulator_command_serves_and_stops(tmp_path: Path) -> None:
+    import signal
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polars_llmbatch.cli", "emulator", "--faults", "seed=1"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("emulator on http://127.0.0.1:")
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in (proc.stdout.readline() for _ in range(3))
+        )
+        assert set(exports) == {"OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "GOOGLE_GEMINI_BASE_URL"}
+        r = httpx.get(
+            f"{exports['OPENAI_BASE_URL']}/batches", headers={"Authorization": "Bearer k"}
+        )
+        assert r.status_code == 200 and r.json()["data"] == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_emulator_command_refuses_unknown_faults(tmp_path: Path) -> None:
+    r = run("emulator", "--faults", "bogus=1", cwd=tmp_path)
+    assert r.returncode == 1 and "unknown fault 'bogus'" in r.stderr
