@@ -1,6 +1,6 @@
 """Benchmark: the emulator's OpenAI Batch API in fast mode, from upload to downloaded results.
 
-The emulator runs in its own process (``llmbatch emulator --batch-seconds 1``), as a user would run
+The emulator runs in its own process (``llmbatch emulator --speed 1``), as a user would run
 it, and this script drives it over HTTP with httpx:
 
 1. one 50,000-request batch (the OpenAI cap): upload, create, poll every 50 ms until completed,
@@ -38,7 +38,7 @@ def start_emulator(batch_seconds: float) -> tuple[subprocess.Popen[str], str]:
         "-m",
         "polars_llmbatch.cli",
         "emulator",
-        "--batch-seconds",
+        "--speed",
         str(batch_seconds),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -78,16 +78,18 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the OpenAI, Anthropic and Gemini batch APIs locally (127.0.0.1), for free",
         epilog=(
             "examples:\n  llmbatch emulator --port 8765\n"
-            "  llmbatch emulator --batch-seconds 10 --faults request_errors=0.1,expire_at=0.8"
+            "  llmbatch emulator --speed 10 --faults request_errors=0.1,expire_at=0.8"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free)")
     e.add_argument(
+        "--speed",
         "--batch-seconds",
-        type=float,
-        default=1.0,
-        help="seconds from create to done for each batch (default 1: fast)",
+        dest="speed",
+        default="fast",
+        help="how long a batch takes from create to done: 'fast' (1 s, the default), 'slow' "
+        "(60 s) or a number of seconds",
     )
     e.add_argument("--faults", help="e.g. request_errors=0.1,missing=0.01,seed=3")
 
@@ -201,7 +203,13 @@ def _emulator(args: argparse.Namespace) -> int:
         faults = Faults.parse(args.faults)
     except (ValueError, TypeError) as exc:
         raise LlmBatchError(f"--faults: {exc}") from exc
-    emu = Emulator(port=args.port, batch_seconds=args.batch_seconds, faults=faults).start()
+    try:
+        seconds = {"fast": 1.0, "slow": 60.0}.get(args.speed) or float(args.speed)
+    except ValueError:
+        raise LlmBatchError(
+            f"--speed must be 'fast', 'slow' or seconds, not {args.speed!r}"
+        ) from None
+    emu = Emulator(port=args.port, batch_seconds=seconds, faults=faults).start()
     print(f"emulator on {emu.url} (127.0.0.1 only); point the SDKs here with:")
     for name, value in emu.env().items():
         print(f"  export {name}={value}")

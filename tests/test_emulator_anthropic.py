@@ -187,3 +187,16 @@ def test_line_faults_and_dropped_download() -> None:
                 continue
         assert len(ids) > len(set(ids)) and len(ids) < len(raw)
         assert set(ids) < {e["custom_id"] for e in reqs}
+
+
+def test_create_limits(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polars_llmbatch.emulator import anthropic as emulated
+
+    c = client(emu, max_retries=0)
+    monkeypatch.setattr(emulated, "MAX_REQUESTS", 3)
+    with pytest.raises(anthropic.BadRequestError, match="at most 3 items"):
+        c.messages.batches.create(requests=requests(4))
+    monkeypatch.setattr(emulated, "MAX_BYTES", 100)
+    with pytest.raises(anthropic.APIStatusError) as e:
+        c.messages.batches.create(requests=requests(2))
+    assert e.value.status_code == 413 and "request_too_large" in str(e.value.body)

@@ -191,3 +191,25 @@ def test_line_faults_and_dropped_download(monkeypatch: pytest.MonkeyPatch) -> No
             except ValueError:
                 continue
         assert len(keys) > len(set(keys)) and len(keys) < len(raw) and set(keys) < set(ids)
+
+
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_embeddings_batch_from_a_file(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemini_provider, "INLINE_MAX_BYTES", 10)
+    df = pl.DataFrame({"t": ["alpha", "beta", "gamma"]})
+    p = prepare(
+        df, "{t}", provider="gemini", model="gemini-embedding-001", task="embed", dimensions=4
+    )
+    (s,) = plan(p)
+    c = client(emu)
+    f = c.files.upload(file=io.BytesIO(shard_bytes(p, s)), config={"mime_type": "jsonl"})
+    job, _ = wait(
+        c, c.batches.create_embeddings(model="gemini-embedding-001", src={"file_name": f.name}).name
+    )
+    lines = [json.loads(x) for x in c.files.download(file=job.dest.file_name).decode().splitlines()]
+    assert [x["key"] for x in lines] == p.requests["custom_id"].to_list()
+    for x in lines:
+        assert (
+            len(types.SingleEmbedContentResponse.model_validate(x["response"]).embedding.values)
+            == 4
+        )

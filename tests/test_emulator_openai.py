@@ -356,3 +356,22 @@ def test_ledger_over_http() -> None:
             and len(ledger["batches"]) == 1
             and len(ledger["uploads"]) == 1
         )
+
+
+def test_responses_batch_lines_parse_as_sdk_types(emu: Emulator) -> None:
+    c = client(emu)
+    df = pl.DataFrame({"body": ["alpha", "beta"]})
+    p = prepare(df, "{body}", provider="openai", model="gpt-5-mini", api="responses", output=CATS)
+    (s,) = plan(p)
+    b, _ = run(c, shard_bytes(p, s), "/v1/responses")
+    for x in lines(c, b.output_file_id):
+        r = ResponsesResponse.model_validate(x["response"]["body"])
+        assert json.loads(r.output_text)["label"] in CATS
+
+
+def test_too_many_requests_fails_validation(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from polars_llmbatch.emulator import openai as emulated
+
+    monkeypatch.setattr(emulated, "MAX_REQUESTS", 5)
+    b, _ = run(client(emu), shard(6)[0])
+    assert b.status == "failed" and b.errors.data[0].code == "too_many_tasks"
