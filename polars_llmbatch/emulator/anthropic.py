@@ -8,11 +8,12 @@ Structural problems fail the create call; problems in a request come back as ``e
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
@@ -289,7 +290,10 @@ class AnthropicEmulator:
                     result = {"type": rest}
                     counts[rest] += 1
                 lines.append(
-                    (out.custom_id, json.dumps({"custom_id": out.custom_id, "result": result}))
+                    (
+                        out.custom_id,
+                        orjson.dumps({"custom_id": out.custom_id, "result": result}).decode(),
+                    )
                 )
             b.results = "".join(
                 x + "\n" for x in finish_lines(lines, self.ctx.faults, shuffle=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
-import json
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
@@ -254,7 +255,7 @@ class GeminiEmulator:
                 if not raw.strip():
                     continue
                 try:
-                    line = json.loads(raw)
+                    line = orjson.loads(raw)
                     entries.append((str(line["key"]), line["request"], None))
                 except (ValueError, KeyError, TypeError):
                     return error(
@@ -354,7 +355,7 @@ class GeminiEmulator:
         if b.final is None:
             self._advance(b, now)
         if b.final is not None:
-            op = json.loads(json.dumps(b.final))
+            op = orjson.loads(orjson.dumps(b.final))
             if not with_output:
                 op["metadata"].pop("output", None)
                 op.pop("response", None)
@@ -471,7 +472,10 @@ class GeminiEmulator:
                     items.append(entry)
             return {"inlinedResponses": {"inlinedResponses": items}}
         lines = [
-            (key, json.dumps({"key": key, **{k: v for k, v in r.items() if k != "meta"}}))
+            (
+                key,
+                orjson.dumps({"key": key, **{k: v for k, v in r.items() if k != "meta"}}).decode(),
+            )
             for key, r in responses
         ]
         data = "".join(x + "\n" for x in finish_lines(lines, faults, shuffle=False)).encode()

@@ -16,11 +16,12 @@ predicts for OpenAI.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import struct
 from typing import Any
+
+import orjson
 
 from polars_llmbatch.tokens.encodings import get_encoding
 
@@ -50,7 +51,7 @@ def answer(
     """(text, truncated, output tokens) for ``prompt``; JSON text when ``schema`` is given."""
     enc = get_encoding("o200k_base")
     if schema is not None:
-        text = json.dumps(_instance(schema, prompt, "", schema.get("$defs", {})))
+        text = orjson.dumps(_instance(schema, prompt, "", schema.get("$defs", {}))).decode()
     else:
         text = _PREFIX + " ".join(prompt.split()[:12])
     tokens = enc.encode_ordinary(text)

@@ -14,6 +14,8 @@ from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
 
+import orjson
+
 from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.http import Request, Response, Router
@@ -460,7 +462,7 @@ class OpenAIEmulator:
                         },
                         "error": None,
                     }
-                    ok_lines.append((out.custom_id, json.dumps(record)))
+                    ok_lines.append((out.custom_id, orjson.dumps(record).decode()))
                     usage["input_tokens"] += inp
                     usage["output_tokens"] += outp
                     self.ctx.ledger.bill("openai", b.id, out.custom_id, inp, outp)
@@ -484,7 +486,7 @@ class OpenAIEmulator:
                         },
                         "error": None,
                     }
-                    err_lines.append((out.custom_id, json.dumps(record)))
+                    err_lines.append((out.custom_id, orjson.dumps(record).decode()))
                     n_failed += 1
                 else:
                     code, message = (
@@ -504,7 +506,7 @@ class OpenAIEmulator:
                         "response": None,
                         "error": {"code": code, "message": message},
                     }
-                    err_lines.append((out.custom_id, json.dumps(record)))
+                    err_lines.append((out.custom_id, orjson.dumps(record).decode()))
                     n_failed += 1
             now_i = int(when)
             for lines, attr in ((ok_lines, "output_file_id"), (err_lines, "error_file_id")):
@@ -577,7 +579,7 @@ def validate(
         if not raw.strip():
             continue
         try:
-            line = json.loads(raw)
+            line = orjson.loads(raw)
             cid, url, body = line["custom_id"], line["url"], line["body"]
         except (ValueError, KeyError, TypeError):
             fail("invalid_json_line", "This line is not parseable as valid JSON.", n)
@@ -668,8 +670,20 @@ def input_tokens(endpoint: str, body: dict[str, Any]) -> int:
         schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
     total = count_chat_tokens(messages, model_name)
     if schema is not None:
-        total += _schema_tokens(schema, encoding_for(model_name))
+        total += _schema_overhead(schema, encoding_for(model_name))
     return total
+
+
+# (schema, encoding, tokens) of the last schema seen: the lines of a batch share one schema.
+_last_schema: list[tuple[Any, str, int] | None] = [None]
+
+
+def _schema_overhead(schema: dict[str, Any], encoding: str) -> int:
+    last = _last_schema[0]  # one read: threads may swap the tuple, never tear it
+    if last is None or last[1] != encoding or last[0] != schema:  # dict ==, in C: cheap
+        last = (schema, encoding, _schema_tokens(schema, encoding))
+        _last_schema[0] = last
+    return last[2]
 
 
 def respond(endpoint: str, body: dict[str, Any], new_id: Any) -> tuple[dict[str, Any], int, int]:
