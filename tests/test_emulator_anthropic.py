@@ -200,3 +200,25 @@ def test_create_limits(emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(anthropic.APIStatusError) as e:
         c.messages.batches.create(requests=requests(2))
     assert e.value.status_code == 413 and "request_too_large" in str(e.value.body)
+
+
+def test_invalid_params_come_back_errored(emu: Emulator) -> None:
+    c = client(emu)
+    reqs = requests(2)
+    reqs.append({"custom_id": "bad", "params": {"model": "m", "max_tokens": 5, "messages": "nope"}})
+    b, _ = wait(c, c.messages.batches.create(requests=reqs).id)
+    got = {r.custom_id: r.result.type for r in results(c, b.id)}
+    assert (
+        got["bad"] == "errored"
+        and b.request_counts.errored == 1
+        and b.request_counts.succeeded == 2
+    )
+
+
+def test_list_before_id_pages_back(emu: Emulator) -> None:
+    with serve(batch_seconds=30) as slow:
+        c = client(slow)
+        ids = [c.messages.batches.create(requests=requests(1)).id for _ in range(5)]
+        page = c.messages.batches.list(limit=2, before_id=ids[0])
+        assert [b.id for b in page.data] == [ids[2], ids[1]] and page.has_more
+    assert emu is not None

@@ -213,3 +213,18 @@ def test_embeddings_batch_from_a_file(emu: Emulator, monkeypatch: pytest.MonkeyP
             len(types.SingleEmbedContentResponse.model_validate(x["response"]).embedding.values)
             == 4
         )
+
+
+def test_cancel_keeps_finished_work_and_time_runs_forward(emu: Emulator) -> None:
+    with serve(batch_seconds=10) as slow:
+        c = client(slow)
+        src = [types.InlinedRequest(contents=f"q{i}", metadata={"key": f"k{i}"}) for i in range(10)]
+        name = c.batches.create(model="gemini-2.5-flash", src=src).name
+        start = time.time()
+        slow.ctx.clock = lambda: start + 5  # half way through the run
+        c.batches.cancel(name=name)
+        job = c.batches.get(name=name)
+        assert job.state.value == "JOB_STATE_CANCELLED" and job.end_time >= job.create_time
+        done = job.dest.inlined_responses
+        assert 0 < len(done) < 10 and len(slow.ledger.billed) == len(done)
+    assert emu is not None

@@ -375,3 +375,43 @@ def test_too_many_requests_fails_validation(emu: Emulator, monkeypatch: pytest.M
     monkeypatch.setattr(emulated, "MAX_REQUESTS", 5)
     b, _ = run(client(emu), shard(6)[0])
     assert b.status == "failed" and b.errors.data[0].code == "too_many_tasks"
+
+
+def test_a_body_the_model_cannot_take_is_a_400_line_not_a_stuck_batch(emu: Emulator) -> None:
+    c = client(emu)
+    data, _ids = shard(3)
+    bad = json.loads(data.decode().splitlines()[0])
+    bad["custom_id"], bad["body"]["messages"] = "bad-one", ["not a message"]
+    b, seen = run(c, data + (json.dumps(bad) + "\n").encode())
+    assert seen[-1] == "completed" and b.request_counts.failed == 1
+    (err,) = lines(c, b.error_file_id)
+    assert err["custom_id"] == "bad-one" and err["response"]["status_code"] == 400
+
+
+def test_finished_batches_are_billed_without_being_polled(emu: Emulator) -> None:
+    c = client(emu)
+    data, ids = shard(3)
+    f = c.files.create(file=("s.jsonl", data), purpose="batch")
+    orphan = c.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    again, _ = run(c, data)  # a "resubmission" after a crash: only this one is polled
+    assert orphan.id != again.id
+    assert emu.ledger.billed_twice() == {cid: 2 for cid in ids}  # both batches ran and billed
+
+
+def test_request_counts_never_go_backwards() -> None:
+    with faulty(request_errors=0.5, seed=1) as emu:
+        c = client(emu)
+        f = c.files.create(file=("s.jsonl", shard(20)[0]), purpose="batch")
+        b = c.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        last = (0, 0)
+        while b.status not in TERMINAL:
+            counts = (b.request_counts.completed, b.request_counts.failed)
+            assert counts[0] >= last[0] and counts[1] >= last[1]
+            last = counts
+            time.sleep(0.01)
+            b = c.batches.retrieve(b.id)
+        assert b.request_counts.completed >= last[0] and b.request_counts.failed >= last[1]

@@ -50,11 +50,16 @@ class Emulator:
         self.gemini = GeminiEmulator(self.ctx)
         self.gemini.routes(router)
         router.add("GET", "/_emulator/ledger", lambda r: Response.json(self.ledger.to_dict()))
+        self._providers = (self.openai, self.anthropic, self.gemini)
         self.server = Server(router, port)
         self.ctx.base_url = self.server.url
 
     @property
     def ledger(self) -> Ledger:
+        """What was uploaded, created and billed, up to now: batches that have finished are
+        billed whether or not anyone polled them (as at the real services)."""
+        for provider in self._providers:
+            provider.sweep()
         return self.ctx.ledger
 
     @property

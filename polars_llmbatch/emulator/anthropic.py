@@ -195,12 +195,16 @@ class AnthropicEmulator:
         after, before = request.arg("after_id"), request.arg("before_id")
         if after in ids:
             ids = ids[ids.index(after) + 1 :]
-        if before in ids:
-            ids = ids[: ids.index(before)][-limit:]
-        page, now = ids[:limit], self.ctx.clock()
+            page = ids[:limit]
+        elif before in ids:
+            ids = ids[: ids.index(before)]
+            page = ids[-limit:]
+        else:
+            page = ids[:limit]
+        now = self.ctx.clock()
         return Response.json(
             {
-                "data": [self.obj(self.batches[i], now) for i in page],
+                "data": [self.obj(b, now) for i in page if (b := self.batches.get(i)) is not None],
                 "has_more": len(ids) > limit,
                 "first_id": page[0] if page else None,
                 "last_id": page[-1] if page else None,
@@ -222,6 +226,14 @@ class AnthropicEmulator:
         if self.ctx.take("drop_downloads"):
             response.cut_after = len(b.results) // 2
         return response
+
+    def sweep(self) -> None:
+        """Bring every batch up to date (ended ones produce their results and bills)."""
+        now = self.ctx.clock()
+        with self.lock:
+            batches = list(self.batches.values())
+        for b in batches:
+            self.obj(b, now)
 
     # the batch at a moment ------------------------------------------------------------------
     def obj(self, b: _Batch, now: float) -> dict[str, Any]:
@@ -268,19 +280,26 @@ class AnthropicEmulator:
             lines: list[tuple[str, str]] = []
             for out in outcomes([e["custom_id"] for e in b.requests], processed, self.ctx.faults):
                 params = b.requests[out.index]["params"]
+                answer: Any = None
                 if out.kind == "ok":
-                    message, inp, outp = respond(params, self.ctx.new_id)
+                    try:
+                        answer = respond(params, self.ctx.new_id)
+                    except Exception as exc:  # invalid params: an errored result, not a crash
+                        answer = f"Invalid request params: {exc!r}"
+                if isinstance(answer, tuple):
+                    message, inp, outp = answer
                     result: dict[str, Any] = {"type": "succeeded", "message": message}
                     self.ctx.ledger.bill("anthropic", b.id, out.custom_id, inp, outp)
                     counts["succeeded"] += 1
-                elif out.kind == "error":
+                elif out.kind == "error" or isinstance(answer, str):
                     result = {
                         "type": "errored",
                         "error": {
                             "type": "error",
                             "error": {
                                 "type": "invalid_request_error",
-                                "message": "Emulated invalid request (request_errors fault).",
+                                "message": answer
+                                or "Emulated invalid request (request_errors fault).",
                             },
                             "request_id": None,
                         },

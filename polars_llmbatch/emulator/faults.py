@@ -18,14 +18,17 @@ __all__ = ["Faults"]
 class Faults:
     """What goes wrong. Every field defaults to "nothing".
 
-    - ``rate_limit_creates``: the first N batch-create calls get 429 with ``Retry-After``.
-    - ``read_errors``: the first N GETs of a batch's state (or results) get 500/503.
+    - ``rate_limit_creates``: the first N batch-create calls get 429 (with ``Retry-After`` at
+      OpenAI and Anthropic; Gemini's quota errors carry none).
+    - ``read_errors``: the first N reads of a batch's state or results get a server error
+      (OpenAI 500/503, Anthropic 529 overloaded or 500, Gemini 503).
     - ``request_errors``: the share of requests that fail individually (4xx in the error file,
       ``errored`` results).
     - ``expire_at``: the batch expires once this share of its requests has run; the rest are
       ``batch_expired`` / ``expired`` (Gemini: no results at all).
-    - ``queue_limit_tokens``: a batch whose input tokens exceed it fails as over the enqueued-token
-      limit (OpenAI ``token_limit_exceeded``; Anthropic and Gemini 429 on create).
+    - ``queue_limit_tokens``: a batch whose own input tokens exceed it fails as over the
+      enqueued-token limit (OpenAI ``token_limit_exceeded``; Anthropic and Gemini 429 on create).
+      It is per batch: other queued batches do not count against it.
     - ``missing``: the share of requests silently absent from the output.
     - ``duplicates``: the share of output lines written twice.
     - ``malformed``: the share of output lines written as broken JSON.

@@ -321,8 +321,7 @@ class GeminiEmulator:
             if self.operation(b, now).get("done"):
                 return error(400, "FAILED_PRECONDITION", "The batch has already finished.")
             if b.timeline.cancelled_at is None:
-                # Gemini has no "cancelling" state: the cancel takes effect at once.
-                b.timeline.cancelled_at = now - b.timeline.duration
+                b.timeline.cancelled_at = now
             return Response.json({})
         if verb == "delete":
             return self._delete(b)
@@ -344,11 +343,23 @@ class GeminiEmulator:
         ids = list(reversed(self.order))
         page, now = ids[start : start + size], self.ctx.clock()
         # Like the real list, without inlined responses.
-        ops = [self.operation(self.batches[i], now, with_output=False) for i in page]
+        ops = [
+            self.operation(b, now, with_output=False)
+            for i in page
+            if (b := self.batches.get(i)) is not None
+        ]
         out: dict[str, Any] = {"operations": ops}
         if start + size < len(ids):
             out["nextPageToken"] = str(start + size)
         return Response.json(out)
+
+    def sweep(self) -> None:
+        """Bring every batch up to date (finished ones produce their results and bills)."""
+        now = self.ctx.clock()
+        with self.lock:
+            batches = list(self.batches.values())
+        for b in batches:
+            self.operation(b, now)
 
     # the operation at a moment --------------------------------------------------------------
     def operation(self, b: _Batch, now: float, with_output: bool = True) -> dict[str, Any]:
@@ -397,10 +408,11 @@ class GeminiEmulator:
     def _advance(self, b: _Batch, now: float) -> None:
         t = b.timeline
         phase = t.at(now)
-        if b.expire_at is not None and phase.progress >= b.expire_at and phase.name != "cancelled":
-            self._finish(b, "BATCH_STATE_EXPIRED", 0.0, t.when(b.expire_at))
-        elif phase.name == "cancelled":
-            self._finish(b, "BATCH_STATE_CANCELLED", phase.progress, phase.since)
+        if b.expire_at is not None and phase.progress >= b.expire_at and t.cancelled_at is None:
+            self._finish(b, "BATCH_STATE_EXPIRED", b.expire_at, t.when(b.expire_at))
+        elif phase.name in ("cancelling", "cancelled"):
+            # Gemini has no "cancelling" state: the cancel takes effect at once.
+            self._finish(b, "BATCH_STATE_CANCELLED", phase.progress, t.cancelled_at or now)
         elif phase.name == "done":
             self._finish(b, "BATCH_STATE_SUCCEEDED", 1.0, phase.since)
 
@@ -412,27 +424,27 @@ class GeminiEmulator:
             total = len(b.entries)
             ok = failed = 0
             responses: list[tuple[str, dict[str, Any]]] = []
+            expired = state == "BATCH_STATE_EXPIRED"
             for out in outcomes([key for key, _, _ in b.entries], processed, faults):
                 key, req, meta = b.entries[out.index]
                 if out.kind == "unprocessed":
                     continue
+                answer: Any = None
                 if out.kind == "ok":
-                    if b.kind == "embed":
-                        resp, inp = embed(b.model, req)
-                        outp = 0
-                        resp = {"embedding": resp["embedding"], "tokenCount": str(inp)}
-                    else:
-                        resp, inp, outp = respond(b.model, req)
-                    self.ctx.ledger.bill("gemini", f"batches/{b.id}", key, inp, outp)
+                    try:
+                        answer = self._answer(b, req)
+                    except Exception as exc:  # a request the model could not take
+                        answer = f"Invalid request: {exc!r}"
+                if isinstance(answer, tuple):
+                    resp, inp, outp = answer
+                    if not expired:  # an expired job delivers nothing, so bills nothing
+                        self.ctx.ledger.bill("gemini", f"batches/{b.id}", key, inp, outp)
                     item: dict[str, Any] = {"response": resp}
                     ok += 1
                 else:
+                    message = answer or "Emulated invalid request (request_errors fault)."
                     item = {
-                        "error": {
-                            "code": 400,
-                            "message": "Emulated invalid request (request_errors fault).",
-                            "status": "INVALID_ARGUMENT",
-                        }
+                        "error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}
                     }
                     failed += 1
                 responses.append((key, {"meta": meta, **item}))
@@ -456,6 +468,13 @@ class GeminiEmulator:
                 meta["output"] = output
                 op["response"] = {"@type": _TYPE + out_type, **output}
             b.final = op
+
+    @staticmethod
+    def _answer(b: _Batch, req: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+        if b.kind == "embed":
+            resp, inp = embed(b.model, req)
+            return {"embedding": resp["embedding"], "tokenCount": str(inp)}, inp, 0
+        return respond(b.model, req)
 
     def _output(self, b: _Batch, responses: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         faults = self.ctx.faults

@@ -90,7 +90,8 @@ class _Batch:
     # service validates asynchronously; the states wait for them.
     validated: threading.Event = field(default_factory=threading.Event)
     computed: threading.Event = field(default_factory=threading.Event)
-    responses: list[tuple[dict[str, Any], int, int]] = field(default_factory=list)
+    responses: list[tuple[dict[str, Any], int, int] | str] = field(default_factory=list)
+    failing: list[bool] = field(default_factory=list)  # the request_errors fault, per line
     expire_at: float | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
@@ -207,7 +208,8 @@ class OpenAIEmulator:
 
     def list_files(self, request: Request) -> Response:
         purpose = request.arg("purpose")
-        files = [f for f in self.files.values() if purpose in (None, f.purpose)]
+        with self.lock:
+            files = [f for f in self.files.values() if purpose in (None, f.purpose)]
         files.sort(key=lambda f: f.created_at, reverse=request.arg("order", "desc") == "desc")
         data = [f.obj() for f in files]
         return Response.json(
@@ -306,10 +308,25 @@ class OpenAIEmulator:
             b.errors = [
                 {"code": "emulator_error", "message": repr(exc), "param": None, "line": None}
             ]
-        b.validated.set()
-        if not b.errors:
-            b.responses = [respond(b.endpoint, line["body"], self.ctx.new_id) for line in b.lines]
-        b.computed.set()
+        finally:
+            b.validated.set()
+        try:
+            if not b.errors:
+                faults = self.ctx.faults
+                b.failing = [
+                    faults.hits("request_errors", faults.request_errors, line["custom_id"])
+                    for line in b.lines
+                ]
+                b.responses = [self._respond_one(b.endpoint, line["body"]) for line in b.lines]
+        finally:
+            b.computed.set()
+
+    def _respond_one(self, endpoint: str, body: Any) -> tuple[dict[str, Any], int, int] | str:
+        """The response, or the message of the 400 the real API would give a bad request."""
+        try:
+            return respond(endpoint, body, self.ctx.new_id)
+        except Exception as exc:
+            return f"Invalid request body: {exc!r}"
 
     def _batch(self, request: Request) -> _Batch | Response:
         b = self.batches.get(request.params["batch_id"])
@@ -353,7 +370,7 @@ class OpenAIEmulator:
         if after in ids:
             ids = ids[ids.index(after) + 1 :]
         page, now = ids[:limit], self.ctx.clock()
-        data = [self.obj(self.batches[i], now) for i in page]
+        data = [self.obj(b, now) for i in page if (b := self.batches.get(i)) is not None]
         return Response.json(
             {
                 "object": "list",
@@ -363,6 +380,15 @@ class OpenAIEmulator:
                 "has_more": len(ids) > limit,
             }
         )
+
+    def sweep(self) -> None:
+        """Bring every batch up to date (finished ones produce their results and bills), as
+        the real service does whether or not anyone polls."""
+        now = self.ctx.clock()
+        with self.lock:
+            batches = list(self.batches.values())
+        for b in batches:
+            self.obj(b, now)
 
     # the batch object at a moment -----------------------------------------------------------
     def obj(self, b: _Batch, now: float) -> dict[str, Any]:
@@ -396,6 +422,8 @@ class OpenAIEmulator:
             "usage": None,
         }
         if not b.validated.is_set():
+            if t.cancelled_at is not None:
+                o.update(status="cancelling", cancelling_at=int(t.cancelled_at))
             return o  # still validating, whatever the clock says
         validated = t.t0 + 0.1 * t.duration
         if b.errors and phase.name != "validating":
@@ -415,7 +443,8 @@ class OpenAIEmulator:
         if phase.name == "validating":
             return o
         done = int(total * phase.progress)
-        o["request_counts"] = {"total": total, "completed": done, "failed": 0}
+        failed = sum(b.failing[:done]) if b.failing else 0
+        o["request_counts"] = {"total": total, "completed": done - failed, "failed": failed}
         if phase.name == "running":
             o["status"] = "in_progress"
         elif phase.name == "finalizing":
@@ -450,44 +479,30 @@ class OpenAIEmulator:
             n_ok = n_failed = 0
             for out in outcomes([line["custom_id"] for line in b.lines], processed, faults):
                 req_id = self.ctx.new_id("batch_req_")
-                if out.kind == "ok":
-                    resp, inp, outp = b.responses[out.index]
-                    record = {
-                        "id": req_id,
-                        "custom_id": out.custom_id,
-                        "response": {
-                            "status_code": 200,
-                            "request_id": self.ctx.new_id("req_"),
-                            "body": resp,
-                        },
-                        "error": None,
-                    }
-                    ok_lines.append((out.custom_id, orjson.dumps(record).decode()))
-                    usage["input_tokens"] += inp
-                    usage["output_tokens"] += outp
-                    self.ctx.ledger.bill("openai", b.id, out.custom_id, inp, outp)
-                    n_ok += 1
-                elif out.kind == "error":
+                answer = b.responses[out.index] if out.kind == "ok" else None
+                if out.kind == "error" or isinstance(answer, str):
+                    # a 400 in the error file: the request_errors fault, or a body the model
+                    # could not take
+                    message = answer if isinstance(answer, str) else _FAULT_MESSAGE
                     body = {
                         "error": {
-                            "message": "Emulated invalid request (request_errors fault).",
+                            "message": message,
                             "type": "invalid_request_error",
                             "param": None,
                             "code": None,
                         }
                     }
-                    record = {
-                        "id": req_id,
-                        "custom_id": out.custom_id,
-                        "response": {
-                            "status_code": 400,
-                            "request_id": self.ctx.new_id("req_"),
-                            "body": body,
-                        },
-                        "error": None,
-                    }
+                    record = _line(req_id, out.custom_id, 400, self.ctx.new_id("req_"), body)
                     err_lines.append((out.custom_id, orjson.dumps(record).decode()))
                     n_failed += 1
+                elif answer is not None:
+                    resp, inp, outp = answer
+                    record = _line(req_id, out.custom_id, 200, self.ctx.new_id("req_"), resp)
+                    ok_lines.append((out.custom_id, orjson.dumps(record).decode()))
+                    usage["input_tokens"] += inp
+                    usage["output_tokens"] += outp
+                    self.ctx.ledger.bill("openai", b.id, out.custom_id, inp, outp)
+                    n_ok += 1
                 else:
                     code, message = (
                         (
@@ -556,6 +571,14 @@ class OpenAIEmulator:
             return Response.json(resp)
 
         return handler
+
+
+_FAULT_MESSAGE = "Emulated invalid request (request_errors fault)."
+
+
+def _line(req_id: str, custom_id: str, status: int, request_id: str, body: Any) -> dict[str, Any]:
+    response = {"status_code": status, "request_id": request_id, "body": body}
+    return {"id": req_id, "custom_id": custom_id, "response": response, "error": None}
 
 
 def validate(
