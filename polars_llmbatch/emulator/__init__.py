@@ -58,8 +58,9 @@ class Emulator:
     def ledger(self) -> Ledger:
         """What was uploaded, created and billed, up to now: batches that have finished are
         billed whether or not anyone polled them (as at the real services)."""
+        now = self.ctx.clock()
         for provider in self._providers:
-            provider.sweep()
+            provider.sweep(now)
         return self.ctx.ledger
 
     @property

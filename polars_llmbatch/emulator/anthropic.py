@@ -19,6 +19,7 @@ from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import finish_lines, outcomes
+from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Timeline
 from polars_llmbatch.providers.anthropic import Anthropic
 from polars_llmbatch.spec import RequestSpec
@@ -53,12 +54,10 @@ class _Batch:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class AnthropicEmulator:
+class AnthropicEmulator(BatchStore[_Batch]):
     def __init__(self, ctx: Context) -> None:
+        super().__init__()
         self.ctx = ctx
-        self.batches: dict[str, _Batch] = {}
-        self.order: list[str] = []
-        self.lock = threading.Lock()
 
     def routes(self, router: Router) -> None:
         def r(method: str, path: str, handler: Any) -> None:
@@ -141,9 +140,7 @@ class AnthropicEmulator:
             reqs,
             self.ctx.faults.expire_at,
         )
-        with self.lock:
-            self.batches[b.id] = b
-            self.order.append(b.id)
+        self.add(b.id, b)
         self.ctx.ledger.batch("anthropic", b.id, len(reqs), None)
         return Response.json(self.obj(b, now))
 
@@ -184,14 +181,12 @@ class AnthropicEmulator:
                 "invalid_request_error",
                 "Batch is still processing; cancel it before deleting it.",
             )
-        with self.lock:
-            self.batches.pop(b.id, None)
-            self.order.remove(b.id)
+        self.remove(b.id)
         return Response.json({"id": b.id, "type": "message_batch_deleted"})
 
     def list(self, request: Request) -> Response:
         limit = min(max(int(request.arg("limit", "20") or 20), 1), 1000)
-        ids = list(reversed(self.order))  # newest first
+        ids = self.newest_first()
         after, before = request.arg("after_id"), request.arg("before_id")
         if after in ids:
             ids = ids[ids.index(after) + 1 :]
@@ -227,13 +222,8 @@ class AnthropicEmulator:
             response.cut_after = len(b.results) // 2
         return response
 
-    def sweep(self) -> None:
-        """Bring every batch up to date (ended ones produce their results and bills)."""
-        now = self.ctx.clock()
-        with self.lock:
-            batches = list(self.batches.values())
-        for b in batches:
-            self.obj(b, now)
+    def current(self, batch: _Batch, now: float) -> dict[str, Any]:
+        return self.obj(batch, now)
 
     # the batch at a moment ------------------------------------------------------------------
     def obj(self, b: _Batch, now: float) -> dict[str, Any]:

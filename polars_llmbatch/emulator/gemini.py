@@ -21,6 +21,7 @@ from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import finish_lines, outcomes
+from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Timeline
 from polars_llmbatch.tokens.encodings import get_encoding
 
@@ -91,14 +92,12 @@ class _Batch:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class GeminiEmulator:
+class GeminiEmulator(BatchStore[_Batch]):
     def __init__(self, ctx: Context) -> None:
+        super().__init__()
         self.ctx = ctx
         self.files: dict[str, _File] = {}
         self.uploads: dict[str, dict[str, Any]] = {}
-        self.batches: dict[str, _Batch] = {}
-        self.order: list[str] = []
-        self.lock = threading.Lock()
 
     @property
     def base(self) -> str:
@@ -293,9 +292,7 @@ class GeminiEmulator:
             input_file=file_name,
             expire_at=self.ctx.faults.expire_at,
         )
-        with self.lock:
-            self.batches[b.id] = b
-            self.order.append(b.id)
+        self.add(b.id, b)
         self.ctx.ledger.batch("gemini", f"batches/{b.id}", len(entries), b.display_name)
         return Response.json(self.operation(b, now))
 
@@ -332,15 +329,13 @@ class GeminiEmulator:
         return b if isinstance(b, Response) else self._delete(b)
 
     def _delete(self, b: _Batch) -> Response:
-        with self.lock:
-            self.batches.pop(b.id, None)
-            self.order.remove(b.id)
+        self.remove(b.id)
         return Response.json({})
 
     def list(self, request: Request) -> Response:
         size = min(max(int(request.arg("pageSize", "50") or 50), 1), 1000)
         start = int(request.arg("pageToken", "0") or 0)
-        ids = list(reversed(self.order))
+        ids = self.newest_first()
         page, now = ids[start : start + size], self.ctx.clock()
         # Like the real list, without inlined responses.
         ops = [
@@ -353,13 +348,8 @@ class GeminiEmulator:
             out["nextPageToken"] = str(start + size)
         return Response.json(out)
 
-    def sweep(self) -> None:
-        """Bring every batch up to date (finished ones produce their results and bills)."""
-        now = self.ctx.clock()
-        with self.lock:
-            batches = list(self.batches.values())
-        for b in batches:
-            self.operation(b, now)
+    def current(self, batch: _Batch, now: float) -> dict[str, Any]:
+        return self.operation(batch, now)
 
     # the operation at a moment --------------------------------------------------------------
     def operation(self, b: _Batch, now: float, with_output: bool = True) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import finish_lines, outcomes
+from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Phase, Timeline
 from polars_llmbatch.providers.openai import _schema_tokens, count_chat_tokens, encoding_for
 from polars_llmbatch.tokens.encodings import get_encoding
@@ -100,13 +101,11 @@ class _Batch:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class OpenAIEmulator:
+class OpenAIEmulator(BatchStore[_Batch]):
     def __init__(self, ctx: Context) -> None:
+        super().__init__()
         self.ctx = ctx
         self.files: dict[str, _File] = {}
-        self.batches: dict[str, _Batch] = {}
-        self.order: list[str] = []  # batch ids, oldest first
-        self.lock = threading.Lock()
 
     def routes(self, router: Router) -> None:
         def r(method: str, path: str, handler: Any) -> None:
@@ -293,9 +292,7 @@ class OpenAIEmulator:
             data=f.data,
             expire_at=self.ctx.faults.expire_at,
         )
-        with self.lock:
-            self.batches[b.id] = b
-            self.order.append(b.id)
+        self.add(b.id, b)
         n = sum(1 for line in f.data.splitlines() if line.strip())
         self.ctx.ledger.batch("openai", b.id, n, json.dumps(metadata) if metadata else None)
         threading.Thread(target=self._work, args=(b,), daemon=True).start()
@@ -365,7 +362,7 @@ class OpenAIEmulator:
 
     def list_batches(self, request: Request) -> Response:
         limit = min(max(int(request.arg("limit", "20") or 20), 1), 100)
-        ids = list(reversed(self.order))  # newest first
+        ids = self.newest_first()
         after = request.arg("after")
         if after in ids:
             ids = ids[ids.index(after) + 1 :]
@@ -381,14 +378,8 @@ class OpenAIEmulator:
             }
         )
 
-    def sweep(self) -> None:
-        """Bring every batch up to date (finished ones produce their results and bills), as
-        the real service does whether or not anyone polls."""
-        now = self.ctx.clock()
-        with self.lock:
-            batches = list(self.batches.values())
-        for b in batches:
-            self.obj(b, now)
+    def current(self, batch: _Batch, now: float) -> dict[str, Any]:
+        return self.obj(batch, now)
 
     # the batch object at a moment -----------------------------------------------------------
     def obj(self, b: _Batch, now: float) -> dict[str, Any]:
