@@ -34,6 +34,11 @@ class Faults:
     - ``malformed``: the share of output lines written as broken JSON.
     - ``slow``: a factor on every batch's processing time.
     - ``drop_downloads``: the first N result downloads are cut mid-stream.
+
+    Example:
+        >>> f = Faults.parse("request_errors=0.1,expire_at=0.5,seed=3")
+        >>> f.seed, f.request_errors, f.expire_at
+        (3, 0.1, 0.5)
     """
 
     seed: int = 0

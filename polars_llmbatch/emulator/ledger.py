@@ -15,6 +15,16 @@ __all__ = ["Ledger"]
 
 @dataclass
 class Ledger:
+    """Every upload, batch and billed request, per provider.
+
+    Example:
+        >>> ledger = Ledger()
+        >>> ledger.bill("openai", "batch_1", "r1", 10, 2)
+        >>> ledger.bill("openai", "batch_2", "r1", 10, 2)  # the same request, paid again
+        >>> ledger.billed_twice()
+        {'r1': 2}
+    """
+
     uploads: list[dict[str, Any]] = field(default_factory=list)
     batches: list[dict[str, Any]] = field(default_factory=list)
     billed: list[dict[str, Any]] = field(default_factory=list)
