@@ -4,6 +4,7 @@ Writes ``--rows`` synthetic chat-completion output lines (the shape the emulator
 write: ~610 bytes a line), then times four readers of the fields the engine needs (custom_id,
 status code, the message content, the two token counts):
 
+0. the library's own ``providers.openai.parse_results`` (DuckDB, statuses, dedup);
 1. DuckDB ``read_json`` with an explicit column spec (``ignore_errors`` for malformed lines);
 2. polars: the file as one string column, then ``str.json_decode`` to a narrow struct;
 3. polars ``str.json_path_match``, one call per field;
@@ -28,6 +29,8 @@ from typing import Any
 import duckdb
 import orjson
 import polars as pl
+
+from polars_llmbatch.providers.openai import parse_results
 
 COLUMNS = (
     "{custom_id: 'VARCHAR', response: 'STRUCT(status_code INTEGER, body STRUCT(choices "
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     readers: dict[str, Callable[[Path], Any]] = {
+        "openai.parse_results (ours)": lambda path: parse_results([str(path)]),
         "duckdb read_json (columns)": duckdb_reader,
         "polars json_decode (struct)": polars_decode,
         "polars json_path_match x5": polars_paths,
