@@ -30,6 +30,8 @@ _EXAMPLES = """examples:
       --max-output-tokens 20
   llmbatch requests tickets.parquet --prompt "Summarise: {body}" --provider anthropic \\
       --model claude-haiku-4-5 --max-output-tokens 200 --write-to shards/
+
+exit codes: 0 done · 1 bad input (one line on stderr says what and how to fix it) · 3 over budget
 """
 
 
