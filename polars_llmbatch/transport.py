@@ -1,0 +1,196 @@
+"""HTTP to the providers: one httpx client per provider, with auth, timeouts and retries.
+
+Retries cover 408, 409, 429, 5xx (529 included) and connection errors, with exponential backoff
+and jitter, honouring ``Retry-After`` / ``retry-after-ms`` (up to a ceiling). The API key lives
+only in the client's headers: it never appears in a repr, a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from polars_llmbatch.errors import LlmBatchError
+
+__all__ = ["Credentials", "ProviderError", "Transport", "credentials"]
+
+log = logging.getLogger("polars_llmbatch.transport")
+
+RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+#: Per provider: (key variables, first wins), base-URL variable, default base URL, auth style.
+_ENV: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    "openai": (("OPENAI_API_KEY",), "OPENAI_BASE_URL", "https://api.openai.com/v1", "bearer"),
+    "anthropic": (
+        ("ANTHROPIC_API_KEY",),
+        "ANTHROPIC_BASE_URL",
+        "https://api.anthropic.com",
+        "x-api-key",
+    ),
+    "gemini": (
+        ("GOOGLE_API_KEY", "GEMINI_API_KEY"),
+        "GOOGLE_GEMINI_BASE_URL",
+        "https://generativelanguage.googleapis.com",
+        "x-goog-api-key",
+    ),
+}
+
+
+class ProviderError(LlmBatchError):
+    """A provider answered with an error (after retries); carries the status and its message."""
+
+    def __init__(self, provider: str, status: int, message: str) -> None:
+        super().__init__(f"{provider} answered HTTP {status}: {message}")
+        self.provider = provider
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Credentials:
+    provider: str
+    base_url: str
+    api_key: str = field(repr=False)
+    auth: str = field(repr=False)
+
+    def headers(self) -> dict[str, str]:
+        if self.auth == "bearer":
+            return {"Authorization": f"Bearer {self.api_key}"}
+        if self.auth == "x-api-key":
+            return {"x-api-key": self.api_key, "anthropic-version": "2023-06-01"}
+        return {"x-goog-api-key": self.api_key}
+
+
+def credentials(
+    provider: str,
+    *,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Credentials:
+    """The key and base URL for ``provider``: explicit arguments, else the same environment
+    variables as the official SDKs. A missing key is an error naming the variable to set.
+
+    Example:
+        >>> c = credentials("openai", env={"OPENAI_API_KEY": "sk-test"})
+        >>> c.base_url, "sk-test" in repr(c)
+        ('https://api.openai.com/v1', False)
+    """
+    if provider not in _ENV:
+        raise LlmBatchError(f"unknown provider {provider!r}; the providers are {sorted(_ENV)}")
+    keys, url_var, default_url, auth = _ENV[provider]
+    env = os.environ if env is None else env
+    key = api_key or next((env[k] for k in keys if env.get(k)), None)
+    if not key:
+        names = " or ".join(keys)
+        raise LlmBatchError(
+            f"no API key for {provider}: set {names}, or pass api_key=... "
+            f"(to try things for free, run `llmbatch emulator` and set {url_var})"
+        )
+    url = (base_url or env.get(url_var) or default_url).rstrip("/")
+    return Credentials(provider, url, key, auth)
+
+
+class Transport:
+    """Requests to one provider, retried on transient failures.
+
+    ``sleep`` is injectable so tests can observe the backoff without waiting for it.
+    """
+
+    def __init__(
+        self,
+        creds: Credentials,
+        *,
+        max_retries: int = 6,
+        backoff: float = 0.5,
+        max_backoff: float = 60.0,
+        timeout: httpx.Timeout | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.provider = creds.provider
+        self.base_url = creds.base_url
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.sleep = sleep
+        self._client = httpx.Client(
+            base_url=creds.base_url,
+            headers=creds.headers(),
+            timeout=timeout or httpx.Timeout(120.0, connect=10.0),
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"Transport(provider={self.provider!r}, base_url={self.base_url!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> Transport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send, retrying transient failures; raise :class:`ProviderError` on a final error.
+
+        The whole body is read before returning, so a connection cut mid-download is retried
+        like any other connection error.
+        """
+        attempt = 0
+        while True:
+            try:
+                response = self._client.request(method, path, **kwargs)
+                response.read()
+            except (httpx.TransportError, httpx.DecodingError) as exc:
+                if attempt >= self.max_retries:
+                    raise ProviderError(
+                        self.provider, 0, f"connection failed: {type(exc).__name__}"
+                    ) from None
+                delay = self._delay(attempt, None)
+                log.info("%s %s: %s, retrying in %.1f s", method, path, type(exc).__name__, delay)
+            else:
+                if response.status_code < 400:
+                    return response
+                if response.status_code not in RETRY_STATUS or attempt >= self.max_retries:
+                    raise ProviderError(self.provider, response.status_code, _message(response))
+                delay = self._delay(attempt, response)
+                log.info(
+                    "%s %s: HTTP %d, retrying in %.1f s", method, path, response.status_code, delay
+                )
+            self.sleep(delay)
+            attempt += 1
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            ms = response.headers.get("retry-after-ms")
+            after = response.headers.get("retry-after")
+            try:
+                if ms is not None:
+                    return min(float(ms) / 1000, self.max_backoff)
+                if after is not None:
+                    return min(float(after), self.max_backoff)
+            except ValueError:
+                pass  # an HTTP date: fall back to backoff
+        base = min(self.backoff * 2**attempt, self.max_backoff)
+        return base * (0.5 + random.random() / 2)  # jitter: retries from many shards spread out
+
+
+def _message(response: httpx.Response) -> str:
+    """The provider's own error message (OpenAI, Anthropic and Google shapes), else the status."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.reason_phrase or "error"
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("status") or err)
+    return str(err or body)[:500]
