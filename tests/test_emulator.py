@@ -64,3 +64,14 @@ def test_ledger_finds_double_billing() -> None:
     ledger.bill("openai", None, "y", 10, 2)  # sync calls are not batches
     ledger.bill("anthropic", "b3", "z", 10, 2)
     assert ledger.billed_twice() == {"x": 2} and ledger.billed_twice("anthropic") == {}
+
+
+def test_ids_never_collide() -> None:
+    from polars_llmbatch.emulator.context import Context
+
+    ctx = Context()
+    ids = [ctx.new_id("batch_") for _ in range(5_000)] + [
+        ctx.new_id("batch_", 12) for _ in range(300)
+    ]
+    assert len(set(ids)) == len(ids)
+    assert {len(i) for i in ids[:5_000]} == {len("batch_") + 24}

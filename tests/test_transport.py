@@ -49,7 +49,9 @@ def test_retry_after_is_honoured_on_429() -> None:
         assert delays == [1.0, 1.0]  # Retry-After: 1, honoured exactly
 
 
-def test_retries_then_reports_the_real_error_and_never_leaks_the_key(caplog: pytest.LogCaptureFixture) -> None:
+def test_retries_then_reports_the_real_error_and_never_leaks_the_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO, logger="polars_llmbatch.transport")
     with serve(faults=Faults(read_errors=3)) as emu:
         delays: list[float] = []

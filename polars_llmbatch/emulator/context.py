@@ -47,5 +47,5 @@ class Context:
     def new_id(self, prefix: str, length: int = 24) -> str:
         """A fresh id: ``prefix`` + ``length`` lowercase hex characters, random per emulator and
         then counted (a batch of 50,000 results needs 150,000 of them, fast)."""
-        n = f"{next(self._ids):x}"
+        n = f"{next(self._ids):08x}"  # fixed width: ids of one length never collide
         return prefix + self._salt[: max(length - len(n), 0)] + n

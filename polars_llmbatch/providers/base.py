@@ -13,7 +13,7 @@ from typing import Any
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.spec import RequestSpec
 
-__all__ = ["Framing", "Limits", "Provider", "TokenRule"]
+__all__ = ["Framing", "Limits", "Provider", "RemoteState", "TokenRule"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,30 @@ class TokenRule:
     band: float = 0.0
     slack: int = 0
     method: str = "exact"
+
+
+@dataclass(frozen=True)
+class RemoteState:
+    """A remote batch, normalised across providers for the engine.
+
+    ``phase``: ``queued`` (accepted, not started), ``running``, ``finalizing`` or ``ended``;
+    ``status`` is the provider's own word for it. When ``ended``, ``result_files`` names what to
+    download (possibly nothing: a failed or expired Gemini batch has no results) and ``error``
+    says why a whole batch failed.
+    """
+
+    remote_id: str
+    phase: str
+    status: str
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    result_files: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.phase == "ended"
 
 
 class Provider(ABC):
