@@ -18,29 +18,13 @@ from typing import Any
 import httpx
 
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.providers import get_provider
 
 __all__ = ["Credentials", "ProviderError", "Transport", "credentials"]
 
 log = logging.getLogger("polars_llmbatch.transport")
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
-
-#: Per provider: (key variables, first wins), base-URL variable, default base URL, auth style.
-_ENV: dict[str, tuple[tuple[str, ...], str, str, str]] = {
-    "openai": (("OPENAI_API_KEY",), "OPENAI_BASE_URL", "https://api.openai.com/v1", "bearer"),
-    "anthropic": (
-        ("ANTHROPIC_API_KEY",),
-        "ANTHROPIC_BASE_URL",
-        "https://api.anthropic.com",
-        "x-api-key",
-    ),
-    "gemini": (
-        ("GOOGLE_API_KEY", "GEMINI_API_KEY"),
-        "GOOGLE_GEMINI_BASE_URL",
-        "https://generativelanguage.googleapis.com",
-        "x-goog-api-key",
-    ),
-}
 
 
 class ProviderError(LlmBatchError):
@@ -57,14 +41,9 @@ class Credentials:
     provider: str
     base_url: str
     api_key: str = field(repr=False)
-    auth: str = field(repr=False)
 
     def headers(self) -> dict[str, str]:
-        if self.auth == "bearer":
-            return {"Authorization": f"Bearer {self.api_key}"}
-        if self.auth == "x-api-key":
-            return {"x-api-key": self.api_key, "anthropic-version": "2023-06-01"}
-        return {"x-goog-api-key": self.api_key}
+        return get_provider(self.provider).auth_headers(self.api_key)
 
 
 def credentials(
@@ -82,19 +61,18 @@ def credentials(
         >>> c.base_url, "sk-test" in repr(c)
         ('https://api.openai.com/v1', False)
     """
-    if provider not in _ENV:
-        raise LlmBatchError(f"unknown provider {provider!r}; the providers are {sorted(_ENV)}")
-    keys, url_var, default_url, auth = _ENV[provider]
+    prov = get_provider(provider)
+    keys, url_var = prov.env_key, prov.env_base_url
     env = os.environ if env is None else env
     key = api_key or next((env[k] for k in keys if env.get(k)), None)
     if not key:
         names = " or ".join(keys)
         raise LlmBatchError(
-            f"no API key for {provider}: set {names}, or pass api_key=... "
+            f"no API key for {prov.name}: set {names}, or pass api_key=... "
             f"(to try things for free, run `llmbatch emulator` and set {url_var})"
         )
-    url = (base_url or env.get(url_var) or default_url).rstrip("/")
-    return Credentials(provider, url, key, auth)
+    url = (base_url or env.get(url_var) or prov.default_base_url).rstrip("/")
+    return Credentials(prov.name, url, key)
 
 
 class Transport:

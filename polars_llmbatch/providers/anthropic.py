@@ -32,10 +32,15 @@ class Anthropic(Provider):
     name = "anthropic"
     limits = Limits(max_requests=100_000, max_bytes=256_000_000)
     env_key = ("ANTHROPIC_API_KEY",)
+    env_base_url = "ANTHROPIC_BASE_URL"
+    default_base_url = "https://api.anthropic.com"
     prices_id = "anthropic"
 
     def endpoint(self, spec: RequestSpec) -> str:
         return "/v1/messages"
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"x-api-key": api_key, "anthropic-version": "2023-06-01"}
 
     def check(self, spec: RequestSpec) -> None:
         if spec.task == "embed":

@@ -101,7 +101,11 @@ class Provider(ABC):
 
     name: str
     limits: Limits
+    #: Where the official SDKs look for credentials: key variables (the first set wins), the
+    #: base-URL variable, and the default base URL.
     env_key: tuple[str, ...] = ()
+    env_base_url: str = ""
+    default_base_url: str = ""
     #: The provider's id in genai-prices.
     prices_id: str = ""
     #: Whether batch halves the price of prompt-cache hits too (Gemini bills them at sync rate).
@@ -140,6 +144,10 @@ class Provider(ABC):
         """The prefix length from which the provider caches a shared prompt prefix by itself
         (no request flag needed); ``None`` when it does not."""
         return None
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        """The headers that carry ``api_key`` (and the API version where one is required)."""
+        return {"Authorization": f"Bearer {api_key}"}
 
     def max_input_tokens(self, spec: RequestSpec) -> int | None:
         """A per-request input cap the provider enforces beyond the model's context window."""

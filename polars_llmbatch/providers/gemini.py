@@ -36,9 +36,14 @@ class Gemini(Provider):
     # No published request cap per batch: 100,000 is our own choice, keeping each shard's results
     # file and its retry unit a manageable size. Files may be up to 2 GB.
     limits = Limits(max_requests=100_000, max_bytes=2_000_000_000)
-    env_key = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    env_key = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # the SDK's order: GOOGLE_API_KEY wins
+    env_base_url = "GOOGLE_GEMINI_BASE_URL"
+    default_base_url = "https://generativelanguage.googleapis.com"
     prices_id = "google"
     batch_halves_cache_hits = False  # batch cache hits are billed at the sync cached rate
+
+    def auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"x-goog-api-key": api_key}
 
     def endpoint(self, spec: RequestSpec) -> str:
         verb = "embedContent" if spec.task == "embed" else "generateContent"

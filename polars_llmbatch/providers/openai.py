@@ -45,6 +45,8 @@ class OpenAI(Provider):
     name = "openai"
     limits = Limits(max_requests=50_000, max_bytes=200_000_000, max_embedding_inputs=50_000)
     env_key = ("OPENAI_API_KEY",)
+    env_base_url = "OPENAI_BASE_URL"
+    default_base_url = "https://api.openai.com/v1"
     prices_id = "openai"
 
     def endpoint(self, spec: RequestSpec) -> str:
