@@ -17,12 +17,15 @@ from importlib.metadata import PackageNotFoundError, version
 
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
 from polars_llmbatch.estimate import Estimate
+from polars_llmbatch.job import Job, JobStatus
 from polars_llmbatch.namespace import LlmNamespace, register
 from polars_llmbatch.template import Template
 
 __all__ = [
     "BudgetExceededError",
     "Estimate",
+    "Job",
+    "JobStatus",
     "LlmBatchError",
     "LlmNamespace",
     "RequestTooLargeError",

@@ -7,6 +7,7 @@ from typing import Any
 
 import polars as pl
 
+from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.estimate import Estimate, check_fits, estimate
 from polars_llmbatch.prices import check_override
 from polars_llmbatch.providers import Provider, get_provider
@@ -136,6 +137,198 @@ class LlmNamespace:
         return prepared.rows.join(bodies, on="custom_id", how="left", maintain_order="left").select(
             prepared.key, "custom_id", "body"
         )
+
+    def batch(
+        self,
+        prompt: str | pl.Expr | Template,
+        *,
+        provider: str | Provider,
+        model: str,
+        output: Any = None,
+        system: str | pl.Expr | None = None,
+        id: str | None = None,
+        checkpoint: str | Path | None = None,
+        mode: str = "batch",
+        max_cost: float | None = None,
+        wait: bool = True,
+        tags: dict[str, str] | None = None,
+        usage: bool = False,
+        max_attempts: int = 3,
+        progress: bool = True,
+        poll_interval: float = 5.0,
+        concurrency: int = 8,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        on_null: OnNull = "skip",
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        reasoning_effort: str | None = None,
+        api: str | None = None,
+        extra_body: dict[str, Any] | None = None,
+        prices: dict[str, float] | None = None,
+        expected_output_tokens: float | None = None,
+        max_shard_requests: int | None = None,
+        max_shard_bytes: int | None = None,
+    ) -> Any:
+        """Run one request per row through the provider's batch API (half price) and join the
+        answers back onto the frame, in the same row order.
+
+        Returns the frame with the output column(s) (free text, an Enum for categories, typed
+        columns for a mapping or pydantic model), ``llm_status`` and ``llm_error`` (with
+        ``usage=True`` also ``llm_input_tokens``, ``llm_output_tokens`` and ``llm_cost``). With
+        ``wait=False`` it returns a :class:`~polars_llmbatch.Job` at once.
+
+        Everything is checkpointed (``checkpoint=``, default: a folder named by the job under
+        the user cache directory): re-running the same call reattaches to the job instead of
+        paying again, and results of identical requests in sibling checkpoints are reused.
+        ``max_cost`` (USD) is checked on the worst case before anything is sent, and again
+        before retries. ``mode="sync"`` sends the same requests to the sync endpoints
+        (``concurrency`` at a time); ``mode="auto"`` picks sync for small jobs
+        (:data:`~polars_llmbatch.job.AUTO_SYNC_MAX_REQUESTS`). A ``LazyFrame`` is collected
+        for the prompt's columns; the result is the LazyFrame with the new columns (the
+        input plan is evaluated again, so it must give its rows in a stable order).
+
+        Example:
+            >>> import polars as pl, polars_llmbatch, tempfile
+            >>> from polars_llmbatch.emulator import serve
+            >>> df = pl.DataFrame({"body": ["I was charged twice", "The app crashes"]})
+            >>> with serve(batch_seconds=0.1) as emu:
+            ...     out = df.llm.batch("Classify this ticket: {body}", provider="openai",
+            ...                        model="gpt-4o-mini", output=["billing", "bug"],
+            ...                        checkpoint=tempfile.mkdtemp() + "/tickets",
+            ...                        api_key="test", base_url=emu.openai_url,
+            ...                        progress=False, poll_interval=0.05)
+            >>> out.columns, out["llm_status"].to_list()
+            (['body', 'label', 'llm_status', 'llm_error'], ['succeeded', 'succeeded'])
+        """
+        return _run(self._frame, prompt, "generate", locals())
+
+    def embed(
+        self,
+        text: str | pl.Expr | Template,
+        *,
+        provider: str | Provider,
+        model: str,
+        dimensions: int | None = None,
+        name: str = "embedding",
+        id: str | None = None,
+        checkpoint: str | Path | None = None,
+        mode: str = "batch",
+        max_cost: float | None = None,
+        wait: bool = True,
+        tags: dict[str, str] | None = None,
+        usage: bool = False,
+        max_attempts: int = 3,
+        progress: bool = True,
+        poll_interval: float = 5.0,
+        concurrency: int = 8,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        on_null: OnNull = "skip",
+        extra_body: dict[str, Any] | None = None,
+        prices: dict[str, float] | None = None,
+        max_shard_requests: int | None = None,
+        max_shard_bytes: int | None = None,
+    ) -> Any:
+        """Embed one text per row (a column name, a template or an expression) into a
+        ``pl.Array(pl.Float32, dim)`` column ``name``, through the batch API; the same
+        checkpoints, statuses and options as :meth:`batch`.
+
+        Example:
+            >>> import polars as pl, polars_llmbatch, tempfile
+            >>> from polars_llmbatch.emulator import serve
+            >>> df = pl.DataFrame({"title": ["red shoes", "blue hat"]})
+            >>> with serve(batch_seconds=0.1) as emu:
+            ...     out = df.llm.embed("title", provider="openai", model="text-embedding-3-small",
+            ...                        dimensions=8, checkpoint=tempfile.mkdtemp() + "/emb",
+            ...                        api_key="test", base_url=emu.openai_url,
+            ...                        progress=False, poll_interval=0.05)
+            >>> out.schema["embedding"]
+            Array(Float32, shape=(8,))
+        """
+        schema = (
+            self._frame.collect_schema()
+            if isinstance(self._frame, pl.LazyFrame)
+            else self._frame.schema
+        )
+        if isinstance(text, str) and text in schema:
+            text = pl.col(text).cast(pl.String)
+        args = dict(locals())
+        args.update(prompt=text, output=None, system=None, api=None, expected_output_tokens=0)
+        args.update({k: None for k in GENERATION_OPTIONS})
+        return _run(self._frame, text, "embed", args)
+
+
+def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict[str, Any]) -> Any:
+    """``batch`` and ``embed``: every check that needs no data, then prepare, checkpoint, run."""
+    from polars_llmbatch.engine import Settings
+    from polars_llmbatch.job import Job, start
+    from polars_llmbatch.reconcile import output_names
+    from polars_llmbatch.transport import Transport, credentials
+
+    prov = get_provider(args["provider"])
+    check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"])
+    check_override(args["prices"])
+    max_attempts = args["max_attempts"]
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise LlmBatchError(f"max_attempts must be a positive integer, got {max_attempts!r}")
+    tags = args["tags"]
+    if tags is not None and not (
+        isinstance(tags, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())
+    ):
+        raise LlmBatchError(
+            f"tags= must map strings to strings, e.g. {{'team': 'support'}}; got {tags!r}"
+        )
+    # A missing key is an error now, before the frame is read or anything is written.
+    creds = credentials(prov.name, api_key=args["api_key"], base_url=args["base_url"])
+    args = {"dimensions": None, **args, "task": task}
+    prepared = _prepare(frame, prompt, args)
+    check_fits(prepared, args["prices"])
+    name = args.get("name") if task == "embed" else None
+    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    clash = [c for c in output_names(prepared.spec, name, args["usage"]) if c in names]
+    if clash:
+        raise LlmBatchError(
+            f"the frame already has column(s) {clash}, which the results would add; rename them "
+            "or pick another output= name"
+        )
+    settings = Settings(
+        mode=args["mode"],
+        max_attempts=max_attempts,
+        max_cost=args["max_cost"],
+        poll_interval=args["poll_interval"],
+        max_poll_interval=max(args["poll_interval"], Settings.max_poll_interval),
+        concurrency=args["concurrency"],
+        progress=args["progress"],
+        max_shard_requests=args["max_shard_requests"],
+        max_shard_bytes=args["max_shard_bytes"],
+    )
+    transport = Transport(creds)
+    ckpt, _ = start(
+        prepared,
+        checkpoint=args["checkpoint"],
+        mode=args["mode"],
+        settings=settings,
+        transport=transport,
+        tags=tags,
+        estimate_args={
+            "prices": args["prices"],
+            "expected_output_tokens": args["expected_output_tokens"],
+            "max_shard_requests": args["max_shard_requests"],
+            "max_shard_bytes": args["max_shard_bytes"],
+        },
+        max_cost=args["max_cost"],
+        output_name=name,
+    )
+    job = Job(ckpt, transport, frame=frame, usage=args["usage"])
+    job._settings = Settings(**{**settings.__dict__, "mode": job.mode})
+    if not args["wait"]:
+        return job
+    return job.wait().result()
 
 
 _REQUEST_ARGS = ("provider", "model", "output", "system", "id", "task", "on_null")

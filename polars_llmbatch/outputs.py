@@ -10,7 +10,9 @@ the same schema its own way and parsing is the same for all.
 
 from __future__ import annotations
 
+import base64
 import copy
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -54,7 +56,21 @@ class OutputSpec:
             "columns": {k: str(v) for k, v in self.columns.items()},
             "schema": self.schema,
             "strict": self.strict,
+            "name": self.name,
         }
+
+    def dtypes_blob(self) -> str:
+        """The exact polars dtypes (Enum categories, nested fields) as base64 Arrow IPC, so a
+        job reopened from its checkpoint decodes into the same columns."""
+        buf = io.BytesIO()
+        pl.DataFrame(schema=self.columns).write_ipc(buf)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], dtypes_blob: str) -> OutputSpec:
+        """The inverse of :meth:`to_dict` plus :meth:`dtypes_blob`."""
+        columns = dict(pl.read_ipc(io.BytesIO(base64.b64decode(dtypes_blob))).schema)
+        return cls(d["kind"], columns, d["schema"], d["strict"], d.get("name", "output"))
 
 
 def parse_output(output: Any = None) -> OutputSpec:

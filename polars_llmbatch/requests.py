@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import duckdb
@@ -52,9 +53,13 @@ class Prepared:
     rows: pl.DataFrame
     requests: pl.DataFrame
 
-    @property
+    @cached_property
     def job_id(self) -> str:
-        return self.spec.digest()[:16]
+        """16 hex characters naming the job: a hash of the spec and of every request's id, so
+        two jobs share it only when they send the same requests."""
+        h = hashlib.sha256(self.spec.digest().encode())
+        h.update("".join(self.requests["custom_id"].to_list()).encode())
+        return h.hexdigest()[:16]
 
     @property
     def text_columns(self) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from polars_llmbatch.errors import LlmBatchError, RequestTooLargeError
 from polars_llmbatch.providers import Framing, Provider
 from polars_llmbatch.requests import Prepared
 
-__all__ = ["Shard", "plan", "shard_bytes", "write_shards"]
+__all__ = ["Shard", "plan", "shard_bytes", "write_shard_files", "write_shards"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,15 @@ def plan(
     max_bytes: int | None = None,
     max_tokens: int | None = None,
     tokens: pl.Series | None = None,
+    first_index: int = 0,
+    job_id: str | None = None,
 ) -> list[Shard]:
     """Split the unique requests into shards, in ``custom_id`` order.
 
     The provider's limits always apply; ``max_requests`` / ``max_bytes`` may lower them, and
     ``max_tokens`` (with per-request ``tokens``) caps input tokens per shard for queue limits.
+    Shards are numbered from ``first_index`` and tagged with ``job_id`` (default: the
+    prepared requests' own), so a job's retry shards continue its numbering.
     A request that can never fit raises :class:`RequestTooLargeError` naming its row.
     """
     limits = prepared.provider.limits
@@ -67,7 +71,8 @@ def plan(
     n = reqs.height
     if n == 0:
         return []
-    big = prepared.provider.framing(spec, _tag(prepared, 0), 0, 0)
+    job_id = job_id or prepared.job_id
+    big = prepared.provider.framing(spec, _tag(job_id, first_index), 0, 0)
     budget = cap_bytes - big.size(0, 0)  # bytes left for lines once prefix and suffix are in
     payload = reqs.select(
         (pl.col("custom_id").str.len_bytes() + pl.col("body").str.len_bytes()).cast(pl.Int64)
@@ -105,9 +110,9 @@ def plan(
         bounds.append((start, stop))
         start = stop
     shards = []
-    for i, (a, b) in enumerate(bounds):
+    for i, (a, b) in enumerate(bounds, start=first_index):
         size = int(payload.slice(a, b - a).sum())
-        tag = _tag(prepared, i)
+        tag = _tag(job_id, i)
         framing = prepared.provider.framing(spec, tag, b - a, size)
         if framing.size(b - a, size) > cap_bytes:  # a form chosen by size must still fit the cap
             framing = big
@@ -146,10 +151,10 @@ def _lower(asked: int | None, limit: int, name: str) -> int:
     return asked
 
 
-def _tag(prepared: Prepared, index: int) -> str:
+def _tag(job_id: str, index: int) -> str:
     # The batch's tag (OpenAI metadata, Gemini displayName) names the job and shard, so that a
     # crash between "create" and "record" can be recovered by listing remote batches.
-    return f"llmbatch-{prepared.job_id}-{index:05d}"
+    return f"llmbatch-{job_id}-{index:05d}"
 
 
 def _write(prepared: Prepared, shard: Shard, target: Path | BinaryIO) -> None:
@@ -209,6 +214,11 @@ def write_shards(prepared: Prepared, shards: list[Shard], directory: str | Path)
     fill fresh pages about twice as fast as one (benchmarks/README.md)."""
     out = Path(directory)
     check_target(out)
+    return write_shard_files(prepared, shards, out)
+
+
+def write_shard_files(prepared: Prepared, shards: list[Shard], out: Path) -> list[Path]:
+    """:func:`write_shards` into a job's own folder, where earlier rounds' shards stay."""
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=WRITERS) as pool:
         paths = list(pool.map(lambda shard: _write_one(prepared, shard, out), shards))

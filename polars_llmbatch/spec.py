@@ -100,6 +100,23 @@ class RequestSpec:
             "extra_body": dict(self.extra_body),
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], output_dtypes: str | None = None) -> RequestSpec:
+        """The inverse of :meth:`to_dict` (``output_dtypes``: :meth:`OutputSpec.dtypes_blob`)."""
+        out = d.get("output")
+        return cls(
+            provider=d["provider"],
+            model=d["model"],
+            task=d["task"],
+            output=OutputSpec.from_dict(out, output_dtypes or "") if out is not None else None,
+            system=d.get("system"),
+            system_per_row=bool(d.get("system_per_row")),
+            options=dict(d.get("options") or {}),
+            dimensions=d.get("dimensions"),
+            api=d.get("api"),
+            extra_body=dict(d.get("extra_body") or {}),
+        )
+
     def digest(self) -> str:
         """A stable hex digest of the spec (what makes two bodies with the same text differ)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

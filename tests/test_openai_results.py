@@ -11,6 +11,7 @@ import polars as pl
 from polars_llmbatch.emulator import Faults, model, serve
 from polars_llmbatch.providers.openai import parse_results
 from polars_llmbatch.requests import prepare
+from polars_llmbatch.results import RESULT_SCHEMA
 from polars_llmbatch.shards import plan, shard_bytes
 
 CATS = ["billing", "bug", "feature", "other"]
@@ -46,15 +47,7 @@ def run_batch(tmp_path: Path, n: int, faults: Faults, **kw) -> tuple[list[Path],
 def test_successes_and_typed_enum_values(tmp_path: Path) -> None:
     files, reqs = run_batch(tmp_path, 12, Faults())
     got = parse_results([str(f) for f in files])
-    assert got.columns == [
-        "custom_id",
-        "status",
-        "text",
-        "error",
-        "input_tokens",
-        "output_tokens",
-        "finish",
-    ]
+    assert got.schema == RESULT_SCHEMA
     assert sorted(got["custom_id"]) == sorted(reqs["custom_id"])
     assert set(got["status"]) == {"succeeded"} and got["error"].null_count() == 12
     joined = got.join(reqs, on="custom_id")

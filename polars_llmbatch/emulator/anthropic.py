@@ -17,6 +17,7 @@ import orjson
 
 from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
+from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import finish_lines, outcomes
 from polars_llmbatch.emulator.store import BatchStore
@@ -49,6 +50,7 @@ class _Batch:
     timeline: Timeline
     requests: list[dict[str, Any]]
     expire_at: float | None
+    faults: Faults = field(default_factory=Faults)
     results: bytes | None = None
     final: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -133,12 +135,14 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 {"retry-after": "1"},
             )
         now = self.ctx.clock()
+        faults = self.ctx.batch_faults()
         b = _Batch(
             self.ctx.new_id("msgbatch_"),
             now,
             Timeline(now, self.ctx.duration),
             reqs,
-            self.ctx.faults.expire_at,
+            faults.expire_at,
+            faults,
         )
         self.add(b.id, b)
         self.ctx.ledger.batch("anthropic", b.id, len(reqs), None)
@@ -268,7 +272,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 return b.final
             counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
             lines: list[tuple[str, str]] = []
-            for out in outcomes([e["custom_id"] for e in b.requests], processed, self.ctx.faults):
+            for out in outcomes([e["custom_id"] for e in b.requests], processed, b.faults):
                 params = b.requests[out.index]["params"]
                 answer: Any = None
                 if out.kind == "ok":
@@ -305,7 +309,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
                     )
                 )
             b.results = "".join(
-                x + "\n" for x in finish_lines(lines, self.ctx.faults, shuffle=True)
+                x + "\n" for x in finish_lines(lines, b.faults, shuffle=True)
             ).encode()
             o.update(
                 processing_status="ended",

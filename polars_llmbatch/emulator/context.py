@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import secrets
 import threading
@@ -26,6 +27,26 @@ class Context:
     _spent: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: itertools.count = field(default_factory=itertools.count)
+
+    def batch_faults(self) -> Faults:
+        """The faults a batch created now gets: all of them, or past ``fault_batches`` only
+        the server-wide ones (rate limits, read errors, cut downloads, slowness)."""
+        limit = self.faults.fault_batches
+        if not limit:
+            return self.faults
+        with self._lock:
+            created = self._spent.get("_batches", 0)
+            self._spent["_batches"] = created + 1
+        if created < limit:
+            return self.faults
+        return dataclasses.replace(
+            self.faults,
+            request_errors=0.0,
+            expire_at=None,
+            missing=0.0,
+            duplicates=0.0,
+            malformed=0.0,
+        )
 
     @property
     def duration(self) -> float:

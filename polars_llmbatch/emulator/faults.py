@@ -34,6 +34,8 @@ class Faults:
     - ``malformed``: the share of output lines written as broken JSON.
     - ``slow``: a factor on every batch's processing time.
     - ``drop_downloads``: the first N result downloads are cut mid-stream.
+    - ``fault_batches``: the per-request faults and ``expire_at`` hit only the first N batches
+      created (0: every batch), so a client's retries of what failed can succeed.
 
     Example:
         >>> f = Faults.parse("request_errors=0.1,expire_at=0.5,seed=3")
@@ -52,6 +54,7 @@ class Faults:
     malformed: float = 0.0
     slow: float = 1.0
     drop_downloads: int = 0
+    fault_batches: int = 0
 
     def hits(self, fault: str, share: float, custom_id: str) -> bool:
         """Whether the per-request ``fault`` hits request ``custom_id``."""

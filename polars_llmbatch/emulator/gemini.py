@@ -19,6 +19,7 @@ import orjson
 
 from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
+from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import finish_lines, outcomes
 from polars_llmbatch.emulator.store import BatchStore
@@ -88,6 +89,7 @@ class _Batch:
     inline: bool
     input_file: str | None
     expire_at: float | None
+    faults: Faults = field(default_factory=Faults)
     final: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -290,8 +292,10 @@ class GeminiEmulator(BatchStore[_Batch]):
             entries=entries,
             inline=not file_name,
             input_file=file_name,
-            expire_at=self.ctx.faults.expire_at,
+            expire_at=None,
         )
+        b.faults = self.ctx.batch_faults()
+        b.expire_at = b.faults.expire_at
         self.add(b.id, b)
         self.ctx.ledger.batch("gemini", f"batches/{b.id}", len(entries), b.display_name)
         return Response.json(self.operation(b, now))
@@ -410,7 +414,7 @@ class GeminiEmulator(BatchStore[_Batch]):
         with b.lock:
             if b.final is not None:
                 return
-            faults = self.ctx.faults
+            faults = b.faults
             total = len(b.entries)
             ok = failed = 0
             responses: list[tuple[str, dict[str, Any]]] = []
@@ -467,7 +471,7 @@ class GeminiEmulator(BatchStore[_Batch]):
         return respond(b.model, req)
 
     def _output(self, b: _Batch, responses: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-        faults = self.ctx.faults
+        faults = b.faults
         if b.inline:
             items = []
             for key, r in responses:

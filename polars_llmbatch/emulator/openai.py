@@ -18,6 +18,7 @@ import orjson
 
 from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.context import Context
+from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import finish_lines, outcomes
 from polars_llmbatch.emulator.store import BatchStore
@@ -94,6 +95,7 @@ class _Batch:
     responses: list[tuple[dict[str, Any], int, int] | str] = field(default_factory=list)
     failing: list[bool] = field(default_factory=list)  # the request_errors fault, per line
     expire_at: float | None = None
+    faults: Faults = field(default_factory=Faults)
     output_file_id: str | None = None
     error_file_id: str | None = None
     final: dict[str, Any] | None = None  # the terminal object, frozen once results exist
@@ -290,8 +292,9 @@ class OpenAIEmulator(BatchStore[_Batch]):
             created_at=now,
             timeline=Timeline(now, self.ctx.duration),
             data=f.data,
-            expire_at=self.ctx.faults.expire_at,
         )
+        b.faults = self.ctx.batch_faults()
+        b.expire_at = b.faults.expire_at
         self.add(b.id, b)
         n = sum(1 for line in f.data.splitlines() if line.strip())
         self.ctx.ledger.batch("openai", b.id, n, json.dumps(metadata) if metadata else None)
@@ -309,7 +312,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
             b.validated.set()
         try:
             if not b.errors:
-                faults = self.ctx.faults
+                faults = b.faults
                 b.failing = [
                     faults.hits("request_errors", faults.request_errors, line["custom_id"])
                     for line in b.lines
@@ -463,7 +466,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
         with b.lock:
             if b.final is not None:
                 return b.final
-            faults = self.ctx.faults
+            faults = b.faults
             ok_lines: list[tuple[str, str]] = []
             err_lines: list[tuple[str, str]] = []
             usage = {"input_tokens": 0, "output_tokens": 0}

@@ -6,12 +6,20 @@ the request, shard and estimate code speak only this interface.
 
 from __future__ import annotations
 
+import datetime as dt
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.spec import RequestSpec
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from polars_llmbatch.transport import Transport
 
 __all__ = ["Framing", "Limits", "Provider", "RemoteState", "TokenRule"]
 
@@ -156,6 +164,46 @@ class Provider(ABC):
     def check(self, spec: RequestSpec) -> None:
         """Refuse a spec this provider cannot serve; the default refuses nothing."""
         return None
+
+    # remote batches: the engine's whole view of a provider --------------------------------
+    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
+        """Upload and create one batch from a shard's exact bytes, tagged; its remote id.
+        ``kind`` is the shard's :attr:`Framing.kind` (``file`` or ``inline``)."""
+        raise NotImplementedError(f"{self.name}: batch submission is not implemented")
+
+    def find(self, t: Transport, *, tag: str, since: dt.datetime, requests: int) -> str | None:
+        """The batch a crashed submit may have created (by ``tag``, or where the provider has no
+        tag field, the one candidate created ``since`` with ``requests`` requests), else None."""
+        raise NotImplementedError(f"{self.name}: finding batches is not implemented")
+
+    def poll(self, t: Transport, remote_id: str) -> RemoteState:
+        raise NotImplementedError(f"{self.name}: polling is not implemented")
+
+    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+        """The bytes of every result file of an ended batch (what :meth:`parse` reads)."""
+        raise NotImplementedError(f"{self.name}: fetching results is not implemented")
+
+    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
+        """Result files → rows in :data:`polars_llmbatch.results.RESULT_SCHEMA`."""
+        raise NotImplementedError(f"{self.name}: parsing results is not implemented")
+
+    def cancel(self, t: Transport, remote_id: str) -> None:
+        raise NotImplementedError(f"{self.name}: cancelling is not implemented")
+
+    def queue_limited(self, state: RemoteState) -> bool:
+        """Whether an ended batch failed only because the provider's queue was full (a smaller
+        batch later will be accepted)."""
+        return False
+
+    # sync mode: the same bodies, one call each ------------------------------------------
+    def sync_path(self, spec: RequestSpec) -> str:
+        """Where one request body is POSTed in sync mode (relative to the base URL)."""
+        raise NotImplementedError(f"{self.name}: sync mode is not implemented")
+
+    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
+        """A sync response as one line of this provider's batch result file, so that sync and
+        batch results go through the same :meth:`parse`."""
+        raise NotImplementedError(f"{self.name}: sync mode is not implemented")
 
     # helpers shared by the provider modules ------------------------------------------------
     def _refuse(self, spec: RequestSpec, option: str, why: str) -> LlmBatchError:

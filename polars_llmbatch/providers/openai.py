@@ -6,15 +6,19 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.providers.base import Framing, Limits, Provider, TokenRule
+from polars_llmbatch.providers.base import Framing, Limits, Provider, RemoteState, TokenRule
 from polars_llmbatch.spec import RequestSpec
 from polars_llmbatch.tokens.encodings import get_encoding
+
+if TYPE_CHECKING:
+    from polars_llmbatch.transport import Transport
 
 __all__ = ["OpenAI", "count_chat_tokens", "encoding_for"]
 
@@ -155,6 +159,55 @@ class OpenAI(Provider):
         body.update(spec.extra_body)
         return body
 
+    # remote batches -----------------------------------------------------------------------
+    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
+        from polars_llmbatch.providers import openai_remote
+
+        return openai_remote.submit(
+            t, data, endpoint=self.endpoint(spec), tag=tag, filename=f"{tag}.jsonl"
+        )
+
+    def find(self, t: Transport, *, tag: str, since: Any, requests: int) -> str | None:
+        from polars_llmbatch.providers import openai_remote
+
+        return openai_remote.find(t, tag)
+
+    def poll(self, t: Transport, remote_id: str) -> RemoteState:
+        from polars_llmbatch.providers import openai_remote
+
+        return openai_remote.poll(t, remote_id)
+
+    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+        from polars_llmbatch.providers import openai_remote
+
+        return [openai_remote.download(t, f) for f in state.result_files]
+
+    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
+        return parse_results([str(f) for f in files])
+
+    def cancel(self, t: Transport, remote_id: str) -> None:
+        from polars_llmbatch.providers import openai_remote
+
+        openai_remote.cancel(t, remote_id)
+
+    def queue_limited(self, state: RemoteState) -> bool:
+        return state.status == "failed" and "token_limit_exceeded" in (state.error or "")
+
+    def sync_path(self, spec: RequestSpec) -> str:
+        return self.endpoint(spec).removeprefix("/v1")  # the base URL ends in /v1
+
+    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = {"error": {"message": body[:500].decode(errors="replace")}}
+        line = {
+            "custom_id": custom_id,
+            "response": {"status_code": status, "body": parsed},
+            "error": None,
+        }
+        return dumps(line).encode()
+
     # shards -------------------------------------------------------------------------------
     def framing(self, spec: RequestSpec, tag: str, n_requests: int, payload_bytes: int) -> Framing:
         line = {
@@ -283,13 +336,22 @@ _LINE_COLUMNS = (
     "{custom_id: 'VARCHAR', response: 'STRUCT(status_code INTEGER, body STRUCT("
     "choices STRUCT(message STRUCT(content VARCHAR, refusal VARCHAR), finish_reason VARCHAR)[], "
     "output STRUCT(type VARCHAR, content STRUCT(type VARCHAR, text VARCHAR)[])[], "
+    "data STRUCT(embedding JSON)[], "
     "status VARCHAR, "
     "usage STRUCT(prompt_tokens BIGINT, completion_tokens BIGINT, input_tokens BIGINT, "
     "output_tokens BIGINT), "
     "error STRUCT(message VARCHAR, code VARCHAR)))', "
     "error: 'STRUCT(code VARCHAR, message VARCHAR)'}"
 )
+#: Per-request failures worth sending again: rate limits, timeouts and server errors.
+RETRYABLE_HTTP = (408, 409, 429, 500, 502, 503, 504, 529)
+RETRYABLE_CODES = ("server_error", "rate_limit_exceeded", "timeout", "internal_error")
 _PARSE_SQL = """
+WITH lines AS (
+    SELECT * FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
+                            columns = {columns})
+    WHERE custom_id IS NOT NULL
+), parsed AS (
 SELECT
     custom_id,
     CASE
@@ -302,26 +364,36 @@ SELECT
         response.body.choices[1].message.content,
         list_filter(response.body.output, lambda o: o.type = 'message')[1].content[1].text
     ) AS text,
+    response.body.data[1].embedding AS emb,
     coalesce(response.body.error.message, error.message,
              CASE WHEN response.status_code <> 200
                   THEN 'HTTP ' || response.status_code::VARCHAR END) AS error,
+    coalesce(response.status_code IN {http}, false)
+        OR coalesce(error.code IN {codes}, false)
+        OR coalesce(response.body.error.code IN {codes}, false) AS retryable,
     coalesce(response.body.usage.prompt_tokens, response.body.usage.input_tokens) AS input_tokens,
     coalesce(response.body.usage.completion_tokens, response.body.usage.output_tokens)
         AS output_tokens,
     coalesce(response.body.choices[1].finish_reason, response.body.status) AS finish
-FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
-               columns = {columns})
-WHERE custom_id IS NOT NULL
+FROM lines
+)
+SELECT custom_id, status, text,
+    CASE WHEN json_type(emb) = 'VARCHAR' THEN from_base64(emb ->> '$') END AS embedding_b64,
+    CASE WHEN json_type(emb) = 'ARRAY' THEN emb::FLOAT[] END AS embedding_floats,
+    error, retryable, input_tokens, output_tokens, finish
+FROM parsed
 """
 
 
 def parse_results(files: Sequence[str]) -> pl.DataFrame:
-    """One row per request from OpenAI batch output and error files (chat and responses).
+    """One row per request from OpenAI batch output and error files (chat, responses and
+    embeddings).
 
-    Columns: ``custom_id``, ``status`` (``succeeded``, ``errored``, ``expired``, ``canceled``),
-    ``text``, ``error`` (the provider's message), ``input_tokens``, ``output_tokens``,
-    ``finish``. Malformed lines are skipped and a duplicated line never replaces a success;
-    requests absent from every file are the caller's to call ``missing``.
+    Columns are :data:`~polars_llmbatch.results.RESULT_SCHEMA`: ``custom_id``, ``status``
+    (``succeeded``, ``errored``, ``expired``, ``canceled``), ``text``, ``embedding``, ``error``
+    (the provider's message), ``retryable``, ``input_tokens``, ``output_tokens``, ``finish``.
+    Malformed lines are skipped and a duplicated line never replaces a success; requests absent
+    from every file are the caller's to call ``missing``.
 
     Example:
         >>> import tempfile, pathlib
@@ -330,18 +402,21 @@ def parse_results(files: Sequence[str]) -> pl.DataFrame:
         ...         '{"prompt_tokens": 9, "completion_tokens": 1}}}, "error": null}')
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "out.jsonl"
         >>> _ = path.write_text(line + "\\n{broken\\n")
-        >>> parse_results([str(path)]).rows()
-        [('r1', 'succeeded', 'hi', None, 9, 1, 'stop')]
+        >>> parse_results([str(path)]).select("custom_id", "status", "text", "input_tokens").rows()
+        [('r1', 'succeeded', 'hi', 9)]
     """
     import duckdb
 
+    from polars_llmbatch.results import finish_parse
+
     if not files:
         raise ValueError("parse_results needs at least one file")
-    sql = _PARSE_SQL.format(files=[str(f) for f in files], columns=_LINE_COLUMNS)
+    sql = _PARSE_SQL.format(
+        files=[str(f) for f in files],
+        columns=_LINE_COLUMNS,
+        http=RETRYABLE_HTTP,
+        codes=RETRYABLE_CODES,
+    )
     with duckdb.connect() as con:
         rows = con.sql(sql).pl()
-    if rows["custom_id"].n_unique() == rows.height:  # the usual case: no duplicated lines
-        return rows
-    # A duplicated line never replaces a success: one row per request, successes first.
-    first = rows.sort(pl.col("status") == "succeeded", descending=True, maintain_order=True)
-    return first.unique("custom_id", keep="first", maintain_order=True)
+    return finish_parse(rows)

@@ -1,0 +1,263 @@
+"""A job's checkpoint directory: the single source of truth for what was sent, paid for and received.
+
+Layout (every file is written atomically: temp file, fsync, rename; the event log is appended and
+fsynced line by line)::
+
+    job.json                  the job: spec, job id, mode, tags, estimate (never a secret)
+    rows.parquet              input row key → custom_id (null for a skipped row)
+    requests.parquet          unique requests: custom_id, body (the exact JSON), row
+    shards/NNNNN.jsonl        each shard's bytes exactly as uploaded (.json for inline shards)
+    shards/NNNNN.ids.parquet  the custom_ids a shard holds
+    events.jsonl              append-only: planned, intent, submitted, state, fetched, done
+    raw/NNNNN-K.jsonl         result files as downloaded, before anything parses them
+    results/NNNNN.parquet     one row per request of the shard (results/cached.parquet: reused)
+
+A process killed at any instant leaves the directory readable: a torn last event line is
+ignored, and a half-written file is only ever a ``*.tmp`` that the next run overwrites.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from polars_llmbatch.errors import LlmBatchError
+
+__all__ = ["Checkpoint", "ShardRecord", "default_root"]
+
+FORMAT = 1
+
+
+def default_root() -> Path:
+    """Where jobs without ``checkpoint=`` live: ``$POLARS_LLMBATCH_CACHE``, else the user cache
+    directory (``~/.cache/polars_llmbatch`` on Linux, ``~/Library/Caches/polars_llmbatch`` on
+    macOS, ``%LOCALAPPDATA%\\polars_llmbatch`` on Windows).
+
+    Example:
+        >>> import os
+        >>> os.environ["POLARS_LLMBATCH_CACHE"] = "/tmp/llmbatch-doc"
+        >>> str(default_root())
+        '/tmp/llmbatch-doc'
+        >>> del os.environ["POLARS_LLMBATCH_CACHE"]
+    """
+    if os.environ.get("POLARS_LLMBATCH_CACHE"):
+        return Path(os.environ["POLARS_LLMBATCH_CACHE"])
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "polars_llmbatch"
+
+
+@dataclass
+class ShardRecord:
+    """One shard as the event log tells it."""
+
+    index: int
+    attempt: int
+    requests: int
+    sha256: str
+    tag: str
+    filename: str
+    kind: str = "file"
+    mode: str = "batch"
+    intent_at: str | None = None
+    remote_id: str | None = None
+    phase: str | None = None
+    status: str | None = None
+    done: bool = False
+    queue_limited: bool = False
+    files: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def submitted(self) -> bool:
+        return self.remote_id is not None
+
+
+class Checkpoint:
+    """Read and write one job directory. Only the engine and :class:`Job` write to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    # files ---------------------------------------------------------------------------------
+    @property
+    def job_file(self) -> Path:
+        return self.path / "job.json"
+
+    @property
+    def events_file(self) -> Path:
+        return self.path / "events.jsonl"
+
+    def shard_file(self, filename: str) -> Path:
+        return self.path / "shards" / filename
+
+    def ids_file(self, index: int) -> Path:
+        return self.path / "shards" / f"{index:05d}.ids.parquet"
+
+    def result_file(self, index: int) -> Path:
+        return self.path / "results" / f"{index:05d}.parquet"
+
+    @property
+    def cached_file(self) -> Path:
+        return self.path / "results" / "cached.parquet"
+
+    def raw_file(self, index: int, k: int) -> Path:
+        return self.path / "raw" / f"{index:05d}-{k}.jsonl"
+
+    def exists(self) -> bool:
+        return self.job_file.is_file()
+
+    # creation ------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Fail early (before any request is sent) when the directory cannot be written."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise LlmBatchError(
+                f"checkpoint directory {str(self.path)!r} is not writable ({exc.strerror or exc}); "
+                "pass checkpoint= a folder you can write to"
+            ) from None
+
+    def create(self, job: dict[str, Any], rows: pl.DataFrame, requests: pl.DataFrame) -> None:
+        """Write a new job's files; ``job.json`` last, so a directory without it is not a job."""
+        self.check_writable()
+        for sub in ("shards", "raw", "results"):
+            (self.path / sub).mkdir(exist_ok=True)
+        self.write_parquet(self.path / "rows.parquet", rows)
+        self.write_parquet(self.path / "requests.parquet", requests)
+        self.write_bytes(self.job_file, json.dumps({"format": FORMAT, **job}, indent=1).encode())
+
+    def job(self) -> dict[str, Any]:
+        try:
+            job = json.loads(self.job_file.read_text())
+        except FileNotFoundError:
+            raise LlmBatchError(
+                f"{str(self.path)!r} is not a polars_llmbatch checkpoint (no job.json)"
+            ) from None
+        if job.get("format") != FORMAT:
+            raise LlmBatchError(
+                f"checkpoint {str(self.path)!r} has format {job.get('format')!r}; this version "
+                f"reads format {FORMAT}"
+            )
+        return job
+
+    def rows(self) -> pl.DataFrame:
+        return pl.read_parquet(self.path / "rows.parquet")
+
+    def requests(self) -> pl.DataFrame:
+        return pl.read_parquet(self.path / "requests.parquet")
+
+    # atomic writes -------------------------------------------------------------------------
+    def write_bytes(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    def write_parquet(self, path: Path, frame: pl.DataFrame) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        frame.write_parquet(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    # the event log -------------------------------------------------------------------------
+    def append(self, event: str, **fields: Any) -> None:
+        """Append one event and fsync it before returning: once this returns, a crash cannot
+        undo it."""
+        record = {"at": _now(), "event": event, **fields}
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.events_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The events in order. A torn last line (a crash mid-append) is skipped."""
+        try:
+            data = self.events_file.read_bytes()
+        except FileNotFoundError:
+            return
+        for line in data.splitlines():
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+    def shards(self) -> dict[int, ShardRecord]:
+        """Every shard's current record, folded from the event log."""
+        shards: dict[int, ShardRecord] = {}
+        for e in self.events():
+            kind = e.get("event")
+            if kind == "planned":  # one line for a whole round: planned all at once or not at all
+                for s in e["shards"]:
+                    shards[s["shard"]] = ShardRecord(
+                        index=s["shard"],
+                        attempt=s["attempt"],
+                        requests=s["requests"],
+                        sha256=s["sha256"],
+                        tag=s["tag"],
+                        filename=s["filename"],
+                        kind=s.get("kind", "file"),
+                        mode=s.get("mode", "batch"),
+                    )
+                continue
+            rec = shards.get(e.get("shard", -1))
+            if rec is None:
+                continue
+            if kind == "intent":
+                rec.intent_at = e["at"]
+            elif kind == "submitted":
+                rec.remote_id = e["remote_id"]
+            elif kind == "state":
+                rec.phase, rec.status, rec.error = e["phase"], e["status"], e.get("error")
+            elif kind == "fetched":
+                rec.files = list(e["files"])
+            elif kind == "done":
+                rec.done = True
+                rec.queue_limited = bool(e.get("queue_limited"))
+            elif kind == "resubmit":  # the remote batch is gone (e.g. over a queue limit)
+                rec.remote_id = rec.phase = rec.status = None
+                rec.intent_at = None
+        return shards
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    if sys.platform == "win32":  # directories cannot be opened for fsync there
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

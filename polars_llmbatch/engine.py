@@ -1,0 +1,454 @@
+"""The job engine: shards → provider → results, driven by the checkpoint's event log.
+
+Per shard: ``intent`` (fsynced) → submit, tagged → ``submitted`` (remote id) → poll →
+``fetched`` (result files on disk) → results Parquet → ``done``. On a restart, a shard with an
+intent but no remote id is looked up by its tag before anything is sent again, so a crash at any
+instant costs nothing twice. When every shard is done, the retryable failures (expired, missing,
+errored with a transient error) go into a new round of shards, up to ``max_attempts``.
+
+The engine knows the provider only through :class:`~polars_llmbatch.providers.Provider`'s
+remote methods; it never reads a wire format.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from polars_llmbatch.checkpoint import Checkpoint, ShardRecord
+from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.progress import Progress
+from polars_llmbatch.providers import Provider
+from polars_llmbatch.providers.base import RemoteState
+from polars_llmbatch.reconcile import best_results, read_results, spent
+from polars_llmbatch.requests import Prepared
+from polars_llmbatch.results import RESULT_SCHEMA, missing_results
+from polars_llmbatch.shards import plan, write_shard_files
+from polars_llmbatch.spec import RequestSpec
+from polars_llmbatch.transport import ProviderError, Transport
+
+__all__ = ["Engine", "Settings", "plan_round"]
+
+log = logging.getLogger("polars_llmbatch.engine")
+
+#: Requests per shard in sync mode: the unit that is checkpointed together.
+SYNC_SHARD_REQUESTS = 1_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a job runs. ``poll_interval`` grows ×1.5 per quiet poll up to ``max_poll_interval``."""
+
+    mode: str = "batch"
+    max_attempts: int = 3
+    max_cost: float | None = None
+    poll_interval: float = 5.0
+    max_poll_interval: float = 60.0
+    concurrency: int = 8
+    progress: bool = True
+    max_shard_requests: int | None = None
+    max_shard_bytes: int | None = None
+
+
+def plan_round(
+    ckpt: Checkpoint,
+    prepared: Prepared,
+    *,
+    attempt: int,
+    first_index: int,
+    job_id: str,
+    mode: str,
+    max_requests: int | None = None,
+    max_bytes: int | None = None,
+) -> int:
+    """Plan ``prepared.requests`` into shards numbered from ``first_index``: write their files,
+    then record the whole round in one ``planned`` event (a crash before it re-plans the same
+    bytes). Returns the number of shards."""
+    if mode == "sync":
+        max_requests = min(max_requests or SYNC_SHARD_REQUESTS, SYNC_SHARD_REQUESTS)
+    shards = plan(
+        prepared,
+        max_requests=max_requests,
+        max_bytes=max_bytes,
+        first_index=first_index,
+        job_id=job_id,
+    )
+    if not shards:
+        return 0
+    write_shard_files(prepared, shards, ckpt.path / "shards")
+    records = []
+    for s in shards:
+        ids = prepared.requests["custom_id"].slice(s.start, s.n_requests)
+        ckpt.write_parquet(ckpt.ids_file(s.index), pl.DataFrame({"custom_id": ids}))
+        records.append(
+            {
+                "shard": s.index,
+                "attempt": attempt,
+                "requests": s.n_requests,
+                "sha256": _sha256(ckpt.shard_file(s.filename)),
+                "tag": s.tag,
+                "filename": s.filename,
+                "kind": s.framing.kind,
+                "mode": mode,
+            }
+        )
+    ckpt.append("planned", shards=records)
+    return len(shards)
+
+
+class Engine:
+    """Drives one checkpointed job to the end (or to a deadline)."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        provider: Provider,
+        spec: RequestSpec,
+        transport: Transport,
+        settings: Settings,
+        *,
+        key: str,
+        worst_cost_per_request: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.ckpt = ckpt
+        self.provider = provider
+        self.spec = spec
+        self.t = transport
+        self.settings = settings
+        self.key = key
+        self.worst_cost_per_request = worst_cost_per_request
+        self.sleep = sleep
+        self._states: dict[int, RemoteState] = {}
+
+    # the loop ------------------------------------------------------------------------------
+    def run(self, timeout: float | None = None, *, retry: bool = True) -> bool:
+        """Work until every shard is done and no retry is due (True), or ``timeout`` seconds
+        have passed (False). Safe to interrupt at any point; the next run resumes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = self.settings.poll_interval
+        progress = Progress(self.ckpt, enabled=self.settings.progress)
+        try:
+            while True:
+                shards = self.ckpt.shards()
+                pending = [s for s in shards.values() if not s.done]
+                if not pending:
+                    if retry and self._plan_retries(shards):
+                        continue
+                    progress.update(shards, self._states)
+                    return True
+                moved = False
+                for s in pending:
+                    if s.mode == "sync":
+                        self._run_sync(s)
+                        moved = True
+                    elif not s.submitted:
+                        moved |= self._submit(s, active=len(pending) > 1)
+                for s in pending:
+                    if s.mode == "batch" and s.remote_id is not None:
+                        moved |= self._poll(s)
+                progress.update(self.ckpt.shards(), self._states)
+                if moved:
+                    interval = self.settings.poll_interval
+                    continue
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+                self.sleep(max(wait, 0.0))
+                interval = min(interval * 1.5, self.settings.max_poll_interval)
+        finally:
+            progress.close()
+
+    # batch mode ----------------------------------------------------------------------------
+    def _submit(self, s: ShardRecord, *, active: bool) -> bool:
+        if s.intent_at is not None:
+            # A previous run recorded the intent and may have created the batch before dying:
+            # look it up before sending anything again.
+            since = dt.datetime.fromisoformat(s.intent_at) - dt.timedelta(minutes=2)
+            found = self.provider.find(self.t, tag=s.tag, since=since, requests=s.requests)
+            if found is not None:
+                log.info("shard %d: found batch %s from an earlier run", s.index, found)
+                self.ckpt.append("submitted", shard=s.index, remote_id=found, recovered=True)
+                return True
+        data = self.ckpt.shard_file(s.filename).read_bytes()
+        if hashlib.sha256(data).hexdigest() != s.sha256:
+            raise LlmBatchError(
+                f"shard file {self.ckpt.shard_file(s.filename)} changed since it was planned; "
+                "restore it or start a new checkpoint"
+            )
+        self.ckpt.append("intent", shard=s.index, tag=s.tag, sha256=s.sha256, attempt=s.attempt)
+        try:
+            remote_id = self.provider.submit(self.t, self.spec, data, tag=s.tag, kind=s.kind)
+        except ProviderError as exc:
+            if exc.status == 429:
+                # The provider's queue is full (or we are rate limited past our retries): leave
+                # the shard for a later pass, once running batches have drained.
+                log.warning("shard %d: not accepted yet (%s); will retry", s.index, exc)
+                return False
+            if 400 <= exc.status < 500:
+                self._fail_shard(s, f"rejected: {exc}", retryable=False)
+                return True
+            raise
+        self.ckpt.append("submitted", shard=s.index, remote_id=remote_id)
+        log.info("shard %d: submitted as %s (%d requests)", s.index, remote_id, s.requests)
+        return True
+
+    def _poll(self, s: ShardRecord) -> bool:
+        assert s.remote_id is not None
+        st = self.provider.poll(self.t, s.remote_id)
+        self._states[s.index] = st
+        if (st.phase, st.status) != (s.phase, s.status):
+            self.ckpt.append(
+                "state", shard=s.index, phase=st.phase, status=st.status, error=st.error
+            )
+        if not st.ended:
+            return False
+        self._collect(s, st)
+        return True
+
+    def _collect(self, s: ShardRecord, st: RemoteState) -> None:
+        """Results of an ended batch: raw files to disk first, then parsed rows, then done."""
+        files = [Path(f) for f in s.files]
+        if not files and st.result_files:
+            for k, data in enumerate(self.provider.fetch(self.t, st)):
+                path = self.ckpt.raw_file(s.index, k)
+                self.ckpt.write_bytes(path, data)
+                files.append(path)
+            self.ckpt.append("fetched", shard=s.index, files=[str(f) for f in files])
+        ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
+        if files:
+            got = self.provider.parse(files, self.spec)
+            got = got.filter(pl.col("custom_id").is_in(ids.implode()))  # never a foreign row
+            absent = ids.filter(~ids.is_in(got["custom_id"].implode()))
+            rows = pl.concat([got, missing_results(absent)])
+            queue_limited = False
+        else:
+            queue_limited = self.provider.queue_limited(st)
+            status = _batch_status(st)
+            rows = missing_results(ids).with_columns(
+                pl.lit(status).alias("status"),
+                pl.lit(st.error or f"the batch ended {st.status} with no results").alias("error"),
+                pl.lit(status == "expired" or queue_limited).alias("retryable"),
+            )
+        self._write_results(s, rows)
+        self.ckpt.append("done", shard=s.index, queue_limited=queue_limited, **_counts(rows))
+
+    def _fail_shard(self, s: ShardRecord, error: str, *, retryable: bool) -> None:
+        ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
+        rows = missing_results(ids).with_columns(
+            pl.lit("errored").alias("status"),
+            pl.lit(error).alias("error"),
+            pl.lit(retryable).alias("retryable"),
+        )
+        self._write_results(s, rows)
+        self.ckpt.append("done", shard=s.index, queue_limited=False, **_counts(rows))
+
+    def _write_results(self, s: ShardRecord, rows: pl.DataFrame) -> None:
+        rows = rows.select(list(RESULT_SCHEMA)).with_columns(
+            pl.lit(s.attempt, pl.Int32).alias("attempt"),
+            pl.lit(s.index, pl.Int32).alias("shard"),
+            pl.lit(s.mode).alias("mode"),
+        )
+        self.ckpt.write_parquet(self.ckpt.result_file(s.index), rows)
+
+    def cancel(self) -> int:
+        """Ask the provider to cancel every live batch; the number asked. Their partial results
+        are still collected by the next :meth:`run` (they are paid for)."""
+        n = 0
+        for s in self.ckpt.shards().values():
+            if not s.done and s.remote_id is not None and s.mode == "batch":
+                self.provider.cancel(self.t, s.remote_id)
+                n += 1
+        self.ckpt.append("canceled")
+        return n
+
+    # sync mode -----------------------------------------------------------------------------
+    def _run_sync(self, s: ShardRecord) -> None:
+        """Send a shard's requests one by one (``concurrency`` at a time). Each answer is
+        appended to a ``.part`` file as it arrives, so a crash loses none that were paid for;
+        a restart sends only the requests without one."""
+        part = self.ckpt.raw_file(s.index, 0).with_suffix(".part")
+        done_ids = _part_ids(part)
+        if s.intent_at is None:
+            self.ckpt.append("intent", shard=s.index, tag=s.tag, sha256=s.sha256, attempt=s.attempt)
+        ids = pl.read_parquet(self.ckpt.ids_file(s.index))
+        todo = (
+            pl.scan_parquet(self.ckpt.path / "requests.parquet")
+            .join(ids.lazy(), on="custom_id", how="semi")
+            .filter(~pl.col("custom_id").is_in(list(done_ids)))
+            .select("custom_id", "body")
+            .collect()
+        )
+        path = self.provider.sync_path(self.spec)
+        lock = threading.Lock()
+
+        def send(item: tuple[str, str]) -> None:
+            custom_id, body = item
+            try:
+                r = self.t.request(
+                    "POST",
+                    path,
+                    content=body.encode(),
+                    headers={"content-type": "application/json"},
+                )
+                status, payload = r.status_code, r.content
+            except ProviderError as exc:
+                if exc.status in (401, 403, 404):
+                    raise  # the key, the model or the URL is wrong: every request would fail
+                status = exc.status or 503  # a connection that never answered: transient
+                payload = _error_body(str(exc))
+            line = self.provider.sync_line(custom_id, status, payload) + b"\n"
+            with lock, open(part, "ab") as f:
+                f.write(line)
+                f.flush()
+
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
+            list(pool.map(send, todo.iter_rows()))
+        _fsync_file(part)
+        final = self.ckpt.raw_file(s.index, 0)
+        part.replace(final)
+        self.ckpt.append("fetched", shard=s.index, files=[str(final)])
+        rows = self.provider.parse([final], self.spec)
+        absent = ids["custom_id"].filter(~ids["custom_id"].is_in(rows["custom_id"].implode()))
+        self._write_results(s, pl.concat([rows, missing_results(absent)]))
+        self.ckpt.append("done", shard=s.index, queue_limited=False, **_counts(rows))
+
+    # retries -------------------------------------------------------------------------------
+    def _plan_retries(self, shards: dict[int, ShardRecord]) -> bool:
+        if any(e.get("event") == "canceled" for e in self.ckpt.events()):
+            return False  # the user canceled: nothing more is sent
+        results = read_results(self.ckpt)
+        if results.is_empty():
+            return False
+        best = best_results(results)
+        limited = {s.index for s in shards.values() if s.queue_limited}
+        attempts = (
+            results.filter(~pl.col("shard").is_in(list(limited)))
+            .group_by("custom_id")
+            .agg(pl.len().alias("attempts"))
+        )
+        due = (
+            best.join(attempts, on="custom_id", how="left")
+            .filter(
+                pl.col("status").is_in(["expired", "missing"])
+                | ((pl.col("status") == "errored") & pl.col("retryable"))
+            )
+            .filter(pl.col("attempts").fill_null(0) < self.settings.max_attempts)
+        )
+        if due.is_empty():
+            return False
+        if self.settings.max_cost is not None and self.worst_cost_per_request is not None:
+            paid = spent(self.ckpt, results)
+            worst = paid + due.height * self.worst_cost_per_request
+            if worst > self.settings.max_cost:
+                log.warning(
+                    "not retrying %d request(s): spent $%.4f, retries could cost up to $%.4f "
+                    "more, over max_cost=$%.4f",
+                    due.height,
+                    paid,
+                    due.height * self.worst_cost_per_request,
+                    self.settings.max_cost,
+                )
+                self.ckpt.append("retries_skipped", requests=due.height, reason="max_cost")
+                return False
+        requests = (
+            pl.scan_parquet(self.ckpt.path / "requests.parquet")
+            .join(due.lazy().select("custom_id"), on="custom_id", how="semi")
+            .sort("custom_id")
+            .collect()
+        )
+        # Shards a full queue refused come back at half their size, so they fit once it drains.
+        sizes = [s.requests for s in shards.values() if s.index in limited]
+        max_requests = max(1, min(sizes) // 2) if sizes else self.settings.max_shard_requests
+        attempt = int(due["attempts"].fill_null(0).max() or 0) + 1  # type: ignore[arg-type]
+        prepared = Prepared(
+            spec=self.spec,
+            provider=self.provider,
+            key=self.key,
+            rows=pl.DataFrame(),
+            requests=requests,
+        )
+        job = self.ckpt.job()
+        log.info("retrying %d request(s), attempt %d", requests.height, attempt)
+        plan_round(
+            self.ckpt,
+            prepared,
+            attempt=attempt,
+            first_index=max(shards) + 1,
+            job_id=job["job_id"],
+            mode=self.settings.mode,
+            max_requests=max_requests,
+            max_bytes=self.settings.max_shard_bytes,
+        )
+        return True
+
+
+def _batch_status(st: RemoteState) -> str:
+    word = st.status.lower()
+    if "expire" in word:
+        return "expired"
+    if "cancel" in word:
+        return "canceled"
+    return "errored"
+
+
+def _counts(rows: pl.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in rows["status"].value_counts().iter_rows()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _part_ids(part: Path) -> set[str]:
+    """custom_ids already answered in a sync ``.part`` file (a torn last line is dropped)."""
+    import orjson
+
+    if not part.exists():
+        return set()
+    data = part.read_bytes()
+    keep, ids = 0, set()
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            break
+        ids.add(str(obj.get("custom_id") or obj.get("key")))
+        keep += len(line)
+    if keep != len(data):  # cut the torn tail so new lines start clean
+        with open(part, "r+b") as f:
+            f.truncate(keep)
+    return ids
+
+
+def _error_body(message: str) -> bytes:
+    import orjson
+
+    return orjson.dumps({"error": {"message": message}})
+
+
+def _fsync_file(path: Path) -> None:
+    import os
+
+    if not path.exists():
+        path.touch()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

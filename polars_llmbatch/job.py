@@ -1,0 +1,433 @@
+"""A checkpointed job: start it from a frame, reopen it from any process, wait, cancel, read results."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import logging
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from polars_llmbatch.checkpoint import Checkpoint, default_root
+from polars_llmbatch.engine import Engine, Settings, plan_round
+from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.estimate import Estimate, estimate
+from polars_llmbatch.providers import Provider, get_provider
+from polars_llmbatch.reconcile import best_results, join_rows, read_results, spent
+from polars_llmbatch.requests import Prepared
+from polars_llmbatch.results import STATUSES
+from polars_llmbatch.spec import RequestSpec
+from polars_llmbatch.transport import Transport, credentials
+
+__all__ = ["AUTO_SYNC_MAX_REQUESTS", "Job", "JobStatus"]
+
+log = logging.getLogger("polars_llmbatch.job")
+
+#: ``mode="auto"`` runs a job in sync mode when it sends at most this many requests and batch
+#: would save less than :data:`AUTO_SYNC_MAX_SAVINGS` USD: a few hundred calls finish in
+#: seconds at sync rates, while a batch can take minutes to hours for cents saved.
+AUTO_SYNC_MAX_REQUESTS = 200
+AUTO_SYNC_MAX_SAVINGS = 0.25
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a job stands: rows by status, shards by state, and money spent so far."""
+
+    rows: dict[str, int]
+    shards: dict[str, int]
+    spent: float
+    done: bool
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{k} {v:,}" for k, v in self.rows.items() if v)
+        shards = ", ".join(f"{k} {v}" for k, v in self.shards.items())
+        state = "done" if self.done else "running"
+        return f"JobStatus({state}; rows: {rows}; shards: {shards}; spent ${self.spent:,.4f})"
+
+
+@dataclass
+class _Options:
+    settings: Settings
+    usage: bool = False
+    name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Job:
+    """A batch job in a checkpoint directory.
+
+    Create one with ``df.llm.batch(..., wait=False)``, or reopen any job with
+    :meth:`Job.open` (another process, another kernel). Nothing is lost by dropping the object:
+    the checkpoint holds everything.
+
+    Example:
+        >>> import polars as pl, polars_llmbatch, tempfile
+        >>> from polars_llmbatch.emulator import serve
+        >>> with serve(batch_seconds=0.1) as emu:
+        ...     df = pl.DataFrame({"body": ["refund please", "app crashes"]})
+        ...     job = df.llm.batch("Classify: {body}", provider="openai", model="gpt-4o-mini",
+        ...                        output=["billing", "bug"], wait=False, progress=False,
+        ...                        checkpoint=tempfile.mkdtemp() + "/job", poll_interval=0.05,
+        ...                        api_key="test", base_url=emu.openai_url)
+        ...     again = polars_llmbatch.Job.open(job.path, api_key="test", base_url=emu.openai_url)
+        ...     out = again.wait().result()
+        >>> out.columns, again.status().done
+        (['row_nr', 'label', 'llm_status', 'llm_error'], True)
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        transport: Transport | None,
+        *,
+        frame: pl.DataFrame | pl.LazyFrame | None = None,
+        settings: Settings | None = None,
+        usage: bool = False,
+    ) -> None:
+        self._ckpt = ckpt
+        self._job = ckpt.job()
+        self._t = transport
+        self._frame = frame
+        self._usage = usage
+        self.spec = RequestSpec.from_dict(self._job["spec"], self._job.get("output_dtypes"))
+        self.provider: Provider = get_provider(self.spec.provider)
+        self._settings = settings or Settings(
+            mode=self._job["mode"],
+            max_attempts=self._job.get("max_attempts", 3),
+            max_cost=self._job.get("max_cost"),
+            max_shard_requests=self._job.get("max_shard_requests"),
+            max_shard_bytes=self._job.get("max_shard_bytes"),
+        )
+
+    # opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        checkpoint: str | Path,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        progress: bool = True,
+        poll_interval: float = 5.0,
+    ) -> Job:
+        """Reopen the job in ``checkpoint``; credentials come from the same environment
+        variables as the provider's SDK (or ``api_key=`` / ``base_url=``)."""
+        ckpt = Checkpoint(checkpoint)
+        job = ckpt.job()
+        creds = credentials(job["spec"]["provider"], api_key=api_key, base_url=base_url)
+        settings = Settings(
+            mode=job["mode"],
+            max_attempts=job.get("max_attempts", 3),
+            max_cost=job.get("max_cost"),
+            max_shard_requests=job.get("max_shard_requests"),
+            max_shard_bytes=job.get("max_shard_bytes"),
+            poll_interval=poll_interval,
+            max_poll_interval=max(poll_interval, Settings.max_poll_interval),
+            progress=progress,
+        )
+        return cls(ckpt, Transport(creds), settings=settings)
+
+    # facts -----------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._ckpt.path
+
+    @property
+    def id(self) -> str:
+        return str(self._job["job_id"])
+
+    @property
+    def mode(self) -> str:
+        return str(self._job["mode"])
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return dict(self._job.get("tags") or {})
+
+    @property
+    def estimate(self) -> dict[str, Any]:
+        """The estimate made before anything was sent (as :meth:`Estimate.to_dict`)."""
+        return dict(self._job["estimate"])
+
+    def _engine(self) -> Engine:
+        if self._t is None:
+            raise LlmBatchError("this Job was opened without credentials")
+        est = self._job["estimate"]
+        worst = est.get("worst_cost_batch" if self.mode == "batch" else "worst_cost_sync")
+        n = est.get("unique_requests") or 0
+        per_request = worst / n if worst is not None and n and math.isfinite(worst) else None
+        return Engine(
+            self._ckpt,
+            self.provider,
+            self.spec,
+            self._t,
+            self._settings,
+            key=self._job["key"],
+            worst_cost_per_request=per_request,
+        )
+
+    # running ---------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> Job:
+        """Run the job until it is done (submit, poll, collect, retry); with ``timeout`` (seconds)
+        return early, the job still running remotely. Ctrl-C leaves the remote batches running
+        and the checkpoint consistent."""
+        try:
+            self._engine().run(timeout)
+        except KeyboardInterrupt:
+            print(
+                f"\nInterrupted. The remote batches keep running and the checkpoint is "
+                f"consistent:\n  {self.path}\nResume: polars_llmbatch.Job.open({str(self.path)!r})"
+                ".wait() (or re-run the same call); cancel: "
+                f"polars_llmbatch.Job.open({str(self.path)!r}).cancel()",
+                file=sys.stderr,
+            )
+            raise
+        return self
+
+    def cancel(self, *, wait: bool = True, timeout: float | None = None) -> Job:
+        """Cancel the live batches. Requests already run are paid for, so their results are
+        still collected (``wait=True`` waits for that); nothing is retried after a cancel."""
+        engine = self._engine()
+        n = engine.cancel()
+        log.info("asked %d batch(es) to cancel", n)
+        if wait:
+            engine.run(timeout, retry=False)
+        return self
+
+    # reading ---------------------------------------------------------------------------------
+    def status(self) -> JobStatus:
+        """Rows by status and shards by state, from the checkpoint (no provider call)."""
+        shards = self._ckpt.shards()
+        results = read_results(self._ckpt)
+        rows = self._ckpt.rows()
+        counts = Counter({s: 0 for s in STATUSES})
+        best = best_results(results) if results.height else None
+        by_id = (
+            rows.join(best.select("custom_id", "status"), on="custom_id", how="left")
+            if best is not None
+            else rows.with_columns(pl.lit(None, pl.String).alias("status"))
+        )
+        statuses = by_id.select(
+            pl.when(pl.col("skipped"))
+            .then(pl.lit("skipped"))
+            .otherwise(pl.col("status").fill_null("pending"))
+        ).to_series()
+        counts.update(dict(statuses.value_counts().iter_rows()))
+        phases = Counter(
+            "done" if s.done else (s.phase or ("submitted" if s.submitted else "planned"))
+            for s in shards.values()
+        )
+        pending = any(not s.done for s in shards.values())
+        done = not pending and counts["pending"] == 0
+        return JobStatus(
+            rows={k: v for k, v in counts.items()},
+            shards=dict(phases),
+            spent=spent(self._ckpt, results),
+            done=done,
+        )
+
+    def result(self, *, usage: bool | None = None) -> pl.DataFrame:
+        """The output frame: the input frame (when this object was made from one) or the row
+        key, plus the output column(s), ``llm_status`` and ``llm_error`` (and with ``usage``
+        tokens and cost). Rows not finished yet are ``pending``."""
+        usage = self._usage if usage is None else usage
+        rows = self._ckpt.rows()
+        out = join_rows(
+            rows,
+            read_results(self._ckpt),
+            self.spec,
+            price=self._job.get("price"),
+            usage=usage,
+            name=self._job.get("output_name"),
+        )
+        if isinstance(self._frame, pl.LazyFrame):
+            return pl.concat([self._frame, out.lazy()], how="horizontal")
+        if self._frame is not None:
+            return pl.concat([self._frame, out], how="horizontal")
+        return pl.concat([rows.select(self._job["key"]), out], how="horizontal")
+
+    # display ---------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        st = self.status()
+        rows = ", ".join(f"{k} {v:,}" for k, v in st.rows.items() if v)
+        shards = ", ".join(f"{k} {v}" for k, v in st.shards.items())
+        return (
+            f"Job {self.id} ({self.spec.provider} {self.spec.model}, {self.mode}, "
+            f"{'done' if st.done else 'running'})\n"
+            f"  rows:   {rows}\n  shards: {shards}\n  spent:  ${st.spent:,.4f}\n"
+            f"  path:   {self.path}"
+        )
+
+    def _repr_html_(self) -> str:
+        st = self.status()
+        cells = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" for k, v in st.rows.items() if v
+        )
+        return (
+            f"<b>Job {html.escape(self.id)}</b> ({html.escape(self.spec.provider)} "
+            f"{html.escape(self.spec.model)}, {html.escape(self.mode)}, "
+            f"{'done' if st.done else 'running'}) — spent ${st.spent:,.4f}<br>"
+            f"<table><tr><th>status</th><th>rows</th></tr>{cells}</table>"
+            f"<small>{html.escape(str(self.path))}</small>"
+        )
+
+
+# starting a job from a frame -------------------------------------------------------------------
+def start(
+    prepared: Prepared,
+    *,
+    checkpoint: str | Path | None,
+    mode: str,
+    settings: Settings,
+    transport: Transport,
+    tags: dict[str, str] | None,
+    estimate_args: dict[str, Any],
+    max_cost: float | None,
+    output_name: str | None = None,
+) -> tuple[Checkpoint, Estimate | None]:
+    """Create (or reattach to) the checkpoint for ``prepared`` and plan its first round.
+
+    Reattaching needs the same spec and the same requests; anything else is refused. A new
+    job first reuses succeeded results of identical requests from its sibling checkpoints (the
+    result cache), then estimates and budget-checks only what is left to send.
+    """
+    if mode not in ("batch", "sync", "auto"):
+        raise LlmBatchError(f"mode= must be 'batch', 'sync' or 'auto', not {mode!r}")
+    root = Path(checkpoint).parent if checkpoint is not None else default_root() / "jobs"
+    modes = ("batch", "sync") if mode == "auto" else (mode,)
+    places = (
+        [Path(checkpoint)]
+        if checkpoint is not None
+        else [root / _dirname(prepared, m) for m in modes]
+    )
+    for place in places:  # reattach: the same call finds its job again
+        found = Checkpoint(place)
+        if found.exists():
+            _check_same(found, prepared, found.job()["mode"] if mode == "auto" else mode)
+            return found, None
+    cache = _cached(prepared, root, exclude=Path(checkpoint) if checkpoint else None)
+    todo = _subset(prepared, cache["custom_id"]) if cache.height else prepared
+    est, _ = estimate(todo, **estimate_args)
+    if mode == "auto":
+        savings = est.savings
+        small = todo.requests.height <= AUTO_SYNC_MAX_REQUESTS
+        mode = "sync" if small and (savings is None or savings < AUTO_SYNC_MAX_SAVINGS) else "batch"
+        log.info("mode='auto' runs this job in %s mode (%d requests)", mode, todo.requests.height)
+    path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
+    ckpt = Checkpoint(path)
+    est.check_budget(max_cost, mode)
+    if path.exists() and any(path.iterdir()):
+        raise LlmBatchError(
+            f"checkpoint={str(path)!r} is a folder with other files in it; name a new or empty "
+            "folder (a checkpoint holds one job)"
+        )
+    ckpt.check_writable()
+    price = est.price
+    job = {
+        "job_id": prepared.job_id,
+        "spec": prepared.spec.to_dict(),
+        "spec_digest": prepared.spec.digest(),
+        "output_dtypes": prepared.spec.output.dtypes_blob() if prepared.spec.output else None,
+        "output_name": output_name,
+        "endpoint": prepared.provider.endpoint(prepared.spec),
+        "key": prepared.key,
+        "mode": mode,
+        "tags": dict(tags or {}),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "rows": prepared.rows.height,
+        "requests": prepared.requests.height,
+        "cached": cache.height,
+        "max_attempts": settings.max_attempts,
+        "max_cost": max_cost,
+        "max_shard_requests": settings.max_shard_requests,
+        "max_shard_bytes": settings.max_shard_bytes,
+        "price": price.to_dict(),
+        "estimate": est.to_dict(),
+    }
+    ckpt.create(job, prepared.rows, prepared.requests.select("custom_id", "body", "row"))
+    if cache.height:
+        ckpt.write_parquet(ckpt.cached_file, cache)
+    plan_round(
+        ckpt,
+        todo,
+        attempt=1,
+        first_index=0,
+        job_id=prepared.job_id,
+        mode=mode,
+        max_requests=settings.max_shard_requests,
+        max_bytes=settings.max_shard_bytes,
+    )
+    return ckpt, est
+
+
+def _dirname(prepared: Prepared, mode: str) -> str:
+    return prepared.job_id if mode == "batch" else f"{prepared.job_id}-{mode}"
+
+
+def _check_same(ckpt: Checkpoint, prepared: Prepared, mode: str) -> None:
+    job = ckpt.job()
+    if job["spec_digest"] != prepared.spec.digest():
+        theirs, ours = job["spec"], prepared.spec.to_dict()
+        diff = [k for k in ours if ours[k] != theirs.get(k)]
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in diff[:3])
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} holds a job with a different spec ({shown}); "
+            "use another checkpoint= for this call (results of identical requests are reused)"
+        )
+    if job["job_id"] != prepared.job_id:
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} holds the same spec over different rows "
+            f"({job['requests']:,} unique requests there, {prepared.requests.height:,} now); use "
+            "another checkpoint= in the same folder: results already paid for are reused"
+        )
+    if job["mode"] != mode:
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} runs in {job['mode']} mode, not {mode}; pass "
+            f"mode={job['mode']!r} to reattach, or another checkpoint="
+        )
+
+
+def _cached(prepared: Prepared, root: Path, *, exclude: Path | None) -> pl.DataFrame:
+    """Succeeded results of this job's requests found in other checkpoints under ``root``."""
+    if not root.is_dir():
+        return pl.DataFrame()
+    files = [
+        str(f)
+        for f in root.glob("*/results/*.parquet")
+        if exclude is None or f.parent.parent.resolve() != exclude.resolve()
+    ]
+    if not files:
+        return pl.DataFrame()
+    with duckdb.connect() as con:
+        con.register("ids", prepared.requests.select("custom_id"))
+        found = con.sql(
+            f"""SELECT * EXCLUDE (attempt, shard, mode) FROM read_parquet({files},
+                union_by_name = true)
+            WHERE status = 'succeeded' AND custom_id IN (SELECT custom_id FROM ids)"""
+        ).pl()
+    if found.is_empty():
+        return found
+    return found.unique("custom_id", keep="first").with_columns(
+        pl.lit(0, pl.Int32).alias("attempt"),
+        pl.lit(-1, pl.Int32).alias("shard"),
+        pl.lit("cached").alias("mode"),
+    )
+
+
+def _subset(prepared: Prepared, cached_ids: pl.Series) -> Prepared:
+    requests = prepared.requests.filter(~pl.col("custom_id").is_in(cached_ids.implode()))
+    return Prepared(
+        spec=prepared.spec,
+        provider=prepared.provider,
+        key=prepared.key,
+        rows=prepared.rows,
+        requests=requests,
+    )
