@@ -1,0 +1,96 @@
+"""Kill -9 at every stage of a job, re-run the same call: nothing billed twice, no row lost.
+
+The job runs in a child process that SIGKILLs itself at the chosen moment (a wrapper around the
+transport or the checkpoint writer; the library has no crash hooks). The emulator runs in the
+test process, so its ledger sees every upload, create and bill across both runs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from polars_llmbatch.emulator import model, serve
+
+CATS = ["billing", "bug", "feature", "other"]
+
+CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    import polars as pl
+    import polars_llmbatch
+    from polars_llmbatch import transport, checkpoint
+
+    url, ckpt, stage, provider, model = sys.argv[1:6]
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    request = transport.Transport.request
+    def crashing(self, method, path, **kw):
+        if stage == "after_upload" and method == "POST" and path.endswith("/batches"):
+            die()  # the file is uploaded, the batch not created
+        if stage == "polling" and method == "GET" and "/batches/" in path:
+            die()
+        response = request(self, method, path, **kw)
+        if stage == "after_create" and method == "POST" and path.endswith("/batches"):
+            die()  # the batch exists, its id is not recorded
+        if stage == "downloading" and method == "GET" and path.endswith("/content"):
+            die()  # the results are downloaded, not written
+        return response
+    if stage != "none":
+        transport.Transport.request = crashing
+
+    write = checkpoint.Checkpoint.write_parquet
+    def crashing_write(self, path, frame):
+        if stage == "writing_results" and path.parent.name == "results":
+            die()  # raw results on disk, parsed rows not
+        return write(self, path, frame)
+    checkpoint.Checkpoint.write_parquet = crashing_write
+
+    df = pl.DataFrame({"body": [f"ticket {i}: {'refund' if i % 3 else 'crash'}" for i in range(90)]})
+    out = df.llm.batch("Classify: {body}", provider=provider, model=model,
+                       output=["billing", "bug", "feature", "other"], checkpoint=ckpt,
+                       api_key="k", base_url=url, progress=False, poll_interval=0.02,
+                       max_shard_requests=40)
+    out.select("label", "llm_status").with_columns(pl.col("label").cast(pl.String)).write_json(
+        ckpt + ".out.json")
+    """
+)
+
+
+def child(tmp: Path, url: str, ckpt: Path, stage: str) -> int:
+    script = tmp / "child.py"
+    script.write_text(CHILD)
+    run = subprocess.run(
+        [sys.executable, str(script), url, str(ckpt), stage, "openai", "gpt-4o-mini"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if run.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(run.stderr)
+    return run.returncode
+
+
+@pytest.mark.parametrize(
+    "stage", ["after_upload", "after_create", "polling", "downloading", "writing_results"]
+)
+def test_kill_9_then_rerun_pays_once_and_loses_nothing(tmp_path: Path, stage: str) -> None:
+    ckpt = tmp_path / "job"
+    with serve(batch_seconds=0.3) as emu:
+        assert child(tmp_path, emu.openai_url, ckpt, stage) == -signal.SIGKILL
+        assert child(tmp_path, emu.openai_url, ckpt, "none") == 0
+        ledger = emu.ledger
+        assert not ledger.billed_twice()
+        assert len(ledger.batches) == 3  # 90 requests in shards of 40: created once each
+    out = pl.DataFrame(json.loads((tmp_path / "job.out.json").read_text()))
+    assert out.height == 90 and set(out["llm_status"]) == {"succeeded"}
+    bodies = [f"ticket {i}: {'refund' if i % 3 else 'crash'}" for i in range(90)]
+    assert out["label"].to_list() == [model.enum_pick(f"Classify: {b}", "label", CATS) for b in bodies]
