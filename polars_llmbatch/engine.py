@@ -28,7 +28,7 @@ from polars_llmbatch.checkpoint import Checkpoint, ShardRecord
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.progress import Progress
 from polars_llmbatch.providers import Provider
-from polars_llmbatch.providers.base import RemoteState
+from polars_llmbatch.providers.base import AmbiguousBatch, RemoteState
 from polars_llmbatch.reconcile import best_results, read_results, spent
 from polars_llmbatch.requests import Prepared
 from polars_llmbatch.results import RESULT_SCHEMA, missing_results
@@ -147,12 +147,15 @@ class Engine:
                     progress.update(shards, self._states)
                     return True
                 moved = False
+                live = any(r.submitted for r in pending)  # batches that hold queue space
                 for s in pending:
                     if s.mode == "sync":
                         self._run_sync(s)
                         moved = True
                     elif not s.submitted:
-                        moved |= self._submit(s, active=len(pending) > 1)
+                        sent = self._submit(s, active=live)
+                        moved |= sent
+                        live |= sent
                 for s in pending:
                     if s.mode == "batch" and s.remote_id is not None:
                         moved |= self._poll(s)
@@ -174,7 +177,23 @@ class Engine:
             # A previous run recorded the intent and may have created the batch before dying:
             # look it up before sending anything again.
             since = dt.datetime.fromisoformat(s.intent_at) - dt.timedelta(minutes=2)
-            found = self.provider.find(self.t, tag=s.tag, since=since, requests=s.requests)
+            taken = frozenset(
+                r.remote_id for r in self.ckpt.shards().values() if r.remote_id is not None
+            )
+            try:
+                found = self.provider.find(
+                    self.t,
+                    tag=s.tag,
+                    since=since,
+                    requests=s.requests,
+                    exclude=taken,
+                    custom_ids=frozenset(
+                        pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"].to_list()
+                    ),
+                )
+            except AmbiguousBatch as exc:
+                log.warning("shard %d: %s; waiting before deciding", s.index, exc)
+                return False
             if found is not None:
                 log.info("shard %d: found batch %s from an earlier run", s.index, found)
                 self.ckpt.append("submitted", shard=s.index, remote_id=found, recovered=True)
@@ -190,10 +209,15 @@ class Engine:
             remote_id = self.provider.submit(self.t, self.spec, data, tag=s.tag, kind=s.kind)
         except ProviderError as exc:
             if exc.status == 429:
-                # The provider's queue is full (or we are rate limited past our retries): leave
-                # the shard for a later pass, once running batches have drained.
-                log.warning("shard %d: not accepted yet (%s); will retry", s.index, exc)
-                return False
+                if active:
+                    # The provider's queue is full (or we are rate limited past our retries):
+                    # leave the shard for a later pass, once running batches have drained.
+                    log.warning("shard %d: not accepted yet (%s); will retry", s.index, exc)
+                    return False
+                # Refused with nothing else queued: the shard itself is over the queue limit.
+                # Its requests come back in a round of half-size shards.
+                self._fail_shard(s, f"over the queue limit: {exc}", retryable=True, limited=True)
+                return True
             if 400 <= exc.status < 500:
                 self._fail_shard(s, f"rejected: {exc}", retryable=False)
                 return True
@@ -242,7 +266,9 @@ class Engine:
         self._write_results(s, rows)
         self.ckpt.append("done", shard=s.index, queue_limited=queue_limited, **_counts(rows))
 
-    def _fail_shard(self, s: ShardRecord, error: str, *, retryable: bool) -> None:
+    def _fail_shard(
+        self, s: ShardRecord, error: str, *, retryable: bool, limited: bool = False
+    ) -> None:
         ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
         rows = missing_results(ids).with_columns(
             pl.lit("errored").alias("status"),
@@ -250,7 +276,7 @@ class Engine:
             pl.lit(retryable).alias("retryable"),
         )
         self._write_results(s, rows)
-        self.ckpt.append("done", shard=s.index, queue_limited=False, **_counts(rows))
+        self.ckpt.append("done", shard=s.index, queue_limited=limited, **_counts(rows))
 
     def _write_results(self, s: ShardRecord, rows: pl.DataFrame) -> None:
         rows = rows.select(list(RESULT_SCHEMA)).with_columns(

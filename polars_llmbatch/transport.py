@@ -89,7 +89,7 @@ class Transport:
         backoff: float = 0.5,
         max_backoff: float = 60.0,
         timeout: httpx.Timeout | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.provider = creds.provider
@@ -144,7 +144,7 @@ class Transport:
                 log.info(
                     "%s %s: HTTP %d, retrying in %.1f s", method, path, response.status_code, delay
                 )
-            self.sleep(delay)
+            (self.sleep or _sleep)(delay)
             attempt += 1
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
@@ -160,6 +160,11 @@ class Transport:
                 pass  # an HTTP date: fall back to backoff
         base = min(self.backoff * 2**attempt, self.max_backoff)
         return base * (0.5 + random.random() / 2)  # jitter: retries from many shards spread out
+
+
+def _sleep(seconds: float) -> None:
+    # Looked up at call time, so a test can make every transport's backoff instant.
+    time.sleep(seconds)
 
 
 def _message(response: httpx.Response) -> str:

@@ -26,26 +26,35 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     import polars as pl
     import polars_llmbatch
-    from polars_llmbatch import transport, checkpoint
+    from polars_llmbatch import checkpoint, transport
+    from polars_llmbatch.providers import PROVIDERS
 
     url, ckpt, stage, provider, model = sys.argv[1:6]
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
+    cls = PROVIDERS[provider]
     request = transport.Transport.request
-    def crashing(self, method, path, **kw):
-        if stage == "after_upload" and method == "POST" and path.endswith("/batches"):
+    def crashing_request(self, method, path, **kw):
+        creating = method == "POST" and (path.endswith("/batches") or "Content" in path)
+        if stage == "after_upload" and creating:
             die()  # the file is uploaded, the batch not created
-        if stage == "polling" and method == "GET" and "/batches/" in path:
-            die()
-        response = request(self, method, path, **kw)
-        if stage == "after_create" and method == "POST" and path.endswith("/batches"):
-            die()  # the batch exists, its id is not recorded
-        if stage == "downloading" and method == "GET" and path.endswith("/content"):
-            die()  # the results are downloaded, not written
-        return response
-    if stage != "none":
-        transport.Transport.request = crashing
+        return request(self, method, path, **kw)
+    transport.Transport.request = crashing_request
+
+    def after(name, when):
+        original = getattr(cls, name)
+        def wrapped(*args, **kw):
+            if stage == when + ":before":
+                die()
+            result = original(*args, **kw)
+            if stage == when:
+                die()
+            return result
+        setattr(cls, name, wrapped)
+    after("submit", "after_create")    # the batch exists, its id is not recorded
+    after("poll", "polling:before")
+    after("fetch", "downloading")      # results downloaded, not written
 
     write = checkpoint.Checkpoint.write_parquet
     def crashing_write(self, path, frame):
@@ -58,18 +67,19 @@ CHILD = textwrap.dedent(
     out = df.llm.batch("Classify: {body}", provider=provider, model=model,
                        output=["billing", "bug", "feature", "other"], checkpoint=ckpt,
                        api_key="k", base_url=url, progress=False, poll_interval=0.02,
-                       max_shard_requests=40)
+                       max_shard_requests=40, max_output_tokens=100)
     out.select("label", "llm_status").with_columns(pl.col("label").cast(pl.String)).write_json(
         ckpt + ".out.json")
     """
 )
+MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
 
 
-def child(tmp: Path, url: str, ckpt: Path, stage: str) -> int:
+def child(tmp: Path, url: str, ckpt: Path, stage: str, provider: str = "openai") -> int:
     script = tmp / "child.py"
     script.write_text(CHILD)
     run = subprocess.run(
-        [sys.executable, str(script), url, str(ckpt), stage, "openai", "gpt-4o-mini"],
+        [sys.executable, str(script), url, str(ckpt), stage, provider, MODELS[provider]],
         capture_output=True,
         text=True,
         timeout=120,
@@ -79,18 +89,29 @@ def child(tmp: Path, url: str, ckpt: Path, stage: str) -> int:
     return run.returncode
 
 
-@pytest.mark.parametrize(
-    "stage", ["after_upload", "after_create", "polling", "downloading", "writing_results"]
-)
-def test_kill_9_then_rerun_pays_once_and_loses_nothing(tmp_path: Path, stage: str) -> None:
+STAGES = ["after_upload", "after_create", "polling:before", "downloading", "writing_results"]
+CASES = [("openai", stage) for stage in STAGES]
+CASES += [("anthropic", s) for s in STAGES if s != "after_upload"]  # no upload: one create call
+CASES += [("gemini", s) for s in STAGES if s != "after_upload"]  # inline shards: no upload
+
+
+@pytest.mark.parametrize(("provider", "stage"), CASES)
+def test_kill_9_then_rerun_pays_once_and_loses_nothing(
+    tmp_path: Path, provider: str, stage: str
+) -> None:
     ckpt = tmp_path / "job"
     with serve(batch_seconds=0.3) as emu:
-        assert child(tmp_path, emu.openai_url, ckpt, stage) == -signal.SIGKILL
-        assert child(tmp_path, emu.openai_url, ckpt, "none") == 0
+        url = {"openai": emu.openai_url, "anthropic": emu.anthropic_url}.get(
+            provider, emu.gemini_url
+        )
+        assert child(tmp_path, url, ckpt, stage, provider) == -signal.SIGKILL
+        assert child(tmp_path, url, ckpt, "none", provider) == 0
         ledger = emu.ledger
         assert not ledger.billed_twice()
         assert len(ledger.batches) == 3  # 90 requests in shards of 40: created once each
     out = pl.DataFrame(json.loads((tmp_path / "job.out.json").read_text()))
     assert out.height == 90 and set(out["llm_status"]) == {"succeeded"}
     bodies = [f"ticket {i}: {'refund' if i % 3 else 'crash'}" for i in range(90)]
-    assert out["label"].to_list() == [model.enum_pick(f"Classify: {b}", "label", CATS) for b in bodies]
+    assert out["label"].to_list() == [
+        model.enum_pick(f"Classify: {b}", "label", CATS) for b in bodies
+    ]

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import re
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from polars_llmbatch._json import slot
+import polars as pl
+
+from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.providers.base import Framing, Limits, Provider, TokenRule
+from polars_llmbatch.providers import anthropic_remote
+from polars_llmbatch.providers.base import (
+    AmbiguousBatch,
+    Framing,
+    Limits,
+    Provider,
+    RemoteState,
+    TokenRule,
+)
 from polars_llmbatch.spec import RequestSpec
+
+if TYPE_CHECKING:
+    from polars_llmbatch.transport import Transport
 
 __all__ = ["Anthropic"]
 
@@ -19,7 +36,94 @@ _V47 = re.compile(r"^claude-opus-4-7")
 _V48 = re.compile(r"^claude-(opus-4-(8|9)|[a-z]+-5|opus-5|sonnet-5|fable|mythos|haiku-5)")
 
 
-class Anthropic(Provider):
+# remote batches --------------------------------------------------------------------------------
+class _AnthropicRemote:
+    """The engine's interface, mixed into :class:`Anthropic` (kept apart from the wire format)."""
+
+    name = "anthropic"
+
+    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
+        return anthropic_remote.submit(t, data)
+
+    def find(
+        self,
+        t: Transport,
+        *,
+        tag: str,
+        since: dt.datetime,
+        requests: int,
+        exclude: frozenset[str] = frozenset(),
+        custom_ids: frozenset[str] = frozenset(),
+    ) -> str | None:
+        # No tag field on the batch object: candidates by creation time and size, then
+        # confirmed by their custom_ids once they have results (design.md, crash safety).
+        found = anthropic_remote.candidates(t, created_after=since, requests=requests)
+        found = [b for b in found if b not in exclude]
+        if len(found) <= 1:
+            return found[0] if found else None
+        confirmed, open_ = [], 0
+        for batch_id in found:
+            st = anthropic_remote.poll(t, batch_id)
+            if not st.ended or not st.result_files:
+                open_ += 1
+                continue
+            ids = _result_ids(anthropic_remote.download(t, st.result_files[0]))
+            if ids and ids <= custom_ids:
+                confirmed.append(batch_id)
+        if len(confirmed) == 1 and not open_:
+            return confirmed[0]
+        if not confirmed and not open_:
+            return None
+        raise AmbiguousBatch(
+            f"{len(found)} batches of {requests} requests were created since {since:%H:%M:%S}; "
+            "waiting until their results show which one is this shard's"
+        )
+
+    def poll(self, t: Transport, remote_id: str) -> RemoteState:
+        return anthropic_remote.poll(t, remote_id)
+
+    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+        return [anthropic_remote.download(t, url) for url in state.result_files]
+
+    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
+        return parse_results([str(f) for f in files])
+
+    def cancel(self, t: Transport, remote_id: str) -> None:
+        anthropic_remote.cancel(t, remote_id)
+
+    def sync_path(self, spec: RequestSpec) -> str:
+        return "/v1/messages"
+
+    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = {
+                "error": {"type": "api_error", "message": body[:500].decode(errors="replace")}
+            }
+        if status == 200:
+            result = {"type": "succeeded", "message": parsed}
+        else:
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+            if not isinstance(error, dict):
+                error = {"type": "api_error", "message": f"HTTP {status}"}
+            if status in RETRYABLE_HTTP and error.get("type") not in RETRYABLE_TYPES:
+                error = {**error, "type": "api_error"}
+            result = {"type": "errored", "error": {"type": "error", "error": error}}
+        return dumps({"custom_id": custom_id, "result": result}).encode()
+
+
+def _result_ids(data: bytes) -> set[str]:
+    ids = set()
+    for line in data.splitlines():
+        try:
+            ids.add(str(json.loads(line)["custom_id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return ids
+
+
+class Anthropic(_AnthropicRemote, Provider):
     """Anthropic's wire format: one ``{"custom_id", "params"}`` entry per request.
 
     Example:
@@ -125,3 +229,66 @@ class Anthropic(Provider):
 
 # Structured outputs add a system preamble of unpublished size; budget a fixed amount.
 _SCHEMA_OVERHEAD = 50
+
+
+# results ---------------------------------------------------------------------------------------
+#: Error types worth sending again (the rest, e.g. invalid_request_error, fail the same way).
+RETRYABLE_TYPES = ("api_error", "overloaded_error", "rate_limit_error", "timeout_error")
+RETRYABLE_HTTP = (408, 409, 429, 500, 502, 503, 504, 529)
+_LINE_COLUMNS = (
+    "{custom_id: 'VARCHAR', result: 'STRUCT(type VARCHAR, message STRUCT("
+    "content STRUCT(type VARCHAR, text VARCHAR)[], stop_reason VARCHAR, usage STRUCT("
+    "input_tokens BIGINT, output_tokens BIGINT, cache_creation_input_tokens BIGINT, "
+    "cache_read_input_tokens BIGINT)), "
+    "error STRUCT(type VARCHAR, message VARCHAR, error STRUCT(type VARCHAR, message VARCHAR)))'}"
+)
+_PARSE_SQL = """
+SELECT
+    custom_id,
+    CASE result.type
+        WHEN 'succeeded' THEN 'succeeded'
+        WHEN 'expired' THEN 'expired'
+        WHEN 'canceled' THEN 'canceled'
+        ELSE 'errored'
+    END AS status,
+    nullif(array_to_string(list_transform(
+        list_filter(result.message.content, lambda c: c.type = 'text'), lambda c: c.text), ''), '')
+        AS text,
+    coalesce(result.error.error.message, result.error.message,
+             CASE WHEN result.type NOT IN ('succeeded', 'expired', 'canceled')
+                  THEN 'result type ' || coalesce(result.type, 'null') END) AS error,
+    coalesce(result.error.error.type IN {types}, false) AS retryable,
+    result.message.usage.input_tokens
+        + coalesce(result.message.usage.cache_creation_input_tokens, 0)
+        + coalesce(result.message.usage.cache_read_input_tokens, 0) AS input_tokens,
+    result.message.usage.output_tokens AS output_tokens,
+    result.message.stop_reason AS finish
+FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
+               columns = {columns})
+WHERE custom_id IS NOT NULL
+"""
+
+
+def parse_results(files: Sequence[str]) -> pl.DataFrame:
+    """One row per request from Message Batches results files (see
+    :data:`~polars_llmbatch.results.RESULT_SCHEMA`); text is the concatenated text blocks.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> line = ('{"custom_id": "r1", "result": {"type": "succeeded", "message": {"content": '
+        ...         '[{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "usage": '
+        ...         '{"input_tokens": 9, "output_tokens": 1}}}}')
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.jsonl"
+        >>> _ = path.write_text(line + "\\n")
+        >>> parse_results([str(path)]).select("custom_id", "status", "text", "finish").rows()
+        [('r1', 'succeeded', 'hi', 'end_turn')]
+    """
+    import duckdb
+
+    from polars_llmbatch.results import finish_parse
+
+    sql = _PARSE_SQL.format(
+        files=[str(f) for f in files], columns=_LINE_COLUMNS, types=RETRYABLE_TYPES
+    )
+    with duckdb.connect() as con:
+        return finish_parse(con.sql(sql).pl())

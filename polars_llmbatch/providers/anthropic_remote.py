@@ -10,10 +10,12 @@ than resubmits (design.md, crash safety).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polars_llmbatch.providers.base import RemoteState
-from polars_llmbatch.transport import Transport
+
+if TYPE_CHECKING:
+    from polars_llmbatch.transport import Transport
 
 __all__ = ["cancel", "candidates", "download", "poll", "submit"]
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from polars_llmbatch.transport import Transport
 
-__all__ = ["Framing", "Limits", "Provider", "RemoteState", "TokenRule"]
+__all__ = ["AmbiguousBatch", "Framing", "Limits", "Provider", "RemoteState", "TokenRule"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,11 @@ class TokenRule:
     band: float = 0.0
     slack: int = 0
     method: str = "exact"
+
+
+class AmbiguousBatch(LlmBatchError):
+    """More than one remote batch could be the one a crashed submit created: the engine waits
+    (and asks again) rather than submit a second time."""
 
 
 @dataclass(frozen=True)
@@ -171,9 +176,20 @@ class Provider(ABC):
         ``kind`` is the shard's :attr:`Framing.kind` (``file`` or ``inline``)."""
         raise NotImplementedError(f"{self.name}: batch submission is not implemented")
 
-    def find(self, t: Transport, *, tag: str, since: dt.datetime, requests: int) -> str | None:
+    def find(
+        self,
+        t: Transport,
+        *,
+        tag: str,
+        since: dt.datetime,
+        requests: int,
+        exclude: frozenset[str] = frozenset(),
+        custom_ids: frozenset[str] = frozenset(),
+    ) -> str | None:
         """The batch a crashed submit may have created (by ``tag``, or where the provider has no
-        tag field, the one candidate created ``since`` with ``requests`` requests), else None."""
+        tag field, the one candidate created ``since`` with ``requests`` requests that is not in
+        ``exclude``; when several are, the one whose results hold the shard's ``custom_ids``),
+        else None. Raises :class:`AmbiguousBatch` while it cannot tell."""
         raise NotImplementedError(f"{self.name}: finding batches is not implemented")
 
     def poll(self, t: Transport, remote_id: str) -> RemoteState:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from polars_llmbatch._json import slot
+import orjson
+import polars as pl
+
+from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.providers.base import Framing, Limits, Provider, TokenRule
+from polars_llmbatch.providers import gemini_remote
+from polars_llmbatch.providers.base import Framing, Limits, Provider, RemoteState, TokenRule
 from polars_llmbatch.spec import RequestSpec
+
+if TYPE_CHECKING:
+    import datetime as dt
+
+    from polars_llmbatch.transport import Transport
 
 __all__ = ["INLINE_MAX_BYTES", "Gemini"]
 
@@ -19,7 +31,70 @@ _THINKING_LEVELS = ("minimal", "low", "medium", "high", "xhigh")  # SDK Thinking
 _THINKING_LEVEL_MODELS = re.compile(r"^gemini-(3|[4-9])")
 
 
-class Gemini(Provider):
+class _GeminiRemote:
+    """The engine's interface, mixed into :class:`Gemini` (kept apart from the wire format)."""
+
+    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
+        return gemini_remote.submit(
+            t,
+            data,
+            Framing(line=None, kind=kind),
+            model=spec.model,
+            embed=spec.task == "embed",
+            tag=tag,
+        )
+
+    def find(
+        self,
+        t: Transport,
+        *,
+        tag: str,
+        since: dt.datetime,
+        requests: int,
+        exclude: frozenset[str] = frozenset(),
+        custom_ids: frozenset[str] = frozenset(),
+    ) -> str | None:
+        return gemini_remote.find(t, tag)
+
+    def poll(self, t: Transport, remote_id: str) -> RemoteState:
+        return gemini_remote.poll(t, remote_id)
+
+    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+        """The results as JSONL ``{"key", "response" | "error"}`` lines: the responses file as
+        is, or the inline responses written out in the same shape."""
+        if state.result_files == (gemini_remote.INLINE,):
+            lines = []
+            for item in gemini_remote.inline_results(t, state.remote_id):
+                key = (item.get("metadata") or {}).get("key")
+                rest = {k: v for k, v in item.items() if k != "metadata"}
+                lines.append(orjson.dumps({"key": key, **rest}) + b"\n")
+            return [b"".join(lines)]
+        return [gemini_remote.download(t, f) for f in state.result_files]
+
+    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
+        return parse_results([str(f) for f in files])
+
+    def cancel(self, t: Transport, remote_id: str) -> None:
+        gemini_remote.cancel(t, remote_id)
+
+    def sync_path(self, spec: RequestSpec) -> str:
+        verb = "embedContent" if spec.task == "embed" else "generateContent"
+        return f"/{gemini_remote.VERSION}/models/{spec.model}:{verb}"
+
+    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = {"error": {"code": status, "message": body[:500].decode(errors="replace")}}
+        if status == 200:
+            return dumps({"key": custom_id, "response": parsed}).encode()
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if not isinstance(error, dict):
+            error = {"code": status, "message": f"HTTP {status}"}
+        return dumps({"key": custom_id, "error": {"code": status, **error}}).encode()
+
+
+class Gemini(_GeminiRemote, Provider):
     """Gemini's wire format: ``GenerateContentRequest`` / ``EmbedContentRequest`` bodies.
 
     The batch file holds ``{"key", "request"}`` lines; the inline form puts
@@ -139,3 +214,66 @@ class Gemini(Provider):
             band=0.15,
             method="approximate: o200k_base count, ±15%",
         )
+
+
+# results ---------------------------------------------------------------------------------------
+#: Google error statuses worth sending again.
+RETRYABLE_STATUS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED")
+_LINE_COLUMNS = (
+    "{key: 'VARCHAR', response: 'STRUCT("
+    "candidates STRUCT(content STRUCT(parts STRUCT(text VARCHAR, thought BOOLEAN)[]), "
+    "finishReason VARCHAR)[], "
+    "usageMetadata STRUCT(promptTokenCount BIGINT, candidatesTokenCount BIGINT, "
+    "thoughtsTokenCount BIGINT), "
+    'embedding STRUCT("values" FLOAT[]), tokenCount VARCHAR)\', '
+    "error: 'STRUCT(code INTEGER, message VARCHAR, status VARCHAR)'}"
+)
+_PARSE_SQL = """
+SELECT
+    key AS custom_id,
+    CASE WHEN error IS NULL AND response IS NOT NULL THEN 'succeeded' ELSE 'errored' END
+        AS status,
+    nullif(array_to_string(list_transform(
+        list_filter(response.candidates[1].content.parts, lambda p: NOT coalesce(p.thought, false)),
+        lambda p: p.text), ''), '') AS text,
+    response.embedding."values" AS embedding_floats,
+    coalesce(error.message, CASE WHEN response IS NULL THEN 'no response' END) AS error,
+    coalesce(error.status IN {statuses}, false) OR coalesce(error.code IN (429, 500, 503, 504),
+        false) AS retryable,
+    coalesce(response.usageMetadata.promptTokenCount, try_cast(response.tokenCount AS BIGINT))
+        AS input_tokens,
+    CASE WHEN response.usageMetadata IS NOT NULL
+         THEN coalesce(response.usageMetadata.candidatesTokenCount, 0)
+              + coalesce(response.usageMetadata.thoughtsTokenCount, 0) END AS output_tokens,
+    response.candidates[1].finishReason AS finish
+FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
+               columns = {columns})
+WHERE key IS NOT NULL
+"""
+
+
+def parse_results(files: Sequence[str]) -> pl.DataFrame:
+    """One row per request from Gemini batch results as JSONL ``{"key", "response" | "error"}``
+    lines (the responses file as downloaded, or the inline responses written out the same
+    way); see :data:`~polars_llmbatch.results.RESULT_SCHEMA`. Thought parts are left out of
+    the text and thought tokens are counted as output (they are billed as output).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> line = ('{"key": "r1", "response": {"candidates": [{"content": {"parts": [{"text": '
+        ...         '"hi"}]}, "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 8, '
+        ...         '"candidatesTokenCount": 1, "thoughtsTokenCount": 4}}}')
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "results.jsonl"
+        >>> _ = path.write_text(line + "\\n")
+        >>> parse_results([str(path)]).select("custom_id", "text", "output_tokens").rows()
+        [('r1', 'hi', 5)]
+    """
+    import duckdb
+
+    from polars_llmbatch.results import finish_parse
+
+    sql = _PARSE_SQL.format(
+        files=[str(f) for f in files], columns=_LINE_COLUMNS, statuses=RETRYABLE_STATUS
+    )
+    with duckdb.connect() as con:
+        return finish_parse(con.sql(sql).pl())

@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from polars_llmbatch.providers.base import Framing, RemoteState
-from polars_llmbatch.transport import Transport
+
+if TYPE_CHECKING:
+    from polars_llmbatch.transport import Transport
 
 __all__ = ["INLINE", "cancel", "download", "find", "inline_results", "poll", "submit"]
 

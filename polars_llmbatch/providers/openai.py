@@ -167,7 +167,16 @@ class OpenAI(Provider):
             t, data, endpoint=self.endpoint(spec), tag=tag, filename=f"{tag}.jsonl"
         )
 
-    def find(self, t: Transport, *, tag: str, since: Any, requests: int) -> str | None:
+    def find(
+        self,
+        t: Transport,
+        *,
+        tag: str,
+        since: Any,
+        requests: int,
+        exclude: frozenset[str] = frozenset(),
+        custom_ids: frozenset[str] = frozenset(),
+    ) -> str | None:
         from polars_llmbatch.providers import openai_remote
 
         return openai_remote.find(t, tag)

@@ -4,10 +4,12 @@ result files, cancel. Everything goes through :class:`~polars_llmbatch.transport
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from polars_llmbatch.providers.base import RemoteState
-from polars_llmbatch.transport import Transport
+
+if TYPE_CHECKING:
+    from polars_llmbatch.transport import Transport
 
 __all__ = ["TAG_KEY", "cancel", "download", "find", "poll", "submit"]
 
