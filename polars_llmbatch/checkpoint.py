@@ -192,8 +192,12 @@ class Checkpoint:
         undo it."""
         record = {"at": _now(), "event": event, **fields}
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
-        fd = os.open(self.events_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.events_file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            if os.fstat(fd).st_size:
+                os.lseek(fd, -1, os.SEEK_END)
+                if os.read(fd, 1) != b"\n":  # a torn line from a crash: close it off first
+                    line = b"\n" + line
             os.write(fd, line)
             os.fsync(fd)
         finally:
