@@ -24,12 +24,12 @@ import orjson
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_parse import write_lines  # noqa: E402  (the same synthetic output lines)
+from bench_parse import write_lines
 
-from polars_llmbatch.outputs import parse_output  # noqa: E402
-from polars_llmbatch.providers.openai import OpenAI  # noqa: E402
-from polars_llmbatch.reconcile import join_rows  # noqa: E402
-from polars_llmbatch.spec import RequestSpec  # noqa: E402
+from polars_llmbatch.outputs import parse_output
+from polars_llmbatch.providers.openai import OpenAI
+from polars_llmbatch.reconcile import join_rows
+from polars_llmbatch.spec import RequestSpec
 
 CATS = ["billing", "bug", "feature", "other"]
 PRICE = {"batch_input": 0.075, "batch_output": 0.3, "input": 0.15, "output": 0.6}
@@ -37,10 +37,14 @@ PRICE = {"batch_input": 0.075, "batch_output": 0.3, "input": 0.15, "output": 0.6
 
 def reconcile(path: Path, rows: pl.DataFrame, spec: RequestSpec) -> tuple[pl.DataFrame, dict]:
     t0 = time.perf_counter()
-    results = OpenAI().parse([path], spec).with_columns(
-        pl.lit(1, pl.Int32).alias("attempt"),
-        pl.lit(0, pl.Int32).alias("shard"),
-        pl.lit("batch").alias("mode"),
+    results = (
+        OpenAI()
+        .parse([path], spec)
+        .with_columns(
+            pl.lit(1, pl.Int32).alias("attempt"),
+            pl.lit(0, pl.Int32).alias("shard"),
+            pl.lit("batch").alias("mode"),
+        )
     )
     t1 = time.perf_counter()
     out = join_rows(rows, results, spec, price=PRICE, usage=True)

@@ -241,13 +241,15 @@ class Engine:
 
     def _collect(self, s: ShardRecord, st: RemoteState) -> None:
         """Results of an ended batch: raw files to disk first, then parsed rows, then done."""
-        files = [Path(f) for f in s.files]
+        files = [self.ckpt.path / f for f in s.files]  # relative: the folder may move
         if not files and st.result_files:
             for k, data in enumerate(self.provider.fetch(self.t, st)):
                 path = self.ckpt.raw_file(s.index, k)
                 self.ckpt.write_bytes(path, data)
                 files.append(path)
-            self.ckpt.append("fetched", shard=s.index, files=[str(f) for f in files])
+            self.ckpt.append(
+                "fetched", shard=s.index, files=[str(f.relative_to(self.ckpt.path)) for f in files]
+            )
         ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
         if files:
             got = self.provider.parse(files, self.spec)
@@ -342,7 +344,7 @@ class Engine:
         _fsync_file(part)
         final = self.ckpt.raw_file(s.index, 0)
         part.replace(final)
-        self.ckpt.append("fetched", shard=s.index, files=[str(final)])
+        self.ckpt.append("fetched", shard=s.index, files=[str(final.relative_to(self.ckpt.path))])
         rows = self.provider.parse([final], self.spec)
         absent = ids["custom_id"].filter(~ids["custom_id"].is_in(rows["custom_id"].implode()))
         self._write_results(s, pl.concat([rows, missing_results(absent)]))
@@ -373,7 +375,10 @@ class Engine:
         if due.is_empty():
             return False
         if self.settings.max_cost is not None and self.worst_cost_per_request is not None:
-            paid = spent(self.ckpt, results)
+            # A missing result may still have been billed, unseen: count it at its worst case,
+            # so max_cost stays a bound on what the provider can charge.
+            unseen = results.filter(pl.col("status") == "missing").height
+            paid = spent(self.ckpt, results) + unseen * self.worst_cost_per_request
             worst = paid + due.height * self.worst_cost_per_request
             if worst > self.settings.max_cost:
                 log.warning(

@@ -41,14 +41,11 @@ def best_results(results: pl.DataFrame) -> pl.DataFrame:
     """One row per request: a success if any attempt succeeded, else the latest attempt."""
     if results["custom_id"].n_unique() == results.height:  # one attempt each: nothing to pick
         return results
-    return (
-        results.sort(
-            [pl.col("status") == "succeeded", "attempt", "shard"],
-            descending=True,
-            maintain_order=True,
-        )
-        .unique("custom_id", keep="first", maintain_order=True)
-    )
+    return results.sort(
+        [pl.col("status") == "succeeded", "attempt", "shard"],
+        descending=True,
+        maintain_order=True,
+    ).unique("custom_id", keep="first", maintain_order=True)
 
 
 def spent(ckpt: Checkpoint, results: pl.DataFrame | None = None) -> float:

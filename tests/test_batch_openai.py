@@ -244,3 +244,70 @@ def test_queue_limit_resubmits_smaller(tmp_path: Path) -> None:
         sizes = [b["requests"] for b in emu.ledger.batches]
     assert sizes[0] == 40 and max(sizes[1:]) <= 20
     assert set(out["llm_status"]) == {"succeeded"}
+
+
+def test_float_embeddings_decode_too(tmp_path: Path) -> None:
+    df = pl.DataFrame({"title": ["red shoes", "blue hat"]})
+    with serve(batch_seconds=0.1) as emu:
+        out = df.llm.embed(
+            "title",
+            provider="openai",
+            model="text-embedding-3-small",
+            dimensions=4,
+            extra_body={"encoding_format": "float"},
+            checkpoint=tmp_path / "emb",
+            api_key="k",
+            base_url=emu.openai_url,
+            progress=False,
+            poll_interval=0.02,
+        )
+    assert out.schema["embedding"] == pl.Array(pl.Float32, 4)
+    assert out["embedding"][0].to_list() == pytest.approx(model.embedding("red shoes", 4), rel=1e-6)
+
+
+def test_retries_stop_at_max_cost(tmp_path: Path) -> None:
+    # With output free, the worst case is the input bill: the first round spends all of
+    # max_cost, so no retry round fits, and the missing rows stay missing.
+    df = frame(40)
+    prices = {"input": 10.0, "output": 0.0}
+    kw = dict(provider="openai", model="gpt-4o-mini", output=CATS, max_output_tokens=10)
+    worst = df.llm.estimate("Classify: {body}", prices=prices, **kw).worst_cost_batch
+    faults = Faults(missing=0.3, seed=1, fault_batches=1)
+    with serve(batch_seconds=0.1, faults=faults) as emu:
+        job = run(
+            df,
+            emu,
+            tmp_path,
+            prices=prices,
+            max_cost=worst * 1.001,
+            max_output_tokens=10,
+            wait=False,
+        )
+        out = job.wait().result()
+        assert len(emu.ledger.batches) == 1
+    assert "missing" in set(out["llm_status"]) and "succeeded" in set(out["llm_status"])
+    events = (job.path / "events.jsonl").read_text()
+    assert '"retries_skipped"' in events and '"reason":"max_cost"' in events
+
+
+def test_progress_bar_reports_rows_and_shards(tmp_path: Path, capsys) -> None:
+    with serve(batch_seconds=0.1) as emu:
+        run(frame(30), emu, tmp_path, progress=True, max_shard_requests=10)
+    err = capsys.readouterr().err
+    assert "30/30" in err and "shards done 3" in err
+
+
+def test_a_checkpoint_can_be_moved_and_reopened(tmp_path: Path) -> None:
+    with serve(batch_seconds=0.3) as emu:
+        job = run(frame(20), emu, tmp_path, wait=False)
+        job.wait(timeout=0.05)
+        moved = tmp_path / "elsewhere"
+        job.path.rename(moved)
+        again = polars_llmbatch.Job.open(
+            moved, api_key="k", base_url=emu.openai_url, progress=False, poll_interval=0.02
+        )
+        out = again.wait().result()
+        assert len(emu.ledger.batches) == 1
+    assert set(out["llm_status"]) == {"succeeded"}
+    reopened = polars_llmbatch.Job.open(moved, api_key="k")
+    assert reopened.result().equals(out) and reopened.status().done
