@@ -77,7 +77,8 @@ class Job:
         ...                        output=["billing", "bug"], wait=False, progress=False,
         ...                        checkpoint=tempfile.mkdtemp() + "/job", poll_interval=0.05,
         ...                        api_key="test", base_url=emu.openai_url)
-        ...     again = polars_llmbatch.Job.open(job.path, api_key="test", base_url=emu.openai_url)
+        ...     again = polars_llmbatch.Job.open(job.path, api_key="test", base_url=emu.openai_url,
+        ...                                      progress=False, poll_interval=0.05)
         ...     out = again.wait().result()
         >>> out.columns, again.status().done
         (['row_nr', 'label', 'llm_status', 'llm_error'], True)

@@ -324,8 +324,9 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         max_cost=args["max_cost"],
         output_name=name,
     )
-    job = Job(ckpt, transport, frame=frame, usage=args["usage"])
-    job._settings = Settings(**{**settings.__dict__, "mode": job.mode})
+    del prepared  # the checkpoint holds the requests now; waiting needs none of it in memory
+    settings = Settings(**{**settings.__dict__, "mode": ckpt.job()["mode"]})
+    job = Job(ckpt, transport, frame=frame, settings=settings, usage=args["usage"])
     if not args["wait"]:
         return job
     return job.wait().result()

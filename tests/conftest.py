@@ -25,6 +25,17 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
 
 
+@pytest.fixture(autouse=True)
+def instant_backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The transport's retry backoff, recorded instead of waited (tests that check the delays
+    inject their own ``sleep``)."""
+    from polars_llmbatch import transport
+
+    waits: list[float] = []
+    monkeypatch.setattr(transport, "_sleep", waits.append)
+    return waits
+
+
 @pytest.fixture
 def tickets() -> pl.DataFrame:
     return pl.DataFrame(

@@ -311,3 +311,13 @@ def test_a_checkpoint_can_be_moved_and_reopened(tmp_path: Path) -> None:
     assert set(out["llm_status"]) == {"succeeded"}
     reopened = polars_llmbatch.Job.open(moved, api_key="k")
     assert reopened.result().equals(out) and reopened.status().done
+
+
+def test_a_cut_structured_answer_is_invalid_output_with_its_raw_text(tmp_path: Path) -> None:
+    # max_output_tokens cuts the JSON answer short: the row says so and keeps the text.
+    df = pl.DataFrame({"body": ["a refund please, and quickly"]})
+    with serve(batch_seconds=0.1) as emu:
+        out = run(df, emu, tmp_path, output={"summary": pl.String}, max_output_tokens=3)
+    assert out["llm_status"].to_list() == ["invalid_output"] and out["summary"][0] is None
+    error = out["llm_error"][0]
+    assert error.startswith("invalid output (not valid JSON): {")

@@ -7,7 +7,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from polars_llmbatch import transport
 from polars_llmbatch.emulator import Faults, model, serve
 from polars_llmbatch.providers import gemini
 
@@ -120,6 +119,24 @@ def test_expired_requests_are_retried(tmp_path: Path, provider: str) -> None:
     assert set(out["llm_status"]) == {"succeeded"}
 
 
+@pytest.mark.parametrize(
+    ("provider", "faults"),
+    [
+        ("anthropic", Faults(missing=0.3, seed=3, fault_batches=1)),
+        ("anthropic", Faults(malformed=0.3, seed=4, fault_batches=1)),
+        ("gemini", Faults(missing=0.3, seed=3, fault_batches=1)),
+    ],
+    ids=["anthropic-missing", "anthropic-malformed", "gemini-missing"],
+)
+def test_lost_results_are_bought_again_once(tmp_path: Path, provider: str, faults: Faults) -> None:
+    with serve(batch_seconds=0.1, faults=faults) as emu:
+        out = run(frame(40), emu, provider, tmp_path / "j")
+        sizes = [b["requests"] for b in emu.ledger.batches]
+        assert len(sizes) == 2 and 0 < sizes[1] < 40
+        assert len(emu.ledger.billed_twice()) == sizes[1]  # only the lost ones, once more
+    assert set(out["llm_status"]) == {"succeeded"}
+
+
 @pytest.mark.parametrize("provider", ["anthropic", "gemini"])
 def test_errors_keep_the_message(tmp_path: Path, provider: str) -> None:
     with serve(batch_seconds=0.1, faults=Faults(request_errors=0.25, seed=2)) as emu:
@@ -131,10 +148,9 @@ def test_errors_keep_the_message(tmp_path: Path, provider: str) -> None:
 
 @pytest.mark.parametrize("provider", ["anthropic", "gemini"])
 def test_queue_limit_on_create_resubmits_smaller(
-    tmp_path: Path, provider: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, provider: str, instant_backoff: list[float]
 ) -> None:
-    waits: list[float] = []
-    monkeypatch.setattr(transport, "_sleep", waits.append)  # the backoff, without the wait
+    waits = instant_backoff  # the transport's backoff, recorded without the wait
     # Over the limit, a create is refused with a 429: the shard comes back in halves.
     with serve(batch_seconds=0.1, faults=Faults(queue_limit_tokens=250)) as emu:
         out = run(frame(40), emu, provider, tmp_path / "j")
