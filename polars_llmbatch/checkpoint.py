@@ -29,6 +29,7 @@ from typing import Any
 
 import polars as pl
 
+from polars_llmbatch._fs import fsync
 from polars_llmbatch.errors import LlmBatchError
 
 __all__ = ["Checkpoint", "ShardRecord", "default_root"]
@@ -173,18 +174,14 @@ class Checkpoint:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync(path.parent)
 
     def write_parquet(self, path: Path, frame: pl.DataFrame) -> None:
         tmp = path.with_name(path.name + ".tmp")
         frame.write_parquet(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync(path.parent)
 
     # the event log -------------------------------------------------------------------------
     def append(self, event: str, **fields: Any) -> None:
@@ -255,13 +252,3 @@ class Checkpoint:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    if sys.platform == "win32":  # directories cannot be opened for fsync there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import polars as pl
 
+from polars_llmbatch._fs import fsync
 from polars_llmbatch.checkpoint import Checkpoint, ShardRecord
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.progress import Progress
@@ -341,7 +342,9 @@ class Engine:
 
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
             list(pool.map(send, todo.iter_rows()))
-        _fsync_file(part)
+        if not part.exists():
+            part.touch()
+        fsync(part)
         final = self.ckpt.raw_file(s.index, 0)
         part.replace(final)
         self.ckpt.append("fetched", shard=s.index, files=[str(final.relative_to(self.ckpt.path))])
@@ -471,15 +474,3 @@ def _error_body(message: str) -> bytes:
     import orjson
 
     return orjson.dumps({"error": {"message": message}})
-
-
-def _fsync_file(path: Path) -> None:
-    import os
-
-    if not path.exists():
-        path.touch()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,6 +14,7 @@ from typing import BinaryIO
 import polars as pl
 
 from polars_llmbatch import _json
+from polars_llmbatch._fs import fsync
 from polars_llmbatch.errors import LlmBatchError, RequestTooLargeError
 from polars_llmbatch.providers import Framing, Provider
 from polars_llmbatch.requests import Prepared
@@ -222,7 +223,7 @@ def write_shard_files(prepared: Prepared, shards: list[Shard], out: Path) -> lis
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=WRITERS) as pool:
         paths = list(pool.map(lambda shard: _write_one(prepared, shard, out), shards))
-    _fsync(out)  # the renames themselves
+    fsync(out)  # the renames themselves
     return paths
 
 
@@ -251,18 +252,10 @@ def _write_one(prepared: Prepared, shard: Shard, out: Path) -> Path:
     path = out / shard.filename
     tmp = path.with_suffix(path.suffix + ".tmp")
     _write(prepared, shard, tmp)
-    _fsync(tmp)
+    fsync(tmp)
     written = tmp.stat().st_size
     if written != shard.bytes:  # the planner's arithmetic must match what is uploaded
         tmp.unlink()
         raise AssertionError(f"shard {shard.index}: planned {shard.bytes} bytes, wrote {written}")
     os.replace(tmp, path)
     return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
