@@ -321,3 +321,13 @@ def test_a_cut_structured_answer_is_invalid_output_with_its_raw_text(tmp_path: P
     assert out["llm_status"].to_list() == ["invalid_output"] and out["summary"][0] is None
     error = out["llm_error"][0]
     assert error.startswith("invalid output (not valid JSON): {")
+
+
+def test_responses_api_end_to_end(tmp_path: Path) -> None:
+    df = frame(6)
+    with serve(batch_seconds=0.1) as emu:
+        out = run(df, emu, tmp_path, api="responses")
+        text = run(df, emu, tmp_path / "t", api="responses", output="answer")
+    expected = [model.enum_pick(f"Classify: {b}", "label", CATS) for b in df["body"]]
+    assert out["label"].cast(pl.String).to_list() == expected
+    assert text["answer"][0] == "Emulated answer to: Classify: ticket 0: crash number 0"

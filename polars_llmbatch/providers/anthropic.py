@@ -36,94 +36,7 @@ _V47 = re.compile(r"^claude-opus-4-7")
 _V48 = re.compile(r"^claude-(opus-4-(8|9)|[a-z]+-5|opus-5|sonnet-5|fable|mythos|haiku-5)")
 
 
-# remote batches --------------------------------------------------------------------------------
-class _AnthropicRemote:
-    """The engine's interface, mixed into :class:`Anthropic` (kept apart from the wire format)."""
-
-    name = "anthropic"
-
-    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
-        return anthropic_remote.submit(t, data)
-
-    def find(
-        self,
-        t: Transport,
-        *,
-        tag: str,
-        since: dt.datetime,
-        requests: int,
-        exclude: frozenset[str] = frozenset(),
-        custom_ids: frozenset[str] = frozenset(),
-    ) -> str | None:
-        # No tag field on the batch object: candidates by creation time and size, then
-        # confirmed by their custom_ids once they have results (design.md, crash safety).
-        found = anthropic_remote.candidates(t, created_after=since, requests=requests)
-        found = [b for b in found if b not in exclude]
-        if len(found) <= 1:
-            return found[0] if found else None
-        confirmed, open_ = [], 0
-        for batch_id in found:
-            st = anthropic_remote.poll(t, batch_id)
-            if not st.ended or not st.result_files:
-                open_ += 1
-                continue
-            ids = _result_ids(anthropic_remote.download(t, st.result_files[0]))
-            if ids and ids <= custom_ids:
-                confirmed.append(batch_id)
-        if len(confirmed) == 1 and not open_:
-            return confirmed[0]
-        if not confirmed and not open_:
-            return None
-        raise AmbiguousBatch(
-            f"{len(found)} batches of {requests} requests were created since {since:%H:%M:%S}; "
-            "waiting until their results show which one is this shard's"
-        )
-
-    def poll(self, t: Transport, remote_id: str) -> RemoteState:
-        return anthropic_remote.poll(t, remote_id)
-
-    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
-        return [anthropic_remote.download(t, url) for url in state.result_files]
-
-    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
-        return parse_results([str(f) for f in files])
-
-    def cancel(self, t: Transport, remote_id: str) -> None:
-        anthropic_remote.cancel(t, remote_id)
-
-    def sync_path(self, spec: RequestSpec) -> str:
-        return "/v1/messages"
-
-    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = {
-                "error": {"type": "api_error", "message": body[:500].decode(errors="replace")}
-            }
-        if status == 200:
-            result = {"type": "succeeded", "message": parsed}
-        else:
-            error = parsed.get("error") if isinstance(parsed, dict) else None
-            if not isinstance(error, dict):
-                error = {"type": "api_error", "message": f"HTTP {status}"}
-            if status in RETRYABLE_HTTP and error.get("type") not in RETRYABLE_TYPES:
-                error = {**error, "type": "api_error"}
-            result = {"type": "errored", "error": {"type": "error", "error": error}}
-        return dumps({"custom_id": custom_id, "result": result}).encode()
-
-
-def _result_ids(data: bytes) -> set[str]:
-    ids = set()
-    for line in data.splitlines():
-        try:
-            ids.add(str(json.loads(line)["custom_id"]))
-        except (ValueError, KeyError, TypeError):
-            continue
-    return ids
-
-
-class Anthropic(_AnthropicRemote, Provider):
+class Anthropic(Provider):
     """Anthropic's wire format: one ``{"custom_id", "params"}`` entry per request.
 
     Example:
@@ -225,6 +138,87 @@ class Anthropic(_AnthropicRemote, Provider):
             band=band,
             method=f"approximate: o200k × {ratio} ({family} tokenizer), ±{band:.0%}",
         )
+
+    # remote batches: the engine's interface -------------------------------------------
+    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
+        return anthropic_remote.submit(t, data)
+
+    def find(
+        self,
+        t: Transport,
+        *,
+        tag: str,
+        since: dt.datetime,
+        requests: int,
+        exclude: frozenset[str] = frozenset(),
+        custom_ids: frozenset[str] = frozenset(),
+    ) -> str | None:
+        # No tag field on the batch object: candidates by creation time and size, then
+        # confirmed by their custom_ids once they have results (design.md, crash safety).
+        found = anthropic_remote.candidates(t, created_after=since, requests=requests)
+        found = [b for b in found if b not in exclude]
+        if len(found) <= 1:
+            return found[0] if found else None
+        confirmed, open_ = [], 0
+        for batch_id in found:
+            st = anthropic_remote.poll(t, batch_id)
+            if not st.ended or not st.result_files:
+                open_ += 1
+                continue
+            ids = _result_ids(anthropic_remote.download(t, st.result_files[0]))
+            if ids and ids <= custom_ids:
+                confirmed.append(batch_id)
+        if len(confirmed) == 1 and not open_:
+            return confirmed[0]
+        if not confirmed and not open_:
+            return None
+        raise AmbiguousBatch(
+            f"{len(found)} batches of {requests} requests were created since {since:%H:%M:%S}; "
+            "waiting until their results show which one is this shard's"
+        )
+
+    def poll(self, t: Transport, remote_id: str) -> RemoteState:
+        return anthropic_remote.poll(t, remote_id)
+
+    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+        return [anthropic_remote.download(t, url) for url in state.result_files]
+
+    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
+        return parse_results([str(f) for f in files])
+
+    def cancel(self, t: Transport, remote_id: str) -> None:
+        anthropic_remote.cancel(t, remote_id)
+
+    def sync_path(self, spec: RequestSpec) -> str:
+        return "/v1/messages"
+
+    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = {
+                "error": {"type": "api_error", "message": body[:500].decode(errors="replace")}
+            }
+        if status == 200:
+            result = {"type": "succeeded", "message": parsed}
+        else:
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+            if not isinstance(error, dict):
+                error = {"type": "api_error", "message": f"HTTP {status}"}
+            if status in RETRYABLE_HTTP and error.get("type") not in RETRYABLE_TYPES:
+                error = {**error, "type": "api_error"}
+            result = {"type": "errored", "error": {"type": "error", "error": error}}
+        return dumps({"custom_id": custom_id, "result": result}).encode()
+
+
+def _result_ids(data: bytes) -> set[str]:
+    ids = set()
+    for line in data.splitlines():
+        try:
+            ids.add(str(json.loads(line)["custom_id"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return ids
 
 
 # Structured outputs add a system preamble of unpublished size; budget a fixed amount.

@@ -31,70 +31,7 @@ _THINKING_LEVELS = ("minimal", "low", "medium", "high", "xhigh")  # SDK Thinking
 _THINKING_LEVEL_MODELS = re.compile(r"^gemini-(3|[4-9])")
 
 
-class _GeminiRemote:
-    """The engine's interface, mixed into :class:`Gemini` (kept apart from the wire format)."""
-
-    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
-        return gemini_remote.submit(
-            t,
-            data,
-            Framing(line=None, kind=kind),
-            model=spec.model,
-            embed=spec.task == "embed",
-            tag=tag,
-        )
-
-    def find(
-        self,
-        t: Transport,
-        *,
-        tag: str,
-        since: dt.datetime,
-        requests: int,
-        exclude: frozenset[str] = frozenset(),
-        custom_ids: frozenset[str] = frozenset(),
-    ) -> str | None:
-        return gemini_remote.find(t, tag)
-
-    def poll(self, t: Transport, remote_id: str) -> RemoteState:
-        return gemini_remote.poll(t, remote_id)
-
-    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
-        """The results as JSONL ``{"key", "response" | "error"}`` lines: the responses file as
-        is, or the inline responses written out in the same shape."""
-        if state.result_files == (gemini_remote.INLINE,):
-            lines = []
-            for item in gemini_remote.inline_results(t, state.remote_id):
-                key = (item.get("metadata") or {}).get("key")
-                rest = {k: v for k, v in item.items() if k != "metadata"}
-                lines.append(orjson.dumps({"key": key, **rest}) + b"\n")
-            return [b"".join(lines)]
-        return [gemini_remote.download(t, f) for f in state.result_files]
-
-    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
-        return parse_results([str(f) for f in files])
-
-    def cancel(self, t: Transport, remote_id: str) -> None:
-        gemini_remote.cancel(t, remote_id)
-
-    def sync_path(self, spec: RequestSpec) -> str:
-        verb = "embedContent" if spec.task == "embed" else "generateContent"
-        return f"/{gemini_remote.VERSION}/models/{spec.model}:{verb}"
-
-    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = {"error": {"code": status, "message": body[:500].decode(errors="replace")}}
-        if status == 200:
-            return dumps({"key": custom_id, "response": parsed}).encode()
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if not isinstance(error, dict):
-            error = {"code": status, "message": f"HTTP {status}"}
-        return dumps({"key": custom_id, "error": {"code": status, **error}}).encode()
-
-
-class Gemini(_GeminiRemote, Provider):
+class Gemini(Provider):
     """Gemini's wire format: ``GenerateContentRequest`` / ``EmbedContentRequest`` bodies.
 
     The batch file holds ``{"key", "request"}`` lines; the inline form puts
@@ -214,6 +151,66 @@ class Gemini(_GeminiRemote, Provider):
             band=0.15,
             method="approximate: o200k_base count, ±15%",
         )
+
+    # remote batches: the engine's interface -------------------------------------------
+    def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
+        return gemini_remote.submit(
+            t,
+            data,
+            Framing(line=None, kind=kind),
+            model=spec.model,
+            embed=spec.task == "embed",
+            tag=tag,
+        )
+
+    def find(
+        self,
+        t: Transport,
+        *,
+        tag: str,
+        since: dt.datetime,
+        requests: int,
+        exclude: frozenset[str] = frozenset(),
+        custom_ids: frozenset[str] = frozenset(),
+    ) -> str | None:
+        return gemini_remote.find(t, tag)
+
+    def poll(self, t: Transport, remote_id: str) -> RemoteState:
+        return gemini_remote.poll(t, remote_id)
+
+    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+        """The results as JSONL ``{"key", "response" | "error"}`` lines: the responses file as
+        is, or the inline responses written out in the same shape."""
+        if state.result_files == (gemini_remote.INLINE,):
+            lines = []
+            for item in gemini_remote.inline_results(t, state.remote_id):
+                key = (item.get("metadata") or {}).get("key")
+                rest = {k: v for k, v in item.items() if k != "metadata"}
+                lines.append(orjson.dumps({"key": key, **rest}) + b"\n")
+            return [b"".join(lines)]
+        return [gemini_remote.download(t, f) for f in state.result_files]
+
+    def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
+        return parse_results([str(f) for f in files])
+
+    def cancel(self, t: Transport, remote_id: str) -> None:
+        gemini_remote.cancel(t, remote_id)
+
+    def sync_path(self, spec: RequestSpec) -> str:
+        verb = "embedContent" if spec.task == "embed" else "generateContent"
+        return f"/{gemini_remote.VERSION}/models/{spec.model}:{verb}"
+
+    def sync_line(self, custom_id: str, status: int, body: bytes) -> bytes:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = {"error": {"code": status, "message": body[:500].decode(errors="replace")}}
+        if status == 200:
+            return dumps({"key": custom_id, "response": parsed}).encode()
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if not isinstance(error, dict):
+            error = {"code": status, "message": f"HTTP {status}"}
+        return dumps({"key": custom_id, "error": {"code": status, **error}}).encode()
 
 
 # results ---------------------------------------------------------------------------------------

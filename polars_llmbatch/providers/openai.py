@@ -13,6 +13,7 @@ import polars as pl
 
 from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.providers import openai_remote
 from polars_llmbatch.providers.base import Framing, Limits, Provider, RemoteState, TokenRule
 from polars_llmbatch.spec import RequestSpec
 from polars_llmbatch.tokens.encodings import get_encoding
@@ -161,8 +162,6 @@ class OpenAI(Provider):
 
     # remote batches -----------------------------------------------------------------------
     def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
-        from polars_llmbatch.providers import openai_remote
-
         return openai_remote.submit(
             t, data, endpoint=self.endpoint(spec), tag=tag, filename=f"{tag}.jsonl"
         )
@@ -177,26 +176,18 @@ class OpenAI(Provider):
         exclude: frozenset[str] = frozenset(),
         custom_ids: frozenset[str] = frozenset(),
     ) -> str | None:
-        from polars_llmbatch.providers import openai_remote
-
         return openai_remote.find(t, tag)
 
     def poll(self, t: Transport, remote_id: str) -> RemoteState:
-        from polars_llmbatch.providers import openai_remote
-
         return openai_remote.poll(t, remote_id)
 
     def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
-        from polars_llmbatch.providers import openai_remote
-
         return [openai_remote.download(t, f) for f in state.result_files]
 
     def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
         return parse_results([str(f) for f in files])
 
     def cancel(self, t: Transport, remote_id: str) -> None:
-        from polars_llmbatch.providers import openai_remote
-
         openai_remote.cancel(t, remote_id)
 
     def queue_limited(self, state: RemoteState) -> bool:
