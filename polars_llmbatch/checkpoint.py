@@ -18,9 +18,11 @@ ignored, and a half-written file is only ever a ``*.tmp`` that the next run over
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,9 +34,22 @@ import polars as pl
 from polars_llmbatch._fs import fsync
 from polars_llmbatch.errors import LlmBatchError
 
-__all__ = ["Checkpoint", "ShardRecord", "default_root"]
+__all__ = ["Checkpoint", "LockedError", "ShardRecord", "default_root"]
 
 FORMAT = 1
+#: What a checkpoint folder holds (see the layout above).
+_OWN_FILES = frozenset(
+    {
+        "job.json",
+        "rows.parquet",
+        "requests.parquet",
+        "events.jsonl",
+        "shards",
+        "raw",
+        "results",
+        ".lock",
+    }
+)
 
 
 def default_root() -> Path:
@@ -137,14 +152,28 @@ class Checkpoint:
                 "pass checkpoint= a folder you can write to"
             ) from None
 
-    def create(self, job: dict[str, Any], rows: pl.DataFrame, requests: pl.DataFrame) -> None:
-        """Write a new job's files; ``job.json`` last, so a directory without it is not a job."""
+    def begin(self, rows: pl.DataFrame, requests: pl.DataFrame) -> None:
+        """Write a new job's data files. Until :meth:`commit` writes ``job.json`` the folder is
+        not a job, and a run that died in between starts it afresh (nothing was sent)."""
         self.check_writable()
+        if self.unfinished():
+            for entry in self.path.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         for sub in ("shards", "raw", "results"):
             (self.path / sub).mkdir(exist_ok=True)
         self.write_parquet(self.path / "rows.parquet", rows)
         self.write_parquet(self.path / "requests.parquet", requests)
+
+    def commit(self, job: dict[str, Any]) -> None:
         self.write_bytes(self.job_file, json.dumps({"format": FORMAT, **job}, indent=1).encode())
+
+    def unfinished(self) -> bool:
+        """A folder holding only what :meth:`begin` and the first plan write, without
+        ``job.json``: a job whose creation was interrupted before anything could be sent."""
+        if not self.path.is_dir() or self.exists():
+            return False
+        names = {p.name.removesuffix(".tmp") for p in self.path.iterdir()}
+        return bool(names) and names <= _OWN_FILES
 
     def job(self) -> dict[str, Any]:
         try:
@@ -165,6 +194,25 @@ class Checkpoint:
 
     def requests(self) -> pl.DataFrame:
         return pl.read_parquet(self.path / "requests.parquet")
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the job for one runner: a second process (or a second ``Job`` object) that
+        tries to run the same job while one does gets a clear error instead of submitting
+        every shard again. The lock is the OS's, so a killed process releases it."""
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                _lock(fd)
+            except OSError:
+                raise LockedError(
+                    f"the job in {str(self.path)!r} is being run by another process or Job "
+                    "object; let that one finish (Job.open(path).status() shows progress) or "
+                    "stop it first"
+                ) from None
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # atomic writes -------------------------------------------------------------------------
     def write_bytes(self, path: Path, data: bytes) -> None:
@@ -248,6 +296,21 @@ class Checkpoint:
                 rec.remote_id = rec.phase = rec.status = None
                 rec.intent_at = None
         return shards
+
+
+class LockedError(LlmBatchError):
+    """Another runner holds the job."""
+
+
+def _lock(fd: int) -> None:
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _now() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from polars_llmbatch.requests import Prepared
 from polars_llmbatch.results import RESULT_SCHEMA, missing_results
 from polars_llmbatch.shards import plan, write_shard_files
 from polars_llmbatch.spec import RequestSpec
-from polars_llmbatch.transport import ProviderError, Transport
+from polars_llmbatch.transport import ProviderError, Transport, UncertainError
 
 __all__ = ["Engine", "Settings", "plan_round"]
 
@@ -130,11 +131,16 @@ class Engine:
         self.worst_cost_per_request = worst_cost_per_request
         self.sleep = sleep
         self._states: dict[int, RemoteState] = {}
+        self._ambiguous = False
 
     # the loop ------------------------------------------------------------------------------
     def run(self, timeout: float | None = None, *, retry: bool = True) -> bool:
         """Work until every shard is done and no retry is due (True), or ``timeout`` seconds
         have passed (False). Safe to interrupt at any point; the next run resumes."""
+        with self.ckpt.lock():
+            return self._run(timeout, retry=retry)
+
+    def _run(self, timeout: float | None, *, retry: bool) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         interval = self.settings.poll_interval
         progress = Progress(self.ckpt, enabled=self.settings.progress)
@@ -149,10 +155,13 @@ class Engine:
                     return True
                 moved = False
                 live = any(r.submitted for r in pending)  # batches that hold queue space
+                canceled = self.canceled()
                 for s in pending:
                     if s.mode == "sync":
                         self._run_sync(s)
                         moved = True
+                    elif not s.submitted and canceled:
+                        moved |= self._cancel_unsent(s)
                     elif not s.submitted:
                         sent = self._submit(s, active=live)
                         moved |= sent
@@ -177,28 +186,13 @@ class Engine:
         if s.intent_at is not None:
             # A previous run recorded the intent and may have created the batch before dying:
             # look it up before sending anything again.
-            since = dt.datetime.fromisoformat(s.intent_at) - dt.timedelta(minutes=2)
-            taken = frozenset(
-                r.remote_id for r in self.ckpt.shards().values() if r.remote_id is not None
-            )
-            try:
-                found = self.provider.find(
-                    self.t,
-                    tag=s.tag,
-                    since=since,
-                    requests=s.requests,
-                    exclude=taken,
-                    custom_ids=frozenset(
-                        pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"].to_list()
-                    ),
-                )
-            except AmbiguousBatch as exc:
-                log.warning("shard %d: %s; waiting before deciding", s.index, exc)
-                return False
+            found = self._find(s)
             if found is not None:
                 log.info("shard %d: found batch %s from an earlier run", s.index, found)
                 self.ckpt.append("submitted", shard=s.index, remote_id=found, recovered=True)
                 return True
+            if self._ambiguous:
+                return False
         data = self.ckpt.shard_file(s.filename).read_bytes()
         if hashlib.sha256(data).hexdigest() != s.sha256:
             raise LlmBatchError(
@@ -208,7 +202,16 @@ class Engine:
         self.ckpt.append("intent", shard=s.index, tag=s.tag, sha256=s.sha256, attempt=s.attempt)
         try:
             remote_id = self.provider.submit(self.t, self.spec, data, tag=s.tag, kind=s.kind)
+        except UncertainError as exc:
+            # The create may have happened: the intent stays, and the next pass looks the
+            # batch up by its tag before sending anything again.
+            log.warning("shard %d: %s; will look it up before resubmitting", s.index, exc)
+            return False
         except ProviderError as exc:
+            if exc.status in (401, 403, 404) or "insufficient_quota" in str(exc):
+                # The key, the URL, the model or the account is wrong: no shard would go
+                # through. Stop, so that re-running after the fix sends everything.
+                raise
             if exc.status == 429:
                 if active:
                     # The provider's queue is full (or we are rate limited past our retries):
@@ -216,8 +219,15 @@ class Engine:
                     log.warning("shard %d: not accepted yet (%s); will retry", s.index, exc)
                     return False
                 # Refused with nothing else queued: the shard itself is over the queue limit.
-                # Its requests come back in a round of half-size shards.
-                self._fail_shard(s, f"over the queue limit: {exc}", retryable=True, limited=True)
+                # Its requests come back in a round of half-size shards (one request alone
+                # that is still refused cannot be split further).
+                splittable = s.requests > 1
+                self._fail_shard(
+                    s,
+                    f"over the queue limit: {exc}",
+                    retryable=splittable,
+                    limited=splittable,
+                )
                 return True
             if 400 <= exc.status < 500:
                 self._fail_shard(s, f"rejected: {exc}", retryable=False)
@@ -226,6 +236,30 @@ class Engine:
         self.ckpt.append("submitted", shard=s.index, remote_id=remote_id)
         log.info("shard %d: submitted as %s (%d requests)", s.index, remote_id, s.requests)
         return True
+
+    def _find(self, s: ShardRecord) -> str | None:
+        """The batch an earlier create for ``s`` may have made (``_ambiguous`` while the
+        provider cannot tell yet)."""
+        assert s.intent_at is not None
+        self._ambiguous = False
+        since = dt.datetime.fromisoformat(s.intent_at) - dt.timedelta(minutes=2)
+        taken = frozenset(
+            r.remote_id for r in self.ckpt.shards().values() if r.remote_id is not None
+        )
+        ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"].to_list()
+        try:
+            return self.provider.find(
+                self.t,
+                tag=s.tag,
+                since=since,
+                requests=s.requests,
+                exclude=taken,
+                custom_ids=frozenset(ids),
+            )
+        except AmbiguousBatch as exc:
+            log.warning("shard %d: %s; waiting before deciding", s.index, exc)
+            self._ambiguous = True
+            return None
 
     def _poll(self, s: ShardRecord) -> bool:
         assert s.remote_id is not None
@@ -255,11 +289,18 @@ class Engine:
         if files:
             got = self.provider.parse(files, self.spec)
             got = got.filter(pl.col("custom_id").is_in(ids.implode()))  # never a foreign row
-            absent = ids.filter(~ids.is_in(got["custom_id"].implode()))
-            rows = pl.concat([got, missing_results(absent)])
+            absent = missing_results(ids.filter(~ids.is_in(got["custom_id"].implode())))
+            status = _batch_status(st)
+            if status != "errored":  # a cancelled (or expired) batch that never ran them
+                absent = absent.with_columns(
+                    pl.lit(status).alias("status"),
+                    pl.lit(f"the batch ended {st.status} before it ran").alias("error"),
+                    pl.lit(status == "expired").alias("retryable"),
+                )
+            rows = pl.concat([got, absent])
             queue_limited = False
         else:
-            queue_limited = self.provider.queue_limited(st)
+            queue_limited = self.provider.queue_limited(st) and s.requests > 1
             status = _batch_status(st)
             rows = missing_results(ids).with_columns(
                 pl.lit(status).alias("status"),
@@ -270,11 +311,17 @@ class Engine:
         self.ckpt.append("done", shard=s.index, queue_limited=queue_limited, **_counts(rows))
 
     def _fail_shard(
-        self, s: ShardRecord, error: str, *, retryable: bool, limited: bool = False
+        self,
+        s: ShardRecord,
+        error: str,
+        *,
+        retryable: bool,
+        limited: bool = False,
+        status: str = "errored",
     ) -> None:
         ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
         rows = missing_results(ids).with_columns(
-            pl.lit("errored").alias("status"),
+            pl.lit(status).alias("status"),
             pl.lit(error).alias("error"),
             pl.lit(retryable).alias("retryable"),
         )
@@ -290,26 +337,72 @@ class Engine:
         self.ckpt.write_parquet(self.ckpt.result_file(s.index), rows)
 
     def cancel(self) -> int:
-        """Ask the provider to cancel every live batch; the number asked. Their partial results
-        are still collected by the next :meth:`run` (they are paid for)."""
+        """Stop the job: nothing more is sent, and every live batch is asked to cancel; the
+        number asked. What already ran is paid for, so the next :meth:`run` still collects it
+        (shards never sent end ``canceled``)."""
+        self.ckpt.append("canceled")  # first: a run in another process stops sending at once
         n = 0
         for s in self.ckpt.shards().values():
             if not s.done and s.remote_id is not None and s.mode == "batch":
-                self.provider.cancel(self.t, s.remote_id)
-                n += 1
-        self.ckpt.append("canceled")
+                n += self._cancel_remote(s.index, s.remote_id)
         return n
+
+    def canceled(self) -> bool:
+        return any(e.get("event") == "canceled" for e in self.ckpt.events())
+
+    def _cancel_remote(self, index: int, remote_id: str) -> int:
+        try:
+            if self.provider.poll(self.t, remote_id).ended:
+                return 0  # finished already: its results are collected as usual
+            self.provider.cancel(self.t, remote_id)
+        except ProviderError as exc:  # e.g. it ended in between: nothing left to cancel
+            log.warning("shard %d: cancel of %s not taken (%s)", index, remote_id, exc)
+            return 0
+        return 1
+
+    def _cancel_unsent(self, s: ShardRecord) -> bool:
+        """After a cancel, a shard without a recorded batch: one a crash may have created is
+        looked up and cancelled; otherwise the shard ends ``canceled``, never sent."""
+        if s.intent_at is not None:
+            found = self._find(s)
+            if found is None and self._ambiguous:
+                return False
+            if found is not None:
+                self.ckpt.append("submitted", shard=s.index, remote_id=found, recovered=True)
+                self._cancel_remote(s.index, found)
+                return True
+        self._fail_shard(s, "canceled before it was sent", status="canceled", retryable=False)
+        return True
 
     # sync mode -----------------------------------------------------------------------------
     def _run_sync(self, s: ShardRecord) -> None:
         """Send a shard's requests one by one (``concurrency`` at a time). Each answer is
         appended to a ``.part`` file as it arrives, so a crash loses none that were paid for;
         a restart sends only the requests without one."""
-        part = self.ckpt.raw_file(s.index, 0).with_suffix(".part")
+        final = self.ckpt.raw_file(s.index, 0)
+        ids = pl.read_parquet(self.ckpt.ids_file(s.index))
+        canceled = self.canceled()
+        if not s.files:
+            self._send_sync(s, final, ids, send=not canceled)
+        rows = self.provider.parse([final], self.spec)
+        absent = ids["custom_id"].filter(~ids["custom_id"].is_in(rows["custom_id"].implode()))
+        lost = missing_results(absent)
+        if canceled:
+            lost = lost.with_columns(
+                pl.lit("canceled").alias("status"),
+                pl.lit("canceled before it was sent").alias("error"),
+                pl.lit(False).alias("retryable"),
+            )
+        self._write_results(s, pl.concat([rows, lost]))
+        self.ckpt.append("done", shard=s.index, queue_limited=False, **_counts(rows))
+
+    def _send_sync(self, s: ShardRecord, final: Path, ids: pl.DataFrame, *, send: bool) -> None:
+        part = final.with_suffix(".part")
+        if final.exists() and not part.exists():  # renamed, then killed before the event
+            os.replace(final, part)
         done_ids = _part_ids(part)
         if s.intent_at is None:
             self.ckpt.append("intent", shard=s.index, tag=s.tag, sha256=s.sha256, attempt=s.attempt)
-        ids = pl.read_parquet(self.ckpt.ids_file(s.index))
         todo = (
             pl.scan_parquet(self.ckpt.path / "requests.parquet")
             .join(ids.lazy(), on="custom_id", how="semi")
@@ -317,10 +410,12 @@ class Engine:
             .select("custom_id", "body")
             .collect()
         )
+        if not send:
+            todo = todo.clear()
         path = self.provider.sync_path(self.spec)
         lock = threading.Lock()
 
-        def send(item: tuple[str, str]) -> None:
+        def send_one(item: tuple[str, str]) -> None:
             custom_id, body = item
             try:
                 r = self.t.request(
@@ -341,21 +436,16 @@ class Engine:
                 f.flush()
 
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
-            list(pool.map(send, todo.iter_rows()))
+            list(pool.map(send_one, todo.iter_rows()))
         if not part.exists():
             part.touch()
         fsync(part)
-        final = self.ckpt.raw_file(s.index, 0)
         part.replace(final)
         self.ckpt.append("fetched", shard=s.index, files=[str(final.relative_to(self.ckpt.path))])
-        rows = self.provider.parse([final], self.spec)
-        absent = ids["custom_id"].filter(~ids["custom_id"].is_in(rows["custom_id"].implode()))
-        self._write_results(s, pl.concat([rows, missing_results(absent)]))
-        self.ckpt.append("done", shard=s.index, queue_limited=False, **_counts(rows))
 
     # retries -------------------------------------------------------------------------------
     def _plan_retries(self, shards: dict[int, ShardRecord]) -> bool:
-        if any(e.get("event") == "canceled" for e in self.ckpt.events()):
+        if self.canceled():
             return False  # the user canceled: nothing more is sent
         results = read_results(self.ckpt)
         if results.is_empty():
@@ -418,7 +508,7 @@ class Engine:
             prepared,
             attempt=attempt,
             first_index=max(shards) + 1,
-            job_id=job["job_id"],
+            job_id=job["tag_id"],
             mode=self.settings.mode,
             max_requests=max_requests,
             max_bytes=self.settings.max_shard_bytes,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import json
 import logging
 import math
+import secrets
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from polars_llmbatch.checkpoint import Checkpoint, default_root
+from polars_llmbatch.checkpoint import Checkpoint, LockedError, default_root
 from polars_llmbatch.engine import Engine, Settings, plan_round
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.estimate import Estimate, estimate
@@ -92,8 +94,12 @@ class Job:
         frame: pl.DataFrame | pl.LazyFrame | None = None,
         settings: Settings | None = None,
         usage: bool = False,
+        rows: pl.DataFrame | None = None,
     ) -> None:
         self._ckpt = ckpt
+        # The row → request map of the call that made this object (its frame's rows, in its
+        # order); a reopened job uses the checkpoint's.
+        self._rows = rows
         self._job = ckpt.job()
         self._t = transport
         self._frame = frame
@@ -200,7 +206,10 @@ class Job:
         n = engine.cancel()
         log.info("asked %d batch(es) to cancel", n)
         if wait:
-            engine.run(timeout, retry=False)
+            try:
+                engine.run(timeout, retry=False)
+            except LockedError:
+                log.info("another runner holds the job; it collects what the batches return")
         return self
 
     # reading ---------------------------------------------------------------------------------
@@ -208,7 +217,7 @@ class Job:
         """Rows by status and shards by state, from the checkpoint (no provider call)."""
         shards = self._ckpt.shards()
         results = read_results(self._ckpt)
-        rows = self._ckpt.rows()
+        rows = self._rows if self._rows is not None else self._ckpt.rows()
         counts = Counter({s: 0 for s in STATUSES})
         best = best_results(results) if results.height else None
         by_id = (
@@ -240,7 +249,7 @@ class Job:
         key, plus the output column(s), ``llm_status`` and ``llm_error`` (and with ``usage``
         tokens and cost). Rows not finished yet are ``pending``."""
         usage = self._usage if usage is None else usage
-        rows = self._ckpt.rows()
+        rows = self._rows if self._rows is not None else self._ckpt.rows()
         out = join_rows(
             rows,
             read_results(self._ckpt),
@@ -314,7 +323,12 @@ def start(
         if found.exists():
             _check_same(found, prepared, found.job()["mode"] if mode == "auto" else mode)
             return found, None
-    cache = _cached(prepared, root, exclude=Path(checkpoint) if checkpoint else None)
+    cache = _cached(
+        prepared,
+        root,
+        exclude=Path(checkpoint) if checkpoint else None,
+        base_url=transport.base_url,
+    )
     todo = _subset(prepared, cache["custom_id"]) if cache.height else prepared
     est, _ = estimate(todo, **estimate_args)
     if mode == "auto":
@@ -325,7 +339,7 @@ def start(
     path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
     ckpt = Checkpoint(path)
     est.check_budget(max_cost, mode)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(path.iterdir()) and not ckpt.unfinished():
         raise LlmBatchError(
             f"checkpoint={str(path)!r} is a folder with other files in it; name a new or empty "
             "folder (a checkpoint holds one job)"
@@ -334,6 +348,10 @@ def start(
     price = est.price
     job = {
         "job_id": prepared.job_id,
+        # Batches are tagged with the job id and this checkpoint's own nonce: two checkpoints
+        # of the same call never take each other's batches for their own after a crash.
+        "tag_id": f"{prepared.job_id}-{secrets.token_hex(4)}",
+        "base_url": transport.base_url,
         "spec": prepared.spec.to_dict(),
         "spec_digest": prepared.spec.digest(),
         "output_dtypes": prepared.spec.output.dtypes_blob() if prepared.spec.output else None,
@@ -353,7 +371,9 @@ def start(
         "price": price.to_dict(),
         "estimate": est.to_dict(),
     }
-    ckpt.create(job, prepared.rows, prepared.requests.select("custom_id", "body", "row"))
+    # Data, cached results and the first round's shards first, job.json last: a folder
+    # without job.json was interrupted before anything was sent, and is started afresh.
+    ckpt.begin(prepared.rows, prepared.requests.select("custom_id", "body", "row"))
     if cache.height:
         ckpt.write_parquet(ckpt.cached_file, cache)
     plan_round(
@@ -361,11 +381,12 @@ def start(
         todo,
         attempt=1,
         first_index=0,
-        job_id=prepared.job_id,
+        job_id=job["tag_id"],
         mode=mode,
         max_requests=settings.max_shard_requests,
         max_bytes=settings.max_shard_bytes,
     )
+    ckpt.commit(job)
     return ckpt, est
 
 
@@ -396,15 +417,22 @@ def _check_same(ckpt: Checkpoint, prepared: Prepared, mode: str) -> None:
         )
 
 
-def _cached(prepared: Prepared, root: Path, *, exclude: Path | None) -> pl.DataFrame:
-    """Succeeded results of this job's requests found in other checkpoints under ``root``."""
+def _cached(prepared: Prepared, root: Path, *, exclude: Path | None, base_url: str) -> pl.DataFrame:
+    """Succeeded results of this job's requests found in other checkpoints under ``root`` that
+    ran against the same base URL (an emulator's answers are never reused as a provider's)."""
     if not root.is_dir():
         return pl.DataFrame()
-    files = [
-        str(f)
-        for f in root.glob("*/results/*.parquet")
-        if exclude is None or f.parent.parent.resolve() != exclude.resolve()
-    ]
+    files = []
+    for job_file in root.glob("*/job.json"):
+        folder = job_file.parent
+        if exclude is not None and folder.resolve() == exclude.resolve():
+            continue
+        try:
+            if json.loads(job_file.read_text()).get("base_url") != base_url:
+                continue
+        except (OSError, ValueError):
+            continue
+        files += [str(f) for f in (folder / "results").glob("*.parquet")]
     if not files:
         return pl.DataFrame()
     with duckdb.connect() as con:

@@ -324,9 +324,10 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         max_cost=args["max_cost"],
         output_name=name,
     )
+    rows = prepared.rows  # this call's rows: a reattached job may list them in another order
     del prepared  # the checkpoint holds the requests now; waiting needs none of it in memory
     settings = Settings(**{**settings.__dict__, "mode": ckpt.job()["mode"]})
-    job = Job(ckpt, transport, frame=frame, settings=settings, usage=args["usage"])
+    job = Job(ckpt, transport, frame=frame, settings=settings, usage=args["usage"], rows=rows)
     if not args["wait"]:
         return job
     return job.wait().result()

@@ -224,8 +224,9 @@ def join_rows(
     error = (
         pl.coalesce(pl.col("invalid"), pl.col("error")) if outputs is not None else pl.col("error")
     )
+    dtypes = _output_dtypes(spec, name)
     cols: list[pl.Expr] = [
-        pl.col(c) if outputs is not None else pl.lit(None).alias(c) for c in out_cols
+        pl.col(c) if outputs is not None else pl.lit(None, dtypes[c]).alias(c) for c in out_cols
     ]
     cols += [status.alias(STATUS_COLUMN), error.alias(ERROR_COLUMN)]
     if usage:
@@ -246,6 +247,20 @@ def join_rows(
             )
         ]
     return joined.select(*cols)
+
+
+def _output_dtypes(spec: RequestSpec, name: str | None) -> dict[str, pl.DataType]:
+    """The output columns' dtypes before any result is in (embeddings: an Array when the
+    dimension is known from ``dimensions=``)."""
+    if spec.task == "embed":
+        inner = pl.Float32()
+        return {
+            name or "embedding": pl.Array(inner, spec.dimensions)
+            if spec.dimensions
+            else pl.List(inner)
+        }
+    assert spec.output is not None
+    return dict(spec.output.columns)
 
 
 def _output_columns(spec: RequestSpec, name: str | None) -> list[str]:

@@ -20,7 +20,7 @@ import httpx
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.providers import get_provider
 
-__all__ = ["Credentials", "ProviderError", "Transport", "credentials"]
+__all__ = ["Credentials", "ProviderError", "Transport", "UncertainError", "credentials"]
 
 log = logging.getLogger("polars_llmbatch.transport")
 
@@ -34,6 +34,12 @@ class ProviderError(LlmBatchError):
         super().__init__(f"{provider} answered HTTP {status}: {message}")
         self.provider = provider
         self.status = status
+
+
+class UncertainError(ProviderError):
+    """A call that must not be repeated (a batch create) failed in a way that leaves open
+    whether the provider acted on it: a timeout, a cut connection or a server error after
+    the request was sent. The caller looks the result up instead of sending it again."""
 
 
 @dataclass(frozen=True)
@@ -117,11 +123,16 @@ class Transport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def request(
+        self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any
+    ) -> httpx.Response:
         """Send, retrying transient failures; raise :class:`ProviderError` on a final error.
 
         The whole body is read before returning, so a connection cut mid-download is retried
-        like any other connection error.
+        like any other connection error. With ``idempotent=False`` (a batch create) only what
+        certainly did not reach the provider is retried (a refused connection, a 429); any
+        other failure raises :class:`UncertainError` at once, since repeating the call could
+        create, and bill, a second batch.
         """
         attempt = 0
         while True:
@@ -129,6 +140,12 @@ class Transport:
                 response = self._client.request(method, path, **kwargs)
                 response.read()
             except (httpx.TransportError, httpx.DecodingError) as exc:
+                if not idempotent and not isinstance(
+                    exc, (httpx.ConnectError, httpx.ConnectTimeout)
+                ):
+                    raise UncertainError(
+                        self.provider, 0, f"no answer to {method} {path} ({type(exc).__name__})"
+                    ) from None
                 if attempt >= self.max_retries:
                     raise ProviderError(
                         self.provider, 0, f"connection failed: {type(exc).__name__}"
@@ -138,8 +155,12 @@ class Transport:
             else:
                 if response.status_code < 400:
                     return response
+                if not idempotent and response.status_code != 429 and response.status_code >= 500:
+                    raise UncertainError(self.provider, response.status_code, _message(response))
                 if response.status_code not in RETRY_STATUS or attempt >= self.max_retries:
                     raise ProviderError(self.provider, response.status_code, _message(response))
+                if not idempotent and response.status_code != 429:
+                    raise UncertainError(self.provider, response.status_code, _message(response))
                 delay = self._delay(attempt, response)
                 log.info(
                     "%s %s: HTTP %d, retrying in %.1f s", method, path, response.status_code, delay

@@ -29,7 +29,7 @@ CHILD = textwrap.dedent(
     from polars_llmbatch import checkpoint, transport
     from polars_llmbatch.providers import PROVIDERS
 
-    url, ckpt, stage, provider, model = sys.argv[1:6]
+    url, ckpt, stage, provider, model, mode = sys.argv[1:7]
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -67,7 +67,7 @@ CHILD = textwrap.dedent(
     out = df.llm.batch("Classify: {body}", provider=provider, model=model,
                        output=["billing", "bug", "feature", "other"], checkpoint=ckpt,
                        api_key="k", base_url=url, progress=False, poll_interval=0.02,
-                       max_shard_requests=40, max_output_tokens=100)
+                       max_shard_requests=40, max_output_tokens=100, mode=mode)
     out.select("label", "llm_status").with_columns(pl.col("label").cast(pl.String)).write_json(
         ckpt + ".out.json")
     """
@@ -75,11 +75,13 @@ CHILD = textwrap.dedent(
 MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
 
 
-def child(tmp: Path, url: str, ckpt: Path, stage: str, provider: str = "openai") -> int:
+def child(
+    tmp: Path, url: str, ckpt: Path, stage: str, provider: str = "openai", mode: str = "batch"
+) -> int:
     script = tmp / "child.py"
     script.write_text(CHILD)
     run = subprocess.run(
-        [sys.executable, str(script), url, str(ckpt), stage, provider, MODELS[provider]],
+        [sys.executable, str(script), url, str(ckpt), stage, provider, MODELS[provider], mode],
         capture_output=True,
         text=True,
         timeout=120,
@@ -115,3 +117,27 @@ def test_kill_9_then_rerun_pays_once_and_loses_nothing(
     assert out["label"].to_list() == [
         model.enum_pick(f"Classify: {b}", "label", CATS) for b in bodies
     ]
+
+
+def test_kill_9_in_sync_mode_pays_each_request_once(tmp_path: Path) -> None:
+    ckpt = tmp_path / "job"
+    with serve(batch_seconds=0.3) as emu:
+        assert child(tmp_path, emu.openai_url, ckpt, "writing_results", mode="sync") == -9
+        assert child(tmp_path, emu.openai_url, ckpt, "none", mode="sync") == 0
+        # Each of the 90 rows' unique requests was answered by exactly one sync call.
+        sync_bills = [b for b in emu.ledger.billed if b["batch_id"] is None]
+        assert len(sync_bills) == 90 and not emu.ledger.batches
+    out = pl.DataFrame(json.loads((tmp_path / "job.out.json").read_text()))
+    assert set(out["llm_status"]) == {"succeeded"}
+
+
+def test_a_crashed_checkpoint_never_takes_another_checkpoints_batch(tmp_path: Path) -> None:
+    # Checkpoint a finishes; b (the same call, elsewhere) dies after its intent, before its
+    # create. On restart b must send its own batches, not adopt a's (same job, same shards).
+    with serve(batch_seconds=0.3) as emu:
+        assert child(tmp_path, emu.openai_url, tmp_path / "x" / "a", "none") == 0
+        assert child(tmp_path, emu.openai_url, tmp_path / "y" / "b", "after_upload") == -9
+        assert child(tmp_path, emu.openai_url, tmp_path / "y" / "b", "none") == 0
+        assert len(emu.ledger.batches) == 6  # three shards each
+    out = pl.DataFrame(json.loads((tmp_path / "y" / "b.out.json").read_text()))
+    assert set(out["llm_status"]) == {"succeeded"}

@@ -156,25 +156,25 @@ class Anthropic(Provider):
         # No tag field on the batch object: candidates by creation time and size, then
         # confirmed by their custom_ids once they have results (design.md, crash safety).
         found = anthropic_remote.candidates(t, created_after=since, requests=requests)
-        found = [b for b in found if b not in exclude]
-        if len(found) <= 1:
-            return found[0] if found else None
-        confirmed, open_ = [], 0
+        confirmed, running = [], 0
         for batch_id in found:
-            st = anthropic_remote.poll(t, batch_id)
-            if not st.ended or not st.result_files:
-                open_ += 1
+            if batch_id in exclude:
                 continue
-            ids = _result_ids(anthropic_remote.download(t, st.result_files[0]))
-            if ids and ids <= custom_ids:
-                confirmed.append(batch_id)
-        if len(confirmed) == 1 and not open_:
+            st = anthropic_remote.poll(t, batch_id)
+            if not st.ended:
+                running += 1  # cannot tell whose it is until its results exist
+                continue
+            if st.result_files:
+                ids = _result_ids(anthropic_remote.download(t, st.result_files[0]))
+                if ids and ids <= custom_ids:
+                    confirmed.append(batch_id)
+        if confirmed:  # its results are this shard's requests (the newest, if several)
             return confirmed[0]
-        if not confirmed and not open_:
+        if not running:
             return None
         raise AmbiguousBatch(
-            f"{len(found)} batches of {requests} requests were created since {since:%H:%M:%S}; "
-            "waiting until their results show which one is this shard's"
+            f"{running} batch(es) of {requests} requests created since "
+            f"{since:%H:%M:%S} may be this shard's; waiting until their results show whose"
         )
 
     def poll(self, t: Transport, remote_id: str) -> RemoteState:

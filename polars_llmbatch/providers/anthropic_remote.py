@@ -23,7 +23,11 @@ __all__ = ["cancel", "candidates", "download", "poll", "submit"]
 def submit(t: Transport, data: bytes) -> str:
     """Create the batch; its id (``msgbatch_…``)."""
     r = t.request(
-        "POST", "/v1/messages/batches", content=data, headers={"content-type": "application/json"}
+        "POST",
+        "/v1/messages/batches",
+        content=data,
+        headers={"content-type": "application/json"},
+        idempotent=False,
     )
     return str(r.json()["id"])
 

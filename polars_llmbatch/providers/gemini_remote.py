@@ -37,7 +37,13 @@ def submit(
     verb = "asyncBatchEmbedContent" if embed else "batchGenerateContent"
     path = f"/{VERSION}/models/{model}:{verb}"
     if framing.kind == "inline":
-        op = t.request("POST", path, content=data, headers={"content-type": "application/json"})
+        op = t.request(
+            "POST",
+            path,
+            content=data,
+            headers={"content-type": "application/json"},
+            idempotent=False,
+        )
         return str(op.json()["name"])
     start = t.request(
         "POST",
@@ -58,7 +64,7 @@ def submit(
         headers={"X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0"},
     )
     body = {"batch": {"displayName": tag, "inputConfig": {"fileName": done.json()["file"]["name"]}}}
-    return str(t.request("POST", path, json=body).json()["name"])
+    return str(t.request("POST", path, json=body, idempotent=False).json()["name"])
 
 
 def find(t: Transport, tag: str, *, max_pages: int = 50) -> str | None:

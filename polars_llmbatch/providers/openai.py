@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -171,12 +172,12 @@ class OpenAI(Provider):
         t: Transport,
         *,
         tag: str,
-        since: Any,
+        since: dt.datetime,
         requests: int,
         exclude: frozenset[str] = frozenset(),
         custom_ids: frozenset[str] = frozenset(),
     ) -> str | None:
-        return openai_remote.find(t, tag)
+        return openai_remote.find(t, tag, since=since.timestamp())
 
     def poll(self, t: Transport, remote_id: str) -> RemoteState:
         return openai_remote.poll(t, remote_id)

@@ -45,12 +45,16 @@ def submit(t: Transport, data: bytes, *, endpoint: str, tag: str, filename: str)
         "completion_window": "24h",
         "metadata": {TAG_KEY: tag},
     }
-    return str(t.request("POST", "/batches", json=body).json()["id"])
+    return str(t.request("POST", "/batches", json=body, idempotent=False).json()["id"])
 
 
-def find(t: Transport, tag: str, *, max_pages: int = 50) -> str | None:
-    """The newest batch created with ``tag``, or ``None`` (pages through up to
-    ``max_pages`` × 100 batches, newest first)."""
+def find(
+    t: Transport, tag: str, *, since: float | None = None, max_pages: int = 1_000
+) -> str | None:
+    """The newest batch created with ``tag``, or ``None``. Pages through the batches newest
+    first, down to those created before ``since`` (a Unix time: the intent's, so the search
+    covers every batch the crashed create could have made however busy the account is), or
+    ``max_pages`` × 100 batches."""
     after: str | None = None
     for _ in range(max_pages):
         params: dict[str, Any] = {"limit": 100}
@@ -60,6 +64,8 @@ def find(t: Transport, tag: str, *, max_pages: int = 50) -> str | None:
         for b in page.get("data", []):
             if (b.get("metadata") or {}).get(TAG_KEY) == tag:
                 return str(b["id"])
+            if since is not None and int(b.get("created_at") or 0) < since:
+                return None  # newest first: everything further is older still
         if not page.get("has_more") or not page.get("last_id"):
             return None
         after = page["last_id"]
