@@ -87,12 +87,14 @@ class ShardRecord:
     filename: str
     kind: str = "file"
     mode: str = "batch"
+    round: int = 1
     intent_at: str | None = None
     remote_id: str | None = None
     phase: str | None = None
     status: str | None = None
     done: bool = False
     queue_limited: bool = False
+    counts: dict[str, int] = field(default_factory=dict)  # result statuses, once done
     files: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -276,6 +278,7 @@ class Checkpoint:
                         filename=s["filename"],
                         kind=s.get("kind", "file"),
                         mode=s.get("mode", "batch"),
+                        round=s.get("round", 1),
                     )
                 continue
             rec = shards.get(e.get("shard", -1))
@@ -292,6 +295,7 @@ class Checkpoint:
             elif kind == "done":
                 rec.done = True
                 rec.queue_limited = bool(e.get("queue_limited"))
+                rec.counts = dict(e.get("counts") or {})
             elif kind == "resubmit":  # the remote batch is gone (e.g. over a queue limit)
                 rec.remote_id = rec.phase = rec.status = None
                 rec.intent_at = None

@@ -77,6 +77,7 @@ def plan_round(
     bytes). Returns the number of shards."""
     if mode == "sync":
         max_requests = min(max_requests or SYNC_SHARD_REQUESTS, SYNC_SHARD_REQUESTS)
+    round_ = 1 + max((r.round for r in ckpt.shards().values()), default=0)
     shards = plan(
         prepared,
         max_requests=max_requests,
@@ -94,6 +95,7 @@ def plan_round(
         records.append(
             {
                 "shard": s.index,
+                "round": round_,
                 "attempt": attempt,
                 "requests": s.n_requests,
                 "sha256": _sha256(ckpt.shard_file(s.filename)),
@@ -308,7 +310,7 @@ class Engine:
                 pl.lit(status == "expired" or queue_limited).alias("retryable"),
             )
         self._write_results(s, rows)
-        self.ckpt.append("done", shard=s.index, queue_limited=queue_limited, **_counts(rows))
+        self.ckpt.append("done", shard=s.index, queue_limited=queue_limited, counts=_counts(rows))
 
     def _fail_shard(
         self,
@@ -326,7 +328,7 @@ class Engine:
             pl.lit(retryable).alias("retryable"),
         )
         self._write_results(s, rows)
-        self.ckpt.append("done", shard=s.index, queue_limited=limited, **_counts(rows))
+        self.ckpt.append("done", shard=s.index, queue_limited=limited, counts=_counts(rows))
 
     def _write_results(self, s: ShardRecord, rows: pl.DataFrame) -> None:
         rows = rows.select(list(RESULT_SCHEMA)).with_columns(
@@ -393,8 +395,9 @@ class Engine:
                 pl.lit("canceled before it was sent").alias("error"),
                 pl.lit(False).alias("retryable"),
             )
-        self._write_results(s, pl.concat([rows, lost]))
-        self.ckpt.append("done", shard=s.index, queue_limited=False, **_counts(rows))
+        rows = pl.concat([rows, lost])
+        self._write_results(s, rows)
+        self.ckpt.append("done", shard=s.index, queue_limited=False, counts=_counts(rows))
 
     def _send_sync(self, s: ShardRecord, final: Path, ids: pl.DataFrame, *, send: bool) -> None:
         part = final.with_suffix(".part")
@@ -490,8 +493,10 @@ class Engine:
             .sort("custom_id")
             .collect()
         )
-        # Shards a full queue refused come back at half their size, so they fit once it drains.
-        sizes = [s.requests for s in shards.values() if s.index in limited]
+        # Shards a full queue refused in the last round come back at half their size, so they
+        # fit once it drains.
+        last = max(s.round for s in shards.values())
+        sizes = [s.requests for s in shards.values() if s.index in limited and s.round == last]
         max_requests = max(1, min(sizes) // 2) if sizes else self.settings.max_shard_requests
         attempt = int(due["attempts"].fill_null(0).max() or 0) + 1  # type: ignore[arg-type]
         prepared = Prepared(

@@ -27,10 +27,12 @@ class Progress:
         total = sum(s.requests for s in shards.values())
         finished = 0
         phases: Counter[str] = Counter()
+        statuses: Counter[str] = Counter()
         for s in shards.values():
             if s.done:
                 finished += s.requests
                 phases["done"] += 1
+                statuses.update(s.counts)
                 continue
             st = states.get(s.index)
             if st is not None:
@@ -44,8 +46,10 @@ class Progress:
             self._bar = tqdm(total=total, unit="req", desc="llmbatch", dynamic_ncols=True)
         self._bar.total = total
         self._bar.n = finished
+        rows = ", ".join(f"{k} {v:,}" for k, v in sorted(statuses.items()))
+        shards_by_state = ", ".join(f"{k} {v}" for k, v in sorted(phases.items()))
         self._bar.set_postfix_str(
-            "shards " + ", ".join(f"{k} {v}" for k, v in sorted(phases.items())), refresh=False
+            (f"{rows} | " if rows else "") + f"shards {shards_by_state}", refresh=False
         )
         self._bar.refresh()
 

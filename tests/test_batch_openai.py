@@ -294,7 +294,7 @@ def test_progress_bar_reports_rows_and_shards(tmp_path: Path, capsys) -> None:
     with serve(batch_seconds=0.1) as emu:
         run(frame(30), emu, tmp_path, progress=True, max_shard_requests=10)
     err = capsys.readouterr().err
-    assert "30/30" in err and "shards done 3" in err
+    assert "30/30" in err and "succeeded 30 | shards done 3" in err
 
 
 def test_a_checkpoint_can_be_moved_and_reopened(tmp_path: Path) -> None:
