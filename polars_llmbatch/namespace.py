@@ -284,7 +284,11 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
             f"tags= must map strings to strings, e.g. {{'team': 'support'}}; got {tags!r}"
         )
     # A missing key is an error now, before the frame is read or anything is written.
-    creds = credentials(prov.name, api_key=args["api_key"], base_url=args["base_url"])
+    creds = credentials(
+        prov.name,
+        api_key=args["api_key"] or prov.api_key,
+        base_url=args["base_url"] or prov.base_url,
+    )
     args = {"dimensions": None, **args, "task": task}
     prepared = _prepare(frame, prompt, args)
     check_fits(prepared, args["prices"])

@@ -125,3 +125,20 @@ def test_the_key_is_never_written_or_shown(emu, tmp_path: Path) -> None:
 def test_job_open_on_a_non_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(LlmBatchError, match="not a polars_llmbatch checkpoint"):
         polars_llmbatch.Job.open(tmp_path, api_key="k")
+
+
+def test_credentials_on_an_explicit_provider_object(emu, tmp_path: Path) -> None:
+    from polars_llmbatch.providers import OpenAI
+
+    prov = OpenAI(api_key="sk-secret-key-123", base_url=emu.openai_url)
+    assert "sk-secret" not in repr(prov)
+    out = DF.llm.batch(
+        "Classify: {body}",
+        provider=prov,
+        model="gpt-4o-mini",
+        output=CATS,
+        checkpoint=tmp_path / "j",
+        progress=False,
+        poll_interval=0.02,
+    )
+    assert set(out["llm_status"]) == {"succeeded"} and len(emu.ledger.batches) == 1

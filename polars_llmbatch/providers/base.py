@@ -110,7 +110,19 @@ class RemoteState:
 
 
 class Provider(ABC):
-    """One provider's wire format, limits and token rules."""
+    """One provider's wire format, limits and token rules.
+
+    An instance may carry credentials, for ``provider=OpenAI(api_key=..., base_url=...)``
+    instead of the environment variables; the key never shows in its repr.
+    """
+
+    def __init__(self, *, api_key: str | None = None, base_url: str | None = None) -> None:
+        self.api_key = api_key
+        self.base_url = base_url
+
+    def __repr__(self) -> str:
+        url = f"base_url={self.base_url!r}" if self.base_url else ""
+        return f"{type(self).__name__}({url})"
 
     name: str
     limits: Limits
