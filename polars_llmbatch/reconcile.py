@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
-from polars_llmbatch.results import RESULT_SCHEMA
+from polars_llmbatch.results import RESULT_SCHEMA, all_distinct
 from polars_llmbatch.spec import RequestSpec
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def read_results(ckpt: Checkpoint) -> pl.DataFrame:
 
 def best_results(results: pl.DataFrame) -> pl.DataFrame:
     """One row per request: a success if any attempt succeeded, else the latest attempt."""
-    if results["custom_id"].n_unique() == results.height:  # one attempt each: nothing to pick
+    if all_distinct(results["custom_id"]):  # one attempt each: nothing to pick
         return results
     return results.sort(
         [pl.col("status") == "succeeded", "attempt", "shard"],
@@ -118,12 +118,17 @@ def _decode_json(
     first marks the texts that are not JSON at all (vectorised), and a decode that still fails
     (a value of the wrong type) is bisected to the rows that cause it.
     """
-    with duckdb.connect() as con:
-        con.register("t", pl.DataFrame({"text": text}))
-        valid = con.sql("SELECT coalesce(json_valid(text), false) AS v FROM t").pl().to_series()
     loose = _loosen(dtype)
-    candidates = text.set(~valid, None) if not valid.all() else text
-    decoded, bad = _decode_bisect(candidates, loose)
+    try:  # the usual case: every text is JSON of the right shape, decoded in one go
+        decoded, bad = text.str.json_decode(loose), pl.Series([False] * len(text))
+        valid = pl.Series([True] * len(text))
+    except pl.exceptions.PolarsError:
+        with duckdb.connect() as con:
+            con.register("t", pl.DataFrame({"text": text}))
+            sql = "SELECT coalesce(json_valid(text), false) AS v FROM t"
+            valid = con.sql(sql).pl().to_series()
+        candidates = text.set(~valid, None) if not valid.all() else text
+        decoded, bad = _decode_bisect(candidates, loose)
     typed = decoded.cast(dtype, strict=False)  # a value outside an Enum becomes null
     required = set(schema.get("required", []))
     props = schema.get("properties", {})
@@ -208,8 +213,8 @@ def join_rows(
         "output_tokens",
         _costs(best, price or {}).alias("cost") if best.height else pl.lit(None, pl.Float64),
     )
-    if outputs is not None:
-        info = info.join(outputs, on="custom_id", how="left")
+    if outputs is not None:  # one row per result, in the same order: no join needed
+        info = pl.concat([info, outputs.drop("custom_id")], how="horizontal")
     joined = rows.join(info, on="custom_id", how="left", maintain_order="left")
     out_cols = _output_columns(spec, name)
     status = (

@@ -186,7 +186,7 @@ class OpenAI(Provider):
         return [openai_remote.download(t, f) for f in state.result_files]
 
     def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
-        return parse_results([str(f) for f in files])
+        return parse_results([str(f) for f in files], embeddings=spec.task == "embed")
 
     def cancel(self, t: Transport, remote_id: str) -> None:
         openai_remote.cancel(t, remote_id)
@@ -333,16 +333,36 @@ def _tool_tokens(tools: Sequence[Mapping[str, Any]], model: str, enc: Any) -> in
 # results --------------------------------------------------------------------------------------
 # The fields the engine reads from an output or error file line, as DuckDB types: DuckDB reads
 # a million lines in about a second (benchmarks/bench_parse.py), and skips malformed ones.
+# Generation and embedding lines differ only in the body's answer field: each reads its own
+# (a field DuckDB is not asked for costs nothing to skip).
+_ANSWER_COLUMNS = {
+    False: "choices STRUCT(message STRUCT(content VARCHAR, refusal VARCHAR), finish_reason "
+    "VARCHAR)[], output STRUCT(type VARCHAR, content STRUCT(type VARCHAR, text VARCHAR)[])[], ",
+    True: "data STRUCT(embedding JSON)[], ",
+}
+_ANSWER_SQL = {
+    False: """coalesce(
+        response.body.choices[1].message.content,
+        CASE WHEN response.body.output IS NOT NULL THEN
+            list_filter(response.body.output, lambda o: o.type = 'message')[1].content[1].text
+        END
+    ) AS text, NULL::JSON AS emb,
+    coalesce(response.body.choices[1].finish_reason, response.body.status) AS finish""",
+    True: """NULL::VARCHAR AS text, response.body.data[1].embedding AS emb,
+    NULL::VARCHAR AS finish""",
+}
+# An embedding comes as base64 float32 (what we ask for) or as a list of numbers.
+_VECTORS_SQL = """
+    CASE WHEN json_type(emb) = 'VARCHAR' THEN from_base64(emb ->> '$') END AS embedding_b64,
+    CASE WHEN json_type(emb) = 'ARRAY' THEN emb::FLOAT[] END AS embedding_floats,"""
 _LINE_COLUMNS = (
-    "{custom_id: 'VARCHAR', response: 'STRUCT(status_code INTEGER, body STRUCT("
-    "choices STRUCT(message STRUCT(content VARCHAR, refusal VARCHAR), finish_reason VARCHAR)[], "
-    "output STRUCT(type VARCHAR, content STRUCT(type VARCHAR, text VARCHAR)[])[], "
-    "data STRUCT(embedding JSON)[], "
+    "{{custom_id: 'VARCHAR', response: 'STRUCT(status_code INTEGER, body STRUCT("
+    "{answer}"
     "status VARCHAR, "
     "usage STRUCT(prompt_tokens BIGINT, completion_tokens BIGINT, input_tokens BIGINT, "
     "output_tokens BIGINT), "
     "error STRUCT(message VARCHAR, code VARCHAR)))', "
-    "error: 'STRUCT(code VARCHAR, message VARCHAR)'}"
+    "error: 'STRUCT(code VARCHAR, message VARCHAR)'}}"
 )
 #: Per-request failures worth sending again: rate limits, timeouts and server errors.
 RETRYABLE_HTTP = (408, 409, 429, 500, 502, 503, 504, 529)
@@ -361,11 +381,7 @@ SELECT
         WHEN error.code = 'batch_cancelled' THEN 'canceled'
         ELSE 'errored'
     END AS status,
-    coalesce(
-        response.body.choices[1].message.content,
-        list_filter(response.body.output, lambda o: o.type = 'message')[1].content[1].text
-    ) AS text,
-    response.body.data[1].embedding AS emb,
+    {answer},
     coalesce(response.body.error.message, error.message,
              CASE WHEN response.status_code <> 200
                   THEN 'HTTP ' || response.status_code::VARCHAR END) AS error,
@@ -374,19 +390,16 @@ SELECT
         OR coalesce(response.body.error.code IN {codes}, false) AS retryable,
     coalesce(response.body.usage.prompt_tokens, response.body.usage.input_tokens) AS input_tokens,
     coalesce(response.body.usage.completion_tokens, response.body.usage.output_tokens)
-        AS output_tokens,
-    coalesce(response.body.choices[1].finish_reason, response.body.status) AS finish
+        AS output_tokens
 FROM lines
 )
-SELECT custom_id, status, text,
-    CASE WHEN json_type(emb) = 'VARCHAR' THEN from_base64(emb ->> '$') END AS embedding_b64,
-    CASE WHEN json_type(emb) = 'ARRAY' THEN emb::FLOAT[] END AS embedding_floats,
+SELECT custom_id, status, text, {vectors}
     error, retryable, input_tokens, output_tokens, finish
 FROM parsed
 """
 
 
-def parse_results(files: Sequence[str]) -> pl.DataFrame:
+def parse_results(files: Sequence[str], *, embeddings: bool = False) -> pl.DataFrame:
     """One row per request from OpenAI batch output and error files (chat, responses and
     embeddings).
 
@@ -414,7 +427,9 @@ def parse_results(files: Sequence[str]) -> pl.DataFrame:
         raise ValueError("parse_results needs at least one file")
     sql = _PARSE_SQL.format(
         files=[str(f) for f in files],
-        columns=_LINE_COLUMNS,
+        columns=_LINE_COLUMNS.format(answer=_ANSWER_COLUMNS[embeddings]),
+        answer=_ANSWER_SQL[embeddings],
+        vectors=_VECTORS_SQL if embeddings else "",
         http=RETRYABLE_HTTP,
         codes=RETRYABLE_CODES,
     )
