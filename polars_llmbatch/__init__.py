@@ -19,6 +19,7 @@ from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTo
 from polars_llmbatch.estimate import Estimate
 from polars_llmbatch.job import Job, JobStatus
 from polars_llmbatch.namespace import LlmNamespace, register
+from polars_llmbatch.spend import spend
 from polars_llmbatch.template import Template
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "RequestTooLargeError",
     "Template",
     "__version__",
+    "spend",
 ]
 
 try:
