@@ -1,7 +1,11 @@
-"""The ``llmbatch`` command: ``sample``, ``estimate`` and ``requests`` from the shell.
+"""The ``llmbatch`` command: every step of a batch job from the shell (cron, CI, a terminal).
 
-Exit codes: 0 done; 1 bad input (one line on stderr says what and how to fix it); 3 over budget
-(``--max-cost``).
+Commands: ``demo``, ``sample``, ``estimate``, ``requests``, ``run``, ``status``, ``resume``,
+``cancel``, ``results``, ``spend``, ``emulator``.
+
+Exit codes: 0 done; 1 an error (one line on stderr says what and how to fix it); 3 over budget
+(``--max-cost``); 4 submitted and still running (``--no-wait``, ``--timeout``, or ``status`` of a
+running job); 130 interrupted (Ctrl-C: the batches keep running, ``resume`` picks them up).
 """
 
 from __future__ import annotations
@@ -22,16 +26,27 @@ __all__ = ["main"]
 
 EXIT_BAD_INPUT = 1
 EXIT_OVER_BUDGET = 3
+EXIT_RUNNING = 4
+EXIT_INTERRUPTED = 130
 
 _EXAMPLES = """examples:
+  llmbatch demo
   llmbatch sample tickets.parquet
   llmbatch estimate tickets.parquet --prompt "Classify this ticket: {body}" \\
       --provider openai --model gpt-4o-mini --categories billing,bug,feature,other \\
       --max-output-tokens 20
   llmbatch requests tickets.parquet --prompt "Summarise: {body}" --provider anthropic \\
       --model claude-haiku-4-5 --max-output-tokens 200 --write-to shards/
+  llmbatch run tickets.parquet --prompt "Classify this ticket: {body}" --provider openai \
+      --model gpt-4o-mini --categories billing,bug,feature,other --max-output-tokens 20 \
+      --output labelled.parquet --checkpoint runs/tickets --tag team=support --max-cost 5
+  llmbatch status runs/tickets
+  llmbatch resume runs/tickets --output labelled.parquet
+  llmbatch results runs/tickets --output labels.csv
+  llmbatch spend runs --by tag:team
 
-exit codes: 0 done · 1 bad input (one line on stderr says what and how to fix it) · 3 over budget
+exit codes: 0 done · 1 error (one line on stderr says what and how to fix it) · 3 over budget ·
+4 submitted, still running · 130 interrupted (the batches keep running: resume later)
 """
 
 
@@ -98,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("estimate", "tokens and cost at batch and sync rates; nothing is sent"),
         ("requests", "build the request per row; --write-to DIR writes the shard files"),
+        ("run", "run a job: estimate, submit, wait, write the results (--output)"),
     ):
         c = sub.add_parser(
             name, help=text, epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--system", help="system prompt (may reference columns)")
         c.add_argument("--id", help="unique key column (default: row position)")
         out = c.add_mutually_exclusive_group()
-        out.add_argument("--output", help="output column name for free text (default 'label')")
+        out.add_argument("--column", help="output column name for free text (default 'label')")
         out.add_argument("--categories", help="comma-separated labels: a strict enum output")
         c.add_argument("--embed", action="store_true", help="embeddings instead of generation")
         c.add_argument("--dimensions", type=int)
@@ -122,14 +138,89 @@ def _parser() -> argparse.ArgumentParser:
             c.add_argument("--expected-output-tokens", type=float)
             c.add_argument("--max-cost", type=float, help="refuse if the worst case is over USD")
             c.add_argument("--json", action="store_true", help="print the estimate as JSON")
+        elif name == "run":
+            c.add_argument(
+                "--output",
+                help="write the input rows with the results here (.parquet/.csv/.ndjson)",
+            )
+            c.add_argument("--checkpoint", help="job folder (default: the user cache folder)")
+            c.add_argument("--max-cost", type=float, help="refuse if the worst case is over USD")
+            c.add_argument("--mode", choices=["batch", "sync", "auto"], default="batch")
+            c.add_argument(
+                "--tag", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+            )
+            c.add_argument("--max-attempts", type=int, default=3)
+            c.add_argument("--usage", action="store_true", help="add token and cost columns")
+            _waiting(c)
         else:
             c.add_argument("--write-to", help="folder for the shard files")
             c.add_argument("--out", help="write the request table here (.parquet)")
+    for name, text, example in (
+        ("status", "where a job stands (exit 4 while it runs)", "llmbatch status runs/tickets"),
+        (
+            "resume",
+            "pick a job up again (after Ctrl-C, a crash or --no-wait) and wait for it",
+            "llmbatch resume runs/tickets --output labelled.parquet",
+        ),
+        (
+            "cancel",
+            "cancel a job's batches; what already ran is kept",
+            "llmbatch cancel runs/tickets",
+        ),
+        (
+            "results",
+            "write a job's results (row key + outputs) to a file",
+            "llmbatch results runs/tickets --output labels.parquet",
+        ),
+    ):
+        c = sub.add_parser(
+            name,
+            help=text,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        c.add_argument("checkpoint", help="the job's folder")
+        if name in ("resume", "results"):
+            c.add_argument(
+                "--output",
+                required=name == "results",
+                help="file to write (.parquet, .csv or .ndjson)",
+            )
+        if name == "resume":
+            _waiting(c)
+        if name == "cancel":
+            c.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "results":
+            c.add_argument("--usage", action="store_true", help="add token and cost columns")
+    c = sub.add_parser(
+        "spend",
+        help="spend by job, provider, model, mode, day or tag, from the checkpoints",
+        epilog="examples:\n  llmbatch spend runs\n  llmbatch spend runs --by tag:team",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    c.add_argument("root", nargs="?", help="folder holding checkpoint folders (default: cache)")
+    c.add_argument("--by", default="job", help="job, provider, model, mode, day or tag:NAME")
+    c.add_argument("--json", action="store_true", help="print the rows as JSON")
+    d = sub.add_parser(
+        "demo",
+        help="the whole product on a local emulator in under a minute: no key, no cost",
+        epilog="example:\n  llmbatch demo --rows 20000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d.add_argument("--rows", type=int, default=20_000)
+    d.add_argument("--dir", help="where to keep the demo's files (default: a temporary folder)")
     return parser
 
 
+def _waiting(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--no-wait", action="store_true", help="submit and exit (code 4); resume later")
+    c.add_argument("--timeout", type=float, help="stop waiting after SECONDS (exit 4)")
+    c.add_argument("--poll-interval", type=float, default=5.0, help="seconds (default 5)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _common(args: argparse.Namespace) -> dict[str, Any]:
-    output: Any = args.output
+    output: Any = args.column
     if args.categories:
         output = [c.strip() for c in args.categories.split(",") if c.strip()]
     kw: dict[str, Any] = {
@@ -170,7 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "emulator":
             return _emulator(args)
+        if args.command == "demo":
+            from polars_llmbatch.demo import run_demo
+
+            run_demo(args.rows, args.dir)
+            return 0
+        if args.command in ("status", "resume", "cancel", "results"):
+            return _job_command(args)
+        if args.command == "spend":
+            return _spend(args)
         frame = read_input(args.input)
+        if args.command == "run":
+            return _run(frame, args)
         if args.command == "estimate":
             est = frame.llm.estimate(
                 args.prompt,
@@ -188,12 +290,143 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"; shard files in {args.write_to}" if args.write_to else ""
         print(f"{reqs.height:,} rows → {n:,} unique requests{where}")
         return 0
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED  # Job.wait has said how to resume or cancel
     except BudgetExceededError as exc:
         print(f"llmbatch: over budget: {exc}", file=sys.stderr)
         return EXIT_OVER_BUDGET
     except (LlmBatchError, pl.exceptions.PolarsError, OSError) as exc:
         print(f"llmbatch: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
+    tags = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LlmBatchError(f"--tag takes KEY=VALUE, e.g. --tag team=support; got {item!r}")
+        tags[key] = value
+    if args.output:
+        _check_output(args.output)
+    kw = _common(args)
+    task = kw.pop("task")
+    options = dict(
+        checkpoint=args.checkpoint,
+        mode=args.mode,
+        max_cost=args.max_cost,
+        tags=tags or None,
+        usage=args.usage,
+        max_attempts=args.max_attempts,
+        progress=not args.quiet,
+        poll_interval=args.poll_interval,
+        wait=False,
+    )
+    if task == "embed":
+        for name in ("system", "max_output_tokens", "temperature", "output"):
+            if kw.pop(name, None) is not None:
+                raise LlmBatchError(f"--{name.replace('_', '-')} does not apply to --embed")
+        job = frame.llm.embed(args.prompt, **kw, **options)
+    else:
+        if kw.pop("dimensions", None) is not None:
+            raise LlmBatchError("--dimensions applies to --embed only")
+        job = frame.llm.batch(args.prompt, **kw, **options)
+    print(f"job {job.id}: checkpoint {job.path}", file=sys.stderr)
+    if args.no_wait:
+        print(f"submitted; follow it with: llmbatch status {job.path}", file=sys.stderr)
+        job.wait(timeout=0)  # submit now, then leave the batches running
+        return EXIT_RUNNING
+    job.wait(timeout=args.timeout)
+    if not job.status().done:
+        print(f"still running; resume with: llmbatch resume {job.path}", file=sys.stderr)
+        return EXIT_RUNNING
+    out = job.result()
+    if isinstance(out, pl.LazyFrame):
+        out = out.collect()
+    _report(job, out, args.output)
+    return 0
+
+
+def _job_command(args: argparse.Namespace) -> int:
+    from polars_llmbatch.job import Job
+
+    if getattr(args, "output", None):
+        _check_output(args.output)
+    quiet = getattr(args, "quiet", False)
+    job = Job.open(
+        args.checkpoint, progress=not quiet, poll_interval=getattr(args, "poll_interval", 5.0)
+    )
+    if args.command == "status":
+        print(repr(job))
+        return 0 if job.status().done else EXIT_RUNNING
+    if args.command == "cancel":
+        job.cancel(timeout=120)
+        print(repr(job))
+        return 0 if job.status().done else EXIT_RUNNING
+    if args.command == "resume":
+        if args.no_wait:
+            job.wait(timeout=0)
+        else:
+            job.wait(timeout=args.timeout)
+        if not job.status().done:
+            print(f"still running; resume again with: llmbatch resume {job.path}", file=sys.stderr)
+            return EXIT_RUNNING
+        _report(job, job.result(), args.output)
+        return 0
+    out = job.result(usage=args.usage)  # results
+    _write(out, args.output)
+    print(f"wrote {out.height:,} rows to {args.output}")
+    return 0
+
+
+def _report(job: Any, out: pl.DataFrame, path: str | None) -> None:
+    if path:
+        _write(out, path)
+    st = job.status()
+    rows = ", ".join(f"{k} {v:,}" for k, v in st.rows.items() if v)
+    where = f"; wrote {out.height:,} rows to {path}" if path else ""
+    print(f"done: {rows}; spent ${st.spent:,.4f}{where}")
+
+
+def _check_output(path: str) -> None:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".parquet", ".csv", ".ndjson", ".jsonl"):
+        raise LlmBatchError(f"--output {path!r}: use a .parquet, .csv or .ndjson file")
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise LlmBatchError(f"--output {path!r}: folder {str(parent)!r} does not exist")
+
+
+def _write(frame: pl.DataFrame, path: str) -> None:
+    """Write ``frame`` by the file's suffix; CSV gets nested columns (embeddings, lists,
+    structs) as JSON text, since CSV has no nested type."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        nested = [c for c, t in frame.schema.items() if t.is_nested()]
+        frame.with_columns(
+            pl.struct(c)
+            .struct.json_encode()
+            .str.strip_prefix(f'{{"{c}":')
+            .str.strip_suffix("}")
+            .alias(c)
+            for c in nested
+        ).write_csv(path)
+    elif suffix in (".ndjson", ".jsonl"):
+        frame.write_ndjson(path)
+    else:
+        frame.write_parquet(path)
+
+
+def _spend(args: argparse.Namespace) -> int:
+    from polars_llmbatch.spend import spend
+
+    table = spend(args.root, by=args.by)
+    if args.json:
+        print(json.dumps(table.to_dicts(), indent=2, default=str))
+    else:
+        with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=60):
+            print(table)
+    return 0
 
 
 def _emulator(args: argparse.Namespace) -> int:

@@ -126,10 +126,16 @@ class Job:
         poll_interval: float = 5.0,
     ) -> Job:
         """Reopen the job in ``checkpoint``; credentials come from the same environment
-        variables as the provider's SDK (or ``api_key=`` / ``base_url=``)."""
+        variables as the provider's SDK (or ``api_key=`` / ``base_url=``). Without a key the
+        job can still be read (``status``, ``result``); ``wait`` and ``cancel`` need one."""
         ckpt = Checkpoint(checkpoint)
         job = ckpt.job()
-        creds = credentials(job["spec"]["provider"], api_key=api_key, base_url=base_url)
+        try:
+            creds = credentials(job["spec"]["provider"], api_key=api_key, base_url=base_url)
+        except LlmBatchError as exc:
+            creds, missing = None, str(exc)
+        else:
+            missing = None
         settings = Settings(
             mode=job["mode"],
             max_attempts=job.get("max_attempts", 3),
@@ -140,7 +146,9 @@ class Job:
             max_poll_interval=max(poll_interval, Settings.max_poll_interval),
             progress=progress,
         )
-        return cls(ckpt, Transport(creds), settings=settings)
+        opened = cls(ckpt, Transport(creds) if creds else None, settings=settings)
+        opened._missing_key = missing
+        return opened
 
     # facts -----------------------------------------------------------------------------------
     @property
@@ -164,9 +172,11 @@ class Job:
         """The estimate made before anything was sent (as :meth:`Estimate.to_dict`)."""
         return dict(self._job["estimate"])
 
+    _missing_key: str | None = None
+
     def _engine(self) -> Engine:
         if self._t is None:
-            raise LlmBatchError("this Job was opened without credentials")
+            raise LlmBatchError(self._missing_key or "this Job was opened without credentials")
         est = self._job["estimate"]
         worst = est.get("worst_cost_batch" if self.mode == "batch" else "worst_cost_sync")
         n = est.get("unique_requests") or 0
