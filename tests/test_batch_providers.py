@@ -6,12 +6,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import batch
 
 from polars_llmbatch.emulator import Faults, model, serve
 from polars_llmbatch.providers import gemini
 
 CATS = ["billing", "bug", "feature", "other"]
-MODELS = {"anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
 
 
 def frame(n: int) -> pl.DataFrame:
@@ -20,24 +20,8 @@ def frame(n: int) -> pl.DataFrame:
     )
 
 
-def url(emu, provider: str) -> str:
-    return emu.anthropic_url if provider == "anthropic" else emu.gemini_url
-
-
 def run(df: pl.DataFrame, emu, provider: str, ckpt: Path, **kw):
-    args = dict(
-        provider=provider,
-        model=MODELS[provider],
-        output=CATS,
-        max_output_tokens=200,
-        checkpoint=ckpt,
-        api_key="k",
-        base_url=url(emu, provider),
-        progress=False,
-        poll_interval=0.02,
-    )
-    args.update(kw)
-    return df.llm.batch("Classify: {body}", **args)
+    return batch(df, emu, ckpt, provider, **{"output": CATS, **kw})
 
 
 @pytest.mark.parametrize("provider", ["anthropic", "gemini"])

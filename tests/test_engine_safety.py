@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
+from helpers import batch
 
 import polars_llmbatch
 from polars_llmbatch import LlmBatchError
@@ -19,31 +20,14 @@ from polars_llmbatch.providers.base import AmbiguousBatch
 from polars_llmbatch.transport import ProviderError, Transport, credentials
 
 CATS = ["billing", "bug"]
-MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
 
 
 def frame(n: int) -> pl.DataFrame:
     return pl.DataFrame({"body": [f"ticket {i}" for i in range(n)]})
 
 
-def url(emu, provider: str) -> str:
-    return {"openai": emu.openai_url, "anthropic": emu.anthropic_url}.get(provider, emu.gemini_url)
-
-
 def run(df, emu, ckpt, provider="openai", **kw):
-    args = dict(
-        provider=provider,
-        model=MODELS[provider],
-        output=CATS,
-        max_output_tokens=50,
-        checkpoint=ckpt,
-        api_key="k",
-        base_url=url(emu, provider),
-        progress=False,
-        poll_interval=0.02,
-    )
-    args.update(kw)
-    return df.llm.batch("Classify: {body}", **args)
+    return batch(df, emu, ckpt, provider, **{"output": CATS, "max_output_tokens": 50, **kw})
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
