@@ -232,3 +232,17 @@ def test_unknown_checkpoint_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "j" / "mine.csv").write_text("x")
     with serve(batch_seconds=0.1) as emu, pytest.raises(LlmBatchError, match="other files"):
         run(frame(2), emu, tmp_path / "j")
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+def test_sync_mode_rides_out_rate_limits(
+    tmp_path: Path, provider: str, instant_backoff: list[float]
+) -> None:
+    with serve(batch_seconds=0.1, faults=Faults(rate_limit_sync=5)) as emu:
+        out = run(frame(12), emu, tmp_path / "j", provider, mode="sync", concurrency=4)
+        sync_bills = [b for b in emu.ledger.billed if b["batch_id"] is None]
+        assert len(sync_bills) == 12  # each request answered (and billed) once
+    assert set(out["llm_status"]) == {"succeeded"}
+    assert len(instant_backoff) >= 5  # every 429 was waited out, honouring Retry-After
+    if provider != "gemini":  # Gemini's 429s carry no Retry-After
+        assert 1.0 in instant_backoff

@@ -322,6 +322,13 @@ class AnthropicEmulator(BatchStore[_Batch]):
 
     # sync ---------------------------------------------------------------------------------
     def sync(self, request: Request) -> Response:
+        if self.ctx.take("rate_limit_sync"):
+            return error(
+                429,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your rate limit.",
+                {"retry-after": "1"},
+            )
         params = request.json()
         if not isinstance(params, dict) or "max_tokens" not in params:
             return error(400, "invalid_request_error", "max_tokens: Field required")

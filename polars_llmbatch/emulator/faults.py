@@ -20,6 +20,8 @@ class Faults:
 
     - ``rate_limit_creates``: the first N batch-create calls get 429 (with ``Retry-After`` at
       OpenAI and Anthropic; Gemini's quota errors carry none).
+    - ``rate_limit_sync``: the first N sync calls (chat, messages, generate, embed) get 429,
+      as ``rate_limit_creates`` does for batch creates.
     - ``read_errors``: the first N reads of a batch's state or results get a server error
       (OpenAI 500/503, Anthropic 529 overloaded or 500, Gemini 503).
     - ``request_errors``: the share of requests that fail individually (4xx in the error file,
@@ -45,6 +47,7 @@ class Faults:
 
     seed: int = 0
     rate_limit_creates: int = 0
+    rate_limit_sync: int = 0
     read_errors: int = 0
     request_errors: float = 0.0
     expire_at: float | None = None

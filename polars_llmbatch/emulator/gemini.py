@@ -217,6 +217,12 @@ class GeminiEmulator(BatchStore[_Batch]):
     def model_call(self, request: Request) -> Response:
         model_name, _, verb = request.params["model_verb"].partition(":")
         body = request.json() or {}
+        if verb in ("generateContent", "embedContent") and self.ctx.take("rate_limit_sync"):
+            return error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "You exceeded your current quota, please check your plan and billing details.",
+            )
         if verb == "generateContent":
             resp, inp, outp = respond(model_name, body)
             self.ctx.ledger.bill("gemini", None, "", inp, outp)

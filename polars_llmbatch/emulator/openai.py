@@ -550,6 +550,14 @@ class OpenAIEmulator(BatchStore[_Batch]):
     # sync ---------------------------------------------------------------------------------
     def sync(self, endpoint: str):
         def handler(request: Request) -> Response:
+            if self.ctx.take("rate_limit_sync"):
+                return error(
+                    429,
+                    "Rate limit reached for requests. Please try again in 1s.",
+                    "requests",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after": "1"},
+                )
             body = request.json()
             if not isinstance(body, dict) or "model" not in body:
                 return error(
