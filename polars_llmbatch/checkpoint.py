@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,20 +218,10 @@ class Checkpoint:
 
     # atomic writes -------------------------------------------------------------------------
     def write_bytes(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync(path.parent)
+        _atomic(path, lambda tmp: tmp.write_bytes(data))
 
     def write_parquet(self, path: Path, frame: pl.DataFrame) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        frame.write_parquet(tmp)
-        fsync(tmp)
-        os.replace(tmp, path)
-        fsync(path.parent)
+        _atomic(path, frame.write_parquet)
 
     # the event log -------------------------------------------------------------------------
     def append(self, event: str, **fields: Any) -> None:
@@ -300,6 +290,16 @@ class Checkpoint:
                 rec.remote_id = rec.phase = rec.status = None
                 rec.intent_at = None
         return shards
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temp file next to ``path``, fsync it, rename it over ``path``, fsync the
+    folder: readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    fsync(tmp)
+    os.replace(tmp, path)
+    fsync(path.parent)
 
 
 class LockedError(LlmBatchError):

@@ -210,9 +210,7 @@ class Engine:
             log.warning("shard %d: %s; will look it up before resubmitting", s.index, exc)
             return False
         except ProviderError as exc:
-            if exc.status in (401, 403, 404) or "insufficient_quota" in str(exc):
-                # The key, the URL, the model or the account is wrong: no shard would go
-                # through. Stop, so that re-running after the fix sends everything.
+            if self.provider.stops_job(exc.status, str(exc)):
                 raise
             if exc.status == 429:
                 if active:
@@ -429,8 +427,8 @@ class Engine:
                 )
                 status, payload = r.status_code, r.content
             except ProviderError as exc:
-                if exc.status in (401, 403, 404):
-                    raise  # the key, the model or the URL is wrong: every request would fail
+                if self.provider.stops_job(exc.status, str(exc)):
+                    raise
                 status = exc.status or 503  # a connection that never answered: transient
                 payload = _error_body(str(exc))
             line = self.provider.sync_line(custom_id, status, payload) + b"\n"

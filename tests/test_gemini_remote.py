@@ -46,7 +46,9 @@ def test_inline_shard_end_to_end() -> None:
         t = transport(emu)
         data, s, ids = shard()
         assert s.framing.kind == "inline"
-        name = remote.submit(t, data, s.framing, model="gemini-2.5-flash", embed=False, tag=s.tag)
+        name = remote.submit(
+            t, data, s.framing.kind, model="gemini-2.5-flash", embed=False, tag=s.tag
+        )
         assert remote.find(t, s.tag) == name
         st = wait(t, name)
         assert st.status == "BATCH_STATE_SUCCEEDED" and st.done == st.total == len(ids)
@@ -61,7 +63,9 @@ def test_file_shard_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
         t = transport(emu)
         data, s, ids = shard()
         assert s.framing.kind == "file"
-        name = remote.submit(t, data, s.framing, model="gemini-2.5-flash", embed=False, tag=s.tag)
+        name = remote.submit(
+            t, data, s.framing.kind, model="gemini-2.5-flash", embed=False, tag=s.tag
+        )
         st = wait(t, name)
         (file_name,) = st.result_files
         lines = [json.loads(x) for x in remote.download(t, file_name).decode().splitlines()]
@@ -74,7 +78,10 @@ def test_expired_and_cancelled() -> None:
         t = transport(emu)
         data, s, _ = shard()
         st = wait(
-            t, remote.submit(t, data, s.framing, model="gemini-2.5-flash", embed=False, tag=s.tag)
+            t,
+            remote.submit(
+                t, data, s.framing.kind, model="gemini-2.5-flash", embed=False, tag=s.tag
+            ),
         )
         assert (
             st.status == "BATCH_STATE_EXPIRED"
@@ -84,6 +91,8 @@ def test_expired_and_cancelled() -> None:
     with serve(batch_seconds=30) as emu:
         t = transport(emu)
         data, s, _ = shard()
-        name = remote.submit(t, data, s.framing, model="gemini-2.5-flash", embed=False, tag=s.tag)
+        name = remote.submit(
+            t, data, s.framing.kind, model="gemini-2.5-flash", embed=False, tag=s.tag
+        )
         remote.cancel(t, name)
         assert remote.poll(t, name).status == "BATCH_STATE_CANCELLED"

@@ -84,14 +84,20 @@ class AnthropicEmulator(BatchStore[_Batch]):
         return guarded
 
     # batches ------------------------------------------------------------------------------
+    def _throttled(self, budget: str) -> Response | None:
+        """Anthropic's 429 while the rate-limit fault ``budget`` lasts, else None."""
+        if not self.ctx.take(budget):
+            return None
+        return error(
+            429,
+            "rate_limit_error",
+            "Number of request tokens has exceeded your rate limit.",
+            {"retry-after": "1"},
+        )
+
     def create(self, request: Request) -> Response:
-        if self.ctx.take("rate_limit_creates"):
-            return error(
-                429,
-                "rate_limit_error",
-                "Number of request tokens has exceeded your rate limit.",
-                {"retry-after": "1"},
-            )
+        if (limited := self._throttled("rate_limit_creates")) is not None:
+            return limited
         if len(request.body) > MAX_BYTES:
             return error(
                 413,
@@ -146,7 +152,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
         )
         self.add(b.id, b)
         self.ctx.ledger.batch("anthropic", b.id, len(reqs), None)
-        return Response.json(self.obj(b, now))
+        return Response.json(self.current(b, now))
 
     def _batch(self, request: Request) -> _Batch | Response:
         b = self.batches.get(request.params["batch_id"])
@@ -160,26 +166,26 @@ class AnthropicEmulator(BatchStore[_Batch]):
         if self.ctx.take("read_errors"):
             return error(529, "overloaded_error", "Overloaded")
         b = self._batch(request)
-        return b if isinstance(b, Response) else Response.json(self.obj(b, self.ctx.clock()))
+        return b if isinstance(b, Response) else Response.json(self.current(b, self.ctx.clock()))
 
     def cancel(self, request: Request) -> Response:
         b = self._batch(request)
         if isinstance(b, Response):
             return b
         now = self.ctx.clock()
-        if self.obj(b, now)["processing_status"] == "ended":
+        if self.current(b, now)["processing_status"] == "ended":
             return error(
                 400, "invalid_request_error", "Batch has already ended and cannot be canceled."
             )
         if b.timeline.cancelled_at is None:
             b.timeline.cancelled_at = now
-        return Response.json(self.obj(b, now))
+        return Response.json(self.current(b, now))
 
     def delete(self, request: Request) -> Response:
         b = self._batch(request)
         if isinstance(b, Response):
             return b
-        if self.obj(b, self.ctx.clock())["processing_status"] != "ended":
+        if self.current(b, self.ctx.clock())["processing_status"] != "ended":
             return error(
                 400,
                 "invalid_request_error",
@@ -203,7 +209,9 @@ class AnthropicEmulator(BatchStore[_Batch]):
         now = self.ctx.clock()
         return Response.json(
             {
-                "data": [self.obj(b, now) for i in page if (b := self.batches.get(i)) is not None],
+                "data": [
+                    self.current(b, now) for i in page if (b := self.batches.get(i)) is not None
+                ],
                 "has_more": len(ids) > limit,
                 "first_id": page[0] if page else None,
                 "last_id": page[-1] if page else None,
@@ -216,7 +224,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
             return b
         if self.ctx.take("read_errors"):
             return error(500, "api_error", "Internal server error")
-        self.obj(b, self.ctx.clock())
+        self.current(b, self.ctx.clock())
         if b.results is None:
             return error(
                 404, "not_found_error", "Results are not available until the batch has ended."
@@ -226,11 +234,8 @@ class AnthropicEmulator(BatchStore[_Batch]):
             response.cut_after = len(b.results) // 2
         return response
 
-    def current(self, batch: _Batch, now: float) -> dict[str, Any]:
-        return self.obj(batch, now)
-
     # the batch at a moment ------------------------------------------------------------------
-    def obj(self, b: _Batch, now: float) -> dict[str, Any]:
+    def current(self, b: _Batch, now: float) -> dict[str, Any]:
         if b.final is not None:
             return b.final
         t = b.timeline
@@ -322,13 +327,8 @@ class AnthropicEmulator(BatchStore[_Batch]):
 
     # sync ---------------------------------------------------------------------------------
     def sync(self, request: Request) -> Response:
-        if self.ctx.take("rate_limit_sync"):
-            return error(
-                429,
-                "rate_limit_error",
-                "Number of request tokens has exceeded your rate limit.",
-                {"retry-after": "1"},
-            )
+        if (limited := self._throttled("rate_limit_sync")) is not None:
+            return limited
         params = request.json()
         if not isinstance(params, dict) or "max_tokens" not in params:
             return error(400, "invalid_request_error", "max_tokens: Field required")

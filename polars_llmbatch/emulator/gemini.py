@@ -217,12 +217,9 @@ class GeminiEmulator(BatchStore[_Batch]):
     def model_call(self, request: Request) -> Response:
         model_name, _, verb = request.params["model_verb"].partition(":")
         body = request.json() or {}
-        if verb in ("generateContent", "embedContent") and self.ctx.take("rate_limit_sync"):
-            return error(
-                429,
-                "RESOURCE_EXHAUSTED",
-                "You exceeded your current quota, please check your plan and billing details.",
-            )
+        sync_call = verb in ("generateContent", "embedContent")
+        if sync_call and (limited := self._throttled("rate_limit_sync")) is not None:
+            return limited
         if verb == "generateContent":
             resp, inp, outp = respond(model_name, body)
             self.ctx.ledger.bill("gemini", None, "", inp, outp)
@@ -241,13 +238,19 @@ class GeminiEmulator(BatchStore[_Batch]):
         return error(404, "NOT_FOUND", f"Unknown method {verb!r}")
 
     # batches ------------------------------------------------------------------------------
+    def _throttled(self, budget: str) -> Response | None:
+        """Gemini's 429 (no Retry-After) while the rate-limit fault ``budget`` lasts."""
+        if not self.ctx.take(budget):
+            return None
+        return error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "You exceeded your current quota, please check your plan and billing details.",
+        )
+
     def create(self, model_name: str, kind: str, body: dict[str, Any]) -> Response:
-        if self.ctx.take("rate_limit_creates"):
-            return error(
-                429,
-                "RESOURCE_EXHAUSTED",
-                "You exceeded your current quota, please check your plan and billing details.",
-            )
+        if (limited := self._throttled("rate_limit_creates")) is not None:
+            return limited
         batch = _get(body, "batch")
         if not isinstance(batch, dict):
             return error(400, "INVALID_ARGUMENT", "Invalid JSON payload received. Missing 'batch'.")

@@ -235,15 +235,21 @@ class OpenAIEmulator(BatchStore[_Batch]):
         return response
 
     # batches ------------------------------------------------------------------------------
+    def _throttled(self, budget: str) -> Response | None:
+        """OpenAI's 429 while the rate-limit fault ``budget`` lasts, else None."""
+        if not self.ctx.take(budget):
+            return None
+        return error(
+            429,
+            "Rate limit reached for requests. Please try again in 1s.",
+            "requests",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "1"},
+        )
+
     def create_batch(self, request: Request) -> Response:
-        if self.ctx.take("rate_limit_creates"):
-            return error(
-                429,
-                "Rate limit reached for requests. Please try again in 1s.",
-                "requests",
-                code="rate_limit_exceeded",
-                headers={"retry-after": "1"},
-            )
+        if (limited := self._throttled("rate_limit_creates")) is not None:
+            return limited
         body = request.json() or {}
         file_id = body.get("input_file_id")
         endpoint = body.get("endpoint")
@@ -299,7 +305,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
         n = sum(1 for line in f.data.splitlines() if line.strip())
         self.ctx.ledger.batch("openai", b.id, n, json.dumps(metadata) if metadata else None)
         threading.Thread(target=self._work, args=(b,), daemon=True).start()
-        return Response.json(self.obj(b, now))
+        return Response.json(self.current(b, now))
 
     def _work(self, b: _Batch) -> None:
         try:
@@ -345,14 +351,14 @@ class OpenAIEmulator(BatchStore[_Batch]):
                 500, "The server had an error while processing your request.", "server_error"
             )
         b = self._batch(request)
-        return b if isinstance(b, Response) else Response.json(self.obj(b, self.ctx.clock()))
+        return b if isinstance(b, Response) else Response.json(self.current(b, self.ctx.clock()))
 
     def cancel_batch(self, request: Request) -> Response:
         b = self._batch(request)
         if isinstance(b, Response):
             return b
         now = self.ctx.clock()
-        current = self.obj(b, now)
+        current = self.current(b, now)
         if current["status"] in ("completed", "failed", "expired", "cancelled"):
             return error(
                 409,
@@ -361,7 +367,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
             )
         if b.timeline.cancelled_at is None:
             b.timeline.cancelled_at = now
-        return Response.json(self.obj(b, now))
+        return Response.json(self.current(b, now))
 
     def list_batches(self, request: Request) -> Response:
         limit = min(max(int(request.arg("limit", "20") or 20), 1), 100)
@@ -370,7 +376,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
         if after in ids:
             ids = ids[ids.index(after) + 1 :]
         page, now = ids[:limit], self.ctx.clock()
-        data = [self.obj(b, now) for i in page if (b := self.batches.get(i)) is not None]
+        data = [self.current(b, now) for i in page if (b := self.batches.get(i)) is not None]
         return Response.json(
             {
                 "object": "list",
@@ -381,11 +387,8 @@ class OpenAIEmulator(BatchStore[_Batch]):
             }
         )
 
-    def current(self, batch: _Batch, now: float) -> dict[str, Any]:
-        return self.obj(batch, now)
-
     # the batch object at a moment -----------------------------------------------------------
-    def obj(self, b: _Batch, now: float) -> dict[str, Any]:
+    def current(self, b: _Batch, now: float) -> dict[str, Any]:
         if b.final is not None:
             return b.final
         t = b.timeline
@@ -550,14 +553,8 @@ class OpenAIEmulator(BatchStore[_Batch]):
     # sync ---------------------------------------------------------------------------------
     def sync(self, endpoint: str):
         def handler(request: Request) -> Response:
-            if self.ctx.take("rate_limit_sync"):
-                return error(
-                    429,
-                    "Rate limit reached for requests. Please try again in 1s.",
-                    "requests",
-                    code="rate_limit_exceeded",
-                    headers={"retry-after": "1"},
-                )
+            if (limited := self._throttled("rate_limit_sync")) is not None:
+                return limited
             body = request.json()
             if not isinstance(body, dict) or "model" not in body:
                 return error(

@@ -218,6 +218,12 @@ class Provider(ABC):
     def cancel(self, t: Transport, remote_id: str) -> None:
         raise NotImplementedError(f"{self.name}: cancelling is not implemented")
 
+    def stops_job(self, status: int, message: str) -> bool:
+        """Whether an error answer means no request of the job can go through (a wrong key,
+        URL or model; an exhausted account): the engine stops rather than record every row as
+        failed, so that re-running after the fix sends everything."""
+        return status in (401, 403, 404)
+
     def queue_limited(self, state: RemoteState) -> bool:
         """Whether an ended batch failed only because the provider's queue was full (a smaller
         batch later will be accepted)."""

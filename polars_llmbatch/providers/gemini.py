@@ -157,7 +157,7 @@ class Gemini(Provider):
         return gemini_remote.submit(
             t,
             data,
-            Framing(line=None, kind=kind),
+            kind,
             model=spec.model,
             embed=spec.task == "embed",
             tag=tag,

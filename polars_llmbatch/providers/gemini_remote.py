@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from polars_llmbatch.providers.base import Framing, RemoteState
+from polars_llmbatch.providers.base import RemoteState
 
 if TYPE_CHECKING:
     from polars_llmbatch.transport import Transport
@@ -29,14 +29,13 @@ _PHASES = {
 }
 
 
-def submit(
-    t: Transport, data: bytes, framing: Framing, *, model: str, embed: bool, tag: str
-) -> str:
-    """Create the batch for a shard; its name (``batches/…``). An inline shard *is* the create
-    body (its ``displayName`` is the tag); a file shard is uploaded first."""
+def submit(t: Transport, data: bytes, kind: str, *, model: str, embed: bool, tag: str) -> str:
+    """Create the batch for a shard; its name (``batches/…``). An inline shard (``kind``
+    ``"inline"``, :attr:`Framing.kind`) *is* the create body (its ``displayName`` is the tag);
+    a file shard is uploaded first."""
     verb = "asyncBatchEmbedContent" if embed else "batchGenerateContent"
     path = f"/{VERSION}/models/{model}:{verb}"
-    if framing.kind == "inline":
+    if kind == "inline":
         op = t.request(
             "POST",
             path,

@@ -191,6 +191,10 @@ class OpenAI(Provider):
     def cancel(self, t: Transport, remote_id: str) -> None:
         openai_remote.cancel(t, remote_id)
 
+    def stops_job(self, status: int, message: str) -> bool:
+        # A 429 that is no rate limit: the account is out of credit.
+        return super().stops_job(status, message) or "insufficient_quota" in message
+
     def queue_limited(self, state: RemoteState) -> bool:
         return state.status == "failed" and "token_limit_exceeded" in (state.error or "")
 
