@@ -32,3 +32,19 @@ def batch(df: pl.DataFrame, emu: Any, ckpt: Path, provider: str = "openai", **kw
     )
     args.update(kw)
     return df.llm.batch(prompt, **args)
+
+
+class StepClock:
+    """An emulator clock that moves only when the test says so (``emu.ctx.clock = StepClock()``):
+    a lifecycle test then sees every state in turn, however slow the machine is."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

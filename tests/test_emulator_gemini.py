@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import polars as pl
 import pytest
 from google import genai
 from google.genai import errors, types
+from helpers import StepClock
 
 from polars_llmbatch.emulator import Emulator, Faults, model, serve
 from polars_llmbatch.providers import gemini as gemini_provider
@@ -28,7 +29,9 @@ def client(emu: Emulator, version: str = "v1beta") -> genai.Client:
     )
 
 
-def wait(c: genai.Client, name: str, timeout: float = 20.0) -> tuple[types.BatchJob, list[str]]:
+def wait(
+    c: genai.Client, name: str, timeout: float = 20.0, step: Callable[[], None] = lambda: None
+) -> tuple[types.BatchJob, list[str]]:
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -37,6 +40,7 @@ def wait(c: genai.Client, name: str, timeout: float = 20.0) -> tuple[types.Batch
             seen.append(job.state.value)
         if job.done:
             return job, seen
+        step()
         time.sleep(0.02)
     raise AssertionError(f"{name} did not end within {timeout} s")
 
@@ -65,9 +69,10 @@ def test_inline_batch_in_order_with_metadata(emu: Emulator, version: str) -> Non
     src = [
         types.InlinedRequest(contents=f"question {i}", metadata={"key": f"k{i}"}) for i in range(5)
     ]
+    emu.ctx.clock = clock = StepClock()  # 0.03 s of batch time per poll: every state is seen
     job = c.batches.create(model="gemini-2.5-flash", src=src, config={"display_name": "tag-1"})
     assert job.state.value == "JOB_STATE_PENDING" and job.display_name == "tag-1"
-    job, seen = wait(c, job.name)
+    job, seen = wait(c, job.name, step=lambda: clock.advance(0.03))
     assert seen[-1] == "JOB_STATE_SUCCEEDED" and "JOB_STATE_RUNNING" in seen
     got = job.dest.inlined_responses
     assert [r.metadata["key"] for r in got] == [f"k{i}" for i in range(5)]

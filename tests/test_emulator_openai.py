@@ -6,12 +6,13 @@ import base64
 import json
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
 import polars as pl
 import pytest
+from helpers import StepClock
 from openai.types import Batch, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 from openai.types.responses import Response as ResponsesResponse
@@ -44,8 +45,14 @@ def shard(n: int = 12, **kw) -> tuple[bytes, list[str]]:
     return shard_bytes(p, s), p.requests["custom_id"].to_list()
 
 
-def wait(c: openai.OpenAI, batch_id: str, timeout: float = 20.0) -> tuple[Batch, list[str]]:
-    """Poll until the batch ends; returns it and the statuses seen, in order."""
+def wait(
+    c: openai.OpenAI,
+    batch_id: str,
+    timeout: float = 20.0,
+    step: Callable[[], None] = lambda: None,
+) -> tuple[Batch, list[str]]:
+    """Poll until the batch ends; returns it and the statuses seen, in order. ``step``
+    runs between polls (e.g. moves a :class:`StepClock`)."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -54,19 +61,23 @@ def wait(c: openai.OpenAI, batch_id: str, timeout: float = 20.0) -> tuple[Batch,
             seen.append(b.status)
         if b.status in TERMINAL:
             return b, seen
+        step()
         time.sleep(0.02)
     raise AssertionError(f"batch {batch_id} did not end within {timeout} s (seen {seen})")
 
 
 def run(
-    c: openai.OpenAI, data: bytes, endpoint: str = "/v1/chat/completions"
+    c: openai.OpenAI,
+    data: bytes,
+    endpoint: str = "/v1/chat/completions",
+    step: Callable[[], None] = lambda: None,
 ) -> tuple[Batch, list[str]]:
     f = c.files.create(file=("shard.jsonl", data), purpose="batch")
     b = c.batches.create(
         input_file_id=f.id, endpoint=endpoint, completion_window="24h", metadata={"job": "j1"}
     )
     assert b.status == "validating" and b.request_counts.total == 0
-    return wait(c, b.id)
+    return wait(c, b.id, step=step)
 
 
 def lines(c: openai.OpenAI, file_id: str | None) -> list[dict]:
@@ -84,7 +95,16 @@ def emu() -> Iterator[Emulator]:
 def test_chat_batch_lifecycle_and_results(emu: Emulator) -> None:
     c = client(emu)
     data, ids = shard()
-    b, seen = run(c, data)
+    emu.ctx.clock = clock = StepClock()
+
+    def step() -> None:
+        # The emulator validates and computes in a background thread: let it finish, then move
+        # 0.03 s of batch time per poll, so every state is seen however slow the machine is.
+        for batch in emu.openai.batches.values():
+            batch.computed.wait(10)
+        clock.advance(0.03)
+
+    b, seen = run(c, data, step=step)
     assert seen[-1] == "completed" and "in_progress" in seen
     assert b.request_counts.total == b.request_counts.completed == len(ids)
     assert b.completed_at and b.in_progress_at and b.finalizing_at and b.error_file_id is None
