@@ -277,15 +277,15 @@ class Engine:
     def _collect(self, s: ShardRecord, st: RemoteState) -> None:
         """Results of an ended batch: raw files to disk first, then parsed rows, then done."""
         files = [self.ckpt.path / f for f in s.files]  # relative: the folder may move
+        ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
         if not files and st.result_files:
-            for k, data in enumerate(self.provider.fetch(self.t, st)):
+            for k, data in enumerate(self.provider.fetch(self.t, st, ids.to_list())):
                 path = self.ckpt.raw_file(s.index, k)
                 self.ckpt.write_bytes(path, data)
                 files.append(path)
             self.ckpt.append(
                 "fetched", shard=s.index, files=[str(f.relative_to(self.ckpt.path)) for f in files]
             )
-        ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
         if files:
             got = self.provider.parse(files, self.spec)
             got = got.filter(pl.col("custom_id").is_in(ids.implode()))  # never a foreign row

@@ -22,8 +22,17 @@ from polars_llmbatch.engine import Engine, Settings, plan_round
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.estimate import Estimate, estimate
 from polars_llmbatch.providers import Provider, get_provider
-from polars_llmbatch.reconcile import best_results, join_rows, read_results, spent
-from polars_llmbatch.requests import Prepared
+from polars_llmbatch.reconcile import (
+    CID,
+    IN_JOB,
+    SKIPPED,
+    best_results,
+    finish_rows,
+    read_results,
+    request_outputs,
+    spent,
+)
+from polars_llmbatch.requests import Prepared, RowIds
 from polars_llmbatch.results import STATUSES
 from polars_llmbatch.spec import RequestSpec
 from polars_llmbatch.transport import Transport, credentials
@@ -95,11 +104,13 @@ class Job:
         settings: Settings | None = None,
         usage: bool = False,
         rows: pl.DataFrame | None = None,
+        row_ids: RowIds | None = None,
     ) -> None:
         self._ckpt = ckpt
         # The row → request map of the call that made this object (its frame's rows, in its
         # order); a reopened job uses the checkpoint's.
         self._rows = rows
+        self._row_ids = row_ids  # how the frame's rows map to requests (for a LazyFrame)
         self._job = ckpt.job()
         self._t = transport
         self._frame = frame
@@ -254,25 +265,55 @@ class Job:
             done=done,
         )
 
-    def result(self, *, usage: bool | None = None) -> pl.DataFrame:
+    def result(self, *, usage: bool | None = None) -> Any:
         """The output frame: the input frame (when this object was made from one) or the row
         key, plus the output column(s), ``llm_status`` and ``llm_error`` (and with ``usage``
-        tokens and cost). Rows not finished yet are ``pending``."""
+        tokens and cost). Rows not finished yet are ``pending``.
+
+        For a job made from a LazyFrame this is a LazyFrame: the input plan with the answers
+        joined on each row's request (its rendered text), never on its position, so a plan
+        that gives its rows in another order when evaluated again still gets its own answers.
+        """
         usage = self._usage if usage is None else usage
-        rows = self._rows if self._rows is not None else self._ckpt.rows()
-        out = join_rows(
-            rows,
-            read_results(self._ckpt),
-            self.spec,
-            price=self._job.get("price"),
-            usage=usage,
-            name=self._job.get("output_name"),
+        name = self._job.get("output_name")
+        outputs = request_outputs(
+            read_results(self._ckpt), self.spec, price=self._job.get("price"), name=name
         )
-        if isinstance(self._frame, pl.LazyFrame):
-            return pl.concat([self._frame, out.lazy()], how="horizontal")
-        if self._frame is not None:
+        if isinstance(self._frame, pl.LazyFrame) and self._row_ids is not None:
+            return self._lazy_result(self._frame, self._row_ids, outputs, usage, name)
+        rows = self._rows if self._rows is not None else self._ckpt.rows()
+        mapped = rows.select(
+            pl.col(self._job["key"]),
+            pl.col("custom_id").alias(CID),
+            pl.col("skipped").alias(SKIPPED),
+            pl.lit(True).alias(IN_JOB),
+        )
+        joined = mapped.join(outputs, on=CID, how="left", maintain_order="left")
+        if self._frame is not None:  # a DataFrame: the rows map is in its order
+            out = finish_rows(joined, self.spec, usage=usage, name=name)
             return pl.concat([self._frame, out], how="horizontal")
-        return pl.concat([rows.select(self._job["key"]), out], how="horizontal")
+        return finish_rows(joined, self.spec, usage=usage, name=name, keep=[self._job["key"]])
+
+    def _lazy_result(
+        self,
+        frame: pl.LazyFrame,
+        row_ids: RowIds,
+        outputs: pl.DataFrame,
+        usage: bool,
+        name: str | None,
+    ) -> pl.LazyFrame:
+        known = (
+            pl.scan_parquet(self._ckpt.path / "requests.parquet")
+            .select(pl.col("custom_id").alias(CID), pl.lit(True).alias(IN_JOB))
+            .join(outputs.lazy(), on=CID, how="left")
+        )
+        user = frame.collect_schema().names()
+        plan = (
+            row_ids.attach(frame, CID)
+            .join(known, on=CID, how="left", maintain_order="left")
+            .with_columns(pl.col(CID).is_null().alias(SKIPPED))
+        )
+        return finish_rows(plan, self.spec, usage=usage, name=name, keep=user)
 
     # display ---------------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -266,7 +266,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     """``batch`` and ``embed``: every check that needs no data, then prepare, checkpoint, run."""
     from polars_llmbatch.engine import Settings
     from polars_llmbatch.job import Job, start
-    from polars_llmbatch.reconcile import output_names
+    from polars_llmbatch.reconcile import check_output_names, output_names
     from polars_llmbatch.transport import Transport, credentials
 
     prov = get_provider(args["provider"])
@@ -293,6 +293,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     prepared = _prepare(frame, prompt, args)
     check_fits(prepared, args["prices"])
     name = args.get("name") if task == "embed" else None
+    check_output_names(prepared.spec, prepared.key, name)
     names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
     clash = [c for c in output_names(prepared.spec, name, args["usage"]) if c in names]
     if clash:
@@ -329,9 +330,18 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         output_name=name,
     )
     rows = prepared.rows  # this call's rows: a reattached job may list them in another order
+    row_ids = prepared.row_ids
     del prepared  # the checkpoint holds the requests now; waiting needs none of it in memory
     settings = Settings(**{**settings.__dict__, "mode": ckpt.job()["mode"]})
-    job = Job(ckpt, transport, frame=frame, settings=settings, usage=args["usage"], rows=rows)
+    job = Job(
+        ckpt,
+        transport,
+        frame=frame,
+        settings=settings,
+        usage=args["usage"],
+        rows=rows,
+        row_ids=row_ids,
+    )
     if not args["wait"]:
         return job
     return job.wait().result()

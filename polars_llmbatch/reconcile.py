@@ -9,22 +9,49 @@ file), ``skipped`` (its prompt rendered to null; never sent) or ``pending`` (not
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars as pl
 
+from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.results import RESULT_SCHEMA, all_distinct
 from polars_llmbatch.spec import RequestSpec
 
 if TYPE_CHECKING:
     from polars_llmbatch.checkpoint import Checkpoint
 
-__all__ = ["STATUS_COLUMN", "best_results", "decode_outputs", "join_rows", "read_results", "spent"]
+__all__ = [
+    "STATUS_COLUMN",
+    "best_results",
+    "check_output_names",
+    "decode_outputs",
+    "finish_rows",
+    "join_rows",
+    "read_results",
+    "request_outputs",
+    "spent",
+]
 
 STATUS_COLUMN = "llm_status"
 ERROR_COLUMN = "llm_error"
 USAGE_COLUMNS = ("llm_input_tokens", "llm_output_tokens", "llm_cost")
+#: Every column this module makes for itself starts with this; no caller's name may.
+INTERNAL_PREFIX = "__llmbatch_"
+CID = INTERNAL_PREFIX + "custom_id"
+SKIPPED = INTERNAL_PREFIX + "skipped"
+IN_JOB = INTERNAL_PREFIX + "in_job"
+STATUS = INTERNAL_PREFIX + "status"
+ERROR = INTERNAL_PREFIX + "error"
+INVALID = INTERNAL_PREFIX + "invalid"
+IN_TOKENS = INTERNAL_PREFIX + "input_tokens"
+OUT_TOKENS = INTERNAL_PREFIX + "output_tokens"
+COST = INTERNAL_PREFIX + "cost"
+NOT_IN_JOB = (
+    "this row's request is not part of the job: the frame gave a row (or a text) that was not "
+    "there when the job was created; run the job again on the new rows"
+)
 _EXTRA = {"attempt": pl.Int32(), "shard": pl.Int32(), "mode": pl.String()}
 
 
@@ -73,14 +100,15 @@ def _costs(results: pl.DataFrame, price: dict[str, Any]) -> pl.Series:
 
 # typed outputs ---------------------------------------------------------------------------------
 def decode_outputs(best: pl.DataFrame, spec: RequestSpec, name: str | None = None) -> pl.DataFrame:
-    """``custom_id``, the output column(s) and ``invalid`` (a reason, or null) for each result.
+    """The request id (:data:`CID`), the output column(s) under the caller's names and
+    :data:`INVALID` (a reason, or null) for each result.
 
     Text is kept as is; enum and struct outputs are JSON-decoded into their polars dtypes (Enum,
     numbers, nested structs); embeddings become ``pl.Array(pl.Float32, dim)``. Only succeeded rows
     carry output.
     """
     ok = best["status"] == "succeeded"
-    ids = best.select("custom_id")
+    ids = best.select(pl.col("custom_id").alias(CID))
     if spec.task == "embed":
         vectors = best["embedding"].set(~ok, None) if not ok.all() else best["embedding"]
         lengths = vectors.list.len().drop_nulls().unique()
@@ -89,14 +117,14 @@ def decode_outputs(best: pl.DataFrame, spec: RequestSpec, name: str | None = Non
         dim = int(lengths[0]) if len(lengths) else (spec.dimensions or 0)
         column = vectors.cast(pl.Array(pl.Float32, dim)) if dim else vectors
         return ids.with_columns(
-            column.alias(name or "embedding"), pl.lit(None, pl.String).alias("invalid")
+            column.alias(name or "embedding"), pl.lit(None, pl.String).alias(INVALID)
         )
     out = spec.output
     assert out is not None
     text = best["text"].set(~ok, None) if not ok.all() else best["text"]
     if out.kind == "text":
         (column,) = out.columns
-        return ids.with_columns(text.alias(column), pl.lit(None, pl.String).alias("invalid"))
+        return ids.with_columns(text.alias(column), pl.lit(None, pl.String).alias(INVALID))
     dtype = pl.Struct(out.columns)
     typed, invalid = _decode_json(text, dtype, out.schema or {})
     invalid = pl.select(
@@ -105,7 +133,7 @@ def decode_outputs(best: pl.DataFrame, spec: RequestSpec, name: str | None = Non
         .otherwise(pl.lit(invalid))
     ).to_series()
     return pl.concat(
-        [ids, typed.struct.unnest(), invalid.alias("invalid").to_frame()], how="horizontal"
+        [ids, typed.struct.unnest(), invalid.alias(INVALID).to_frame()], how="horizontal"
     )
 
 
@@ -186,6 +214,93 @@ def _nullable(node: dict[str, Any]) -> bool:
 
 
 # rows ------------------------------------------------------------------------------------------
+def request_outputs(
+    results: pl.DataFrame,
+    spec: RequestSpec,
+    *,
+    price: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> pl.DataFrame:
+    """One row per request that has a result: :data:`CID`, the output column(s) under the
+    caller's names, and the internal status, error, token, cost and invalid columns.
+
+    Every column of ours has a reserved name (:data:`INTERNAL_PREFIX`), so whatever the caller
+    names an output (``status``, ``error``, ``custom_id``, ``skipped``...) nothing collides.
+    """
+    best = best_results(results) if results.height else results
+    info = best.select(
+        pl.col("custom_id").alias(CID),
+        pl.col("status").alias(STATUS),
+        pl.col("error").alias(ERROR),
+        pl.col("input_tokens").alias(IN_TOKENS),
+        pl.col("output_tokens").alias(OUT_TOKENS),
+        (_costs(best, price or {}) if best.height else pl.Series([], dtype=pl.Float64)).alias(COST),
+    )
+    if best.height:  # one row per result, in the same order: no join needed
+        outputs = decode_outputs(best, spec, name)
+        return pl.concat([info, outputs.drop(CID)], how="horizontal")
+    dtypes = _output_dtypes(spec, name)
+    return info.with_columns(
+        *(pl.lit(None, dtypes[c]).alias(c) for c in _output_columns(spec, name)),
+        pl.lit(None, pl.String).alias(INVALID),
+    )
+
+
+def finish_rows(
+    frame: pl.DataFrame | pl.LazyFrame,
+    spec: RequestSpec,
+    *,
+    usage: bool = False,
+    name: str | None = None,
+    keep: Sequence[str] = (),
+) -> Any:
+    """The caller's columns from ``frame`` (rows joined to :func:`request_outputs`, with
+    :data:`CID`, :data:`SKIPPED` and :data:`IN_JOB`): ``keep``, the output column(s),
+    ``llm_status``, ``llm_error`` and, with ``usage``, tokens and cost.
+
+    A request shared by identical rows is paid once: its tokens and cost show on the first
+    row that uses it and are 0 on the others. A row whose request is not part of the job (a
+    LazyFrame that gives other rows when evaluated again) has a null status and says so.
+    """
+    status = (
+        pl.when(pl.col(SKIPPED))
+        .then(pl.lit("skipped"))
+        .when(pl.col(STATUS).is_null() & pl.col(IN_JOB))
+        .then(pl.lit("pending"))
+        .when(pl.col(STATUS).is_null())
+        .then(pl.lit(None, pl.String))
+        .when(pl.col(INVALID).is_not_null())
+        .then(pl.lit("invalid_output"))
+        .otherwise(pl.col(STATUS))
+    )
+    error = (
+        pl.when(~pl.col(SKIPPED) & ~pl.col(IN_JOB).fill_null(False))
+        .then(pl.lit(NOT_IN_JOB))
+        .otherwise(pl.coalesce(pl.col(INVALID), pl.col(ERROR)))
+    )
+    cols: list[pl.Expr] = [pl.col(c) for c in keep]
+    cols += [pl.col(c) for c in _output_columns(spec, name)]
+    cols += [status.alias(STATUS_COLUMN), error.alias(ERROR_COLUMN)]
+    if usage:
+        # The first row of each request; skipped and repeated rows cost nothing (0), pending
+        # rows have no figures yet (null).
+        first = pl.col(CID).is_first_distinct() | pl.col(STATUS).is_null()
+        cols += [
+            pl.when(pl.col(SKIPPED))
+            .then(pl.lit(0, dtype))
+            .when(first)
+            .then(pl.col(source))
+            .otherwise(pl.lit(0, dtype))
+            .alias(column)
+            for column, source, dtype in (
+                ("llm_input_tokens", IN_TOKENS, pl.Int64),
+                ("llm_output_tokens", OUT_TOKENS, pl.Int64),
+                ("llm_cost", COST, pl.Float64),
+            )
+        ]
+    return frame.select(*cols)
+
+
 def join_rows(
     rows: pl.DataFrame,
     results: pl.DataFrame,
@@ -198,60 +313,13 @@ def join_rows(
     """One row per input row, in input order: the output column(s), ``llm_status``,
     ``llm_error`` and, with ``usage``, tokens and cost. ``rows`` is the checkpoint's row map
     (key, custom_id, skipped); ``results`` every result row of the job.
-
-    A request shared by identical rows is paid once: its tokens and cost show on the first
-    row that uses it and are 0 on the others.
     """
-    best = best_results(results) if results.height else results
-    outputs = decode_outputs(best, spec, name) if best.height else None
-    info = best.select(
-        "custom_id",
-        pl.int_range(pl.len(), dtype=pl.UInt32).alias("__request__"),
-        "status",
-        "error",
-        "input_tokens",
-        "output_tokens",
-        _costs(best, price or {}).alias("cost") if best.height else pl.lit(None, pl.Float64),
+    outputs = request_outputs(results, spec, price=price, name=name)
+    mapped = rows.select(
+        pl.col("custom_id").alias(CID), pl.col("skipped").alias(SKIPPED), pl.lit(True).alias(IN_JOB)
     )
-    if outputs is not None:  # one row per result, in the same order: no join needed
-        info = pl.concat([info, outputs.drop("custom_id")], how="horizontal")
-    joined = rows.join(info, on="custom_id", how="left", maintain_order="left")
-    out_cols = _output_columns(spec, name)
-    status = (
-        pl.when(pl.col("skipped"))
-        .then(pl.lit("skipped"))
-        .when(pl.col("status").is_null())
-        .then(pl.lit("pending"))
-        .when(pl.col("invalid").is_not_null() if outputs is not None else pl.lit(False))
-        .then(pl.lit("invalid_output"))
-        .otherwise(pl.col("status"))
-    )
-    error = (
-        pl.coalesce(pl.col("invalid"), pl.col("error")) if outputs is not None else pl.col("error")
-    )
-    dtypes = _output_dtypes(spec, name)
-    cols: list[pl.Expr] = [
-        pl.col(c) if outputs is not None else pl.lit(None, dtypes[c]).alias(c) for c in out_cols
-    ]
-    cols += [status.alias(STATUS_COLUMN), error.alias(ERROR_COLUMN)]
-    if usage:
-        # The first row of each request (an integer key: 10x faster than the 32-char id).
-        # Pending rows have no figures yet (null); skipped and repeated rows cost nothing (0).
-        keep = pl.col("__request__").is_first_distinct() | pl.col("__request__").is_null()
-        cols += [
-            pl.when(pl.col("skipped"))
-            .then(pl.lit(0, dtype))
-            .when(keep)
-            .then(pl.col(source))
-            .otherwise(pl.lit(0, dtype))
-            .alias(name)
-            for name, source, dtype in (
-                ("llm_input_tokens", "input_tokens", pl.Int64),
-                ("llm_output_tokens", "output_tokens", pl.Int64),
-                ("llm_cost", "cost", pl.Float64),
-            )
-        ]
-    return joined.select(*cols)
+    joined = mapped.join(outputs, on=CID, how="left", maintain_order="left")
+    return finish_rows(joined, spec, usage=usage, name=name)
 
 
 def _output_dtypes(spec: RequestSpec, name: str | None) -> dict[str, pl.DataType]:
@@ -279,3 +347,18 @@ def output_names(spec: RequestSpec, name: str | None = None, usage: bool = False
     """The columns :func:`join_rows` adds, for checking clashes before anything is sent."""
     names = [*_output_columns(spec, name), STATUS_COLUMN, ERROR_COLUMN]
     return names + list(USAGE_COLUMNS) if usage else names
+
+
+def check_output_names(spec: RequestSpec, key: str, name: str | None = None) -> None:
+    """Refuse, before anything is sent, an output name the result frame cannot honour: one of
+    the status, error and usage columns, the row key (a reopened job's result carries it), or
+    a name with the reserved internal prefix."""
+    reserved = {STATUS_COLUMN, ERROR_COLUMN, *USAGE_COLUMNS, key}
+    bad = [c for c in _output_columns(spec, name) if c in reserved or c.startswith(INTERNAL_PREFIX)]
+    if bad:
+        what = "embedding name=" if spec.task == "embed" else "output="
+        raise LlmBatchError(
+            f"{what} names column(s) {bad}, which the result frame uses itself "
+            f"({sorted(reserved - {key})} and the row key {key!r}; nothing may start with "
+            f"{INTERNAL_PREFIX!r}); pick another name"
+        )

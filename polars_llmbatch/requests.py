@@ -37,6 +37,35 @@ OnNull = Literal["skip", "empty", "error"]
 
 
 @dataclass(frozen=True)
+class RowIds:
+    """How any frame's rows map to this job's ``custom_id``s, as expressions: the rendered
+    texts, hashed exactly as :func:`prepare` hashes them. A result plan uses it to join answers
+    on the request itself, never on a row's position (a LazyFrame evaluated again may give its
+    rows in another order)."""
+
+    texts: dict[str, pl.Expr]  # internal column name → rendered text
+    digest: str
+
+    def attach(self, lf: pl.LazyFrame, name: str) -> pl.LazyFrame:
+        """``lf`` with the ``custom_id`` of each row as column ``name`` (null: skipped)."""
+        columns = list(self.texts)
+        digest = self.digest
+
+        def ids(s: pl.Series) -> pl.Series:
+            return _request_ids(s.struct.unnest(), digest, columns)
+
+        return (
+            lf.with_columns(*(e.alias(c) for c, e in self.texts.items()))
+            .with_columns(
+                pl.struct(columns)
+                .map_batches(ids, return_dtype=pl.String, is_elementwise=True)
+                .alias(name)
+            )
+            .drop(columns)
+        )
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A frame turned into requests.
 
@@ -52,6 +81,7 @@ class Prepared:
     key: str
     rows: pl.DataFrame
     requests: pl.DataFrame
+    row_ids: RowIds | None = None
 
     @cached_property
     def job_id(self) -> str:
@@ -195,9 +225,8 @@ def prepare(
         _check_not_empty(rendered, internal["user"], skipped, key)
 
     skeleton = prov.body(spec, texts)
-    keys = _request_ids(
-        rendered, request_digest(prov, spec, skeleton), [internal[n] for n in texts]
-    )
+    digest = request_digest(prov, spec, skeleton)
+    keys = _request_ids(rendered, digest, [internal[n] for n in texts])
     rows = pl.DataFrame([rendered[key], keys.alias("custom_id"), skipped.alias("skipped")])
     # Deduplicate on the narrow (id, position) pair, then fetch each unique request's texts by
     # position: the long texts are copied once, not sorted along.
@@ -232,6 +261,7 @@ def prepare(
         key=key,
         rows=rows,
         requests=requests,
+        row_ids=RowIds({internal[n]: e for n, e in exprs.items()}, digest),
     )
 
 

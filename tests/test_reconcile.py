@@ -10,7 +10,7 @@ import pytest
 
 from polars_llmbatch.checkpoint import Checkpoint
 from polars_llmbatch.outputs import parse_output
-from polars_llmbatch.reconcile import best_results, decode_outputs, join_rows
+from polars_llmbatch.reconcile import INVALID, best_results, decode_outputs, join_rows
 from polars_llmbatch.results import RESULT_SCHEMA, finish_parse
 from polars_llmbatch.spec import RequestSpec
 
@@ -53,7 +53,7 @@ def test_struct_outputs_are_typed_and_bad_ones_are_invalid_output() -> None:
     )
     assert got.schema["category"] == pl.Enum(CATS) and got.schema["urgency"] == pl.Int64
     assert got.row(0) == ("a", "bug", 3, ["x"], None)
-    reasons = got["invalid"].to_list()
+    reasons = got[INVALID].to_list()
     assert "wrong type" in reasons[1] and '"urgency": "high"' in reasons[1]
     assert "'category' is missing or not one of its allowed values" in reasons[2]
     assert "not valid JSON" in reasons[3] and reasons[3].endswith('{"category": "bug", "urg')

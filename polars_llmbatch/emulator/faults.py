@@ -36,6 +36,8 @@ class Faults:
     - ``malformed``: the share of output lines written as broken JSON.
     - ``slow``: a factor on every batch's processing time.
     - ``drop_downloads``: the first N result downloads are cut mid-stream.
+    - ``no_inline_keys``: Gemini inline responses come back without their ``metadata`` (our
+      key), as the real API has been seen to do (python-genai #2008): only their order tells.
     - ``fault_batches``: the per-request faults and ``expire_at`` hit only the first N batches
       created (0: every batch), so a client's retries of what failed can succeed.
 
@@ -57,6 +59,7 @@ class Faults:
     malformed: float = 0.0
     slow: float = 1.0
     drop_downloads: int = 0
+    no_inline_keys: int = 0
     fault_batches: int = 0
 
     def hits(self, fault: str, share: float, custom_id: str) -> bool:

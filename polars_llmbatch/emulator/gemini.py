@@ -487,7 +487,7 @@ class GeminiEmulator(BatchStore[_Batch]):
                 if faults.hits("missing", faults.missing, key):
                     continue
                 entry = {k: v for k, v in r.items() if k != "meta"}
-                if r["meta"] is not None:
+                if r["meta"] is not None and not faults.no_inline_keys:
                     entry = {"metadata": r["meta"], **entry}
                 items.append(entry)
                 if faults.hits("duplicates", faults.duplicates, key):

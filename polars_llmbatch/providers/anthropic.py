@@ -180,7 +180,7 @@ class Anthropic(Provider):
     def poll(self, t: Transport, remote_id: str) -> RemoteState:
         return anthropic_remote.poll(t, remote_id)
 
-    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+    def fetch(self, t: Transport, state: RemoteState, custom_ids: Sequence[str]) -> list[bytes]:
         return [anthropic_remote.download(t, url) for url in state.result_files]
 
     def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:

@@ -207,8 +207,9 @@ class Provider(ABC):
     def poll(self, t: Transport, remote_id: str) -> RemoteState:
         raise NotImplementedError(f"{self.name}: polling is not implemented")
 
-    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
-        """The bytes of every result file of an ended batch (what :meth:`parse` reads)."""
+    def fetch(self, t: Transport, state: RemoteState, custom_ids: Sequence[str]) -> list[bytes]:
+        """The bytes of every result file of an ended batch (what :meth:`parse` reads);
+        ``custom_ids`` are the shard's requests in the order they were sent."""
         raise NotImplementedError(f"{self.name}: fetching results is not implemented")
 
     def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:

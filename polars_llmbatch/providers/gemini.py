@@ -178,13 +178,22 @@ class Gemini(Provider):
     def poll(self, t: Transport, remote_id: str) -> RemoteState:
         return gemini_remote.poll(t, remote_id)
 
-    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+    def fetch(self, t: Transport, state: RemoteState, custom_ids: Sequence[str]) -> list[bytes]:
         """The results as JSONL ``{"key", "response" | "error"}`` lines: the responses file as
-        is, or the inline responses written out in the same shape."""
+        is, or the inline responses written out in the same shape.
+
+        Inline responses come back in request order, but their ``metadata`` (our key) is not
+        promised (python-genai #2008: the real API leaves it out): an entry without one takes
+        the key of the request at its position, when there is one response per request. The
+        raw answer is kept either way, so nothing that came back is lost or bought again."""
         if state.result_files == (gemini_remote.INLINE,):
+            items = gemini_remote.inline_results(t, state.remote_id)
+            by_position = len(items) == len(custom_ids)
             lines = []
-            for item in gemini_remote.inline_results(t, state.remote_id):
+            for i, item in enumerate(items):
                 key = (item.get("metadata") or {}).get("key")
+                if key is None and by_position:
+                    key = custom_ids[i]
                 rest = {k: v for k, v in item.items() if k != "metadata"}
                 lines.append(orjson.dumps({"key": key, **rest}) + b"\n")
             return [b"".join(lines)]

@@ -182,7 +182,7 @@ class OpenAI(Provider):
     def poll(self, t: Transport, remote_id: str) -> RemoteState:
         return openai_remote.poll(t, remote_id)
 
-    def fetch(self, t: Transport, state: RemoteState) -> list[bytes]:
+    def fetch(self, t: Transport, state: RemoteState, custom_ids: Sequence[str]) -> list[bytes]:
         return [openai_remote.download(t, f) for f in state.result_files]
 
     def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
