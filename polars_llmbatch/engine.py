@@ -28,6 +28,7 @@ import polars as pl
 from polars_llmbatch._fs import fsync
 from polars_llmbatch.checkpoint import Checkpoint, ShardRecord
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.prices import cost_expr
 from polars_llmbatch.progress import Progress
 from polars_llmbatch.providers import Provider
 from polars_llmbatch.providers.base import AmbiguousBatch, RemoteState
@@ -468,19 +469,19 @@ class Engine:
         )
         if due.is_empty():
             return False
-        if self.settings.max_cost is not None and self.worst_cost_per_request is not None:
+        if self.settings.max_cost is not None:
             # A missing result may still have been billed, unseen: count it at its worst case,
             # so max_cost stays a bound on what the provider can charge.
-            unseen = results.filter(pl.col("status") == "missing").height
-            paid = spent(self.ckpt, results) + unseen * self.worst_cost_per_request
-            worst = paid + due.height * self.worst_cost_per_request
-            if worst > self.settings.max_cost:
+            unseen = results.filter(pl.col("status") == "missing").select("custom_id")
+            paid = spent(self.ckpt, results) + self._worst(unseen)
+            more = self._worst(due.select("custom_id"))
+            if paid + more > self.settings.max_cost:
                 log.warning(
                     "not retrying %d request(s): spent $%.4f, retries could cost up to $%.4f "
                     "more, over max_cost=$%.4f",
                     due.height,
                     paid,
-                    due.height * self.worst_cost_per_request,
+                    more,
                     self.settings.max_cost,
                 )
                 self.ckpt.append("retries_skipped", requests=due.height, reason="max_cost")
@@ -517,6 +518,28 @@ class Engine:
             max_bytes=self.settings.max_shard_bytes,
         )
         return True
+
+    def _worst(self, sends: pl.DataFrame) -> float:
+        """The most the provider can bill for ``sends`` (one ``custom_id`` row per send):
+        each request's worst-case input tokens (recorded when the job was planned) and every
+        output at the cap, in the price tier that size falls in."""
+        if sends.is_empty():
+            return 0.0
+        requests = pl.scan_parquet(self.ckpt.path / "requests.parquet")
+        if "worst_input_tokens" not in requests.collect_schema().names():
+            # A checkpoint from before per-request bounds: the estimate's average.
+            return sends.height * (self.worst_cost_per_request or 0.0)
+        cap = 0 if self.spec.task == "embed" else (self.spec.max_output_tokens or 0)
+        bounds = sends.lazy().join(
+            requests.select("custom_id", "worst_input_tokens"), on="custom_id", how="left"
+        )
+        cost = cost_expr(
+            self.ckpt.job().get("price") or {},
+            batch=self.settings.mode == "batch",
+            input_tokens=pl.col("worst_input_tokens"),
+            output_tokens=pl.lit(cap),
+        )
+        return float(bounds.select(cost.sum()).collect().item() or 0.0)
 
 
 def _batch_status(st: RemoteState) -> str:

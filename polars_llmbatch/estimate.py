@@ -5,13 +5,13 @@ from __future__ import annotations
 import html
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 
 from polars_llmbatch._json import dumps
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
-from polars_llmbatch.prices import Price, lookup_price
+from polars_llmbatch.prices import Price, lookup_price, tiers_of
 from polars_llmbatch.providers import TokenRule
 from polars_llmbatch.requests import Prepared
 from polars_llmbatch.shards import Shard, plan
@@ -63,48 +63,69 @@ class Estimate:
     token_source: str
     notes: tuple[str, ...] = field(default=())
     cacheable_prefix_tokens: int = 0
+    #: The upper bound of every request's input tokens, summed (what ``worst_cost_*`` price).
+    input_tokens_worst: float = 0.0
+    #: How requests fall into the price's long-context tiers: per tier (from the base up),
+    #: ``(above, requests, input tokens)`` by expected size, then the same by worst-case size.
+    tier_use: tuple[tuple[float, int, float, int, float], ...] = ()
 
     # costs --------------------------------------------------------------------------------
-    def _cost(self, inp: float | None, out: float | None, batch: bool) -> float | None:
-        p_in = self.price.batch_input if batch else self.price.input
-        p_out = self.price.batch_output if batch else self.price.output
-        if inp is None or out is None or p_in is None or (p_out is None and out):
+    def _cost(self, out_per_request: float | None, batch: bool, *, worst: bool) -> float | None:
+        """Input plus ``out_per_request`` output tokens per request, each request at the
+        rates of the tier its input falls in (expected or worst-case size)."""
+        prefix = "batch_" if batch else ""
+        levels = tiers_of(self.price.to_dict())
+        n = self.unique_requests
+        uses = self.tier_use or (
+            (0.0, n, self.input_tokens, n, self.input_tokens + self.input_tokens_error),
+        )
+        if out_per_request is None:
             return None
-        return (inp * p_in + out * (p_out or 0.0)) / 1e6
+        total = 0.0
+        for level, (_above, n_exp, in_exp, n_worst, in_worst) in zip(levels, uses):
+            n, inp = (n_worst, in_worst) if worst else (n_exp, in_exp)
+            p_in, p_out = level.get(prefix + "input"), level.get(prefix + "output")
+            if p_in is None or (p_out is None and out_per_request and n):
+                return None
+            total += inp * p_in + n * out_per_request * (p_out or 0.0)
+        return total / 1e6
+
+    def _per_request(self, total: float | None) -> float | None:
+        if total is None:
+            return None
+        return total / self.unique_requests if self.unique_requests else 0.0
 
     @property
     def cost_batch(self) -> float | None:
         """Expected cost at batch rates (input plus expected output)."""
-        return self._cost(self.input_tokens, self.output_tokens_expected, True)
+        return self._cost(self._per_request(self.output_tokens_expected), True, worst=False)
 
     @property
     def cost_sync(self) -> float | None:
         """Expected cost of the same requests at sync (standard) rates."""
-        return self._cost(self.input_tokens, self.output_tokens_expected, False)
+        return self._cost(self._per_request(self.output_tokens_expected), False, worst=False)
 
     @property
     def worst_cost_batch(self) -> float | None:
-        """Upper bound at batch rates: input at the top of its range, every output at the cap.
+        """Upper bound at batch rates: every request's input at the top of its range (a
+        sampled count is bounded by the texts' bytes: a token is at least one byte), every
+        output at the cap, each request at the price tier that size falls in.
 
         ``math.inf`` when output is unbounded (no ``max_output_tokens``).
         """
         if self.output_tokens_worst is None:
             return math.inf if self.price.known else None
-        return self._cost(
-            self.input_tokens + self.input_tokens_error, self.output_tokens_worst, True
-        )
+        return self._cost(self._per_request(self.output_tokens_worst), True, worst=True)
 
     @property
     def worst_cost_sync(self) -> float | None:
         if self.output_tokens_worst is None:
             return math.inf if self.price.known else None
-        return self._cost(
-            self.input_tokens + self.input_tokens_error, self.output_tokens_worst, False
-        )
+        return self._cost(self._per_request(self.output_tokens_worst), False, worst=True)
 
     @property
     def input_cost_batch(self) -> float | None:
-        return self._cost(self.input_tokens, 0.0, True)
+        return self._cost(0.0, True, worst=False)
 
     @property
     def cost_batch_cached(self) -> float | None:
@@ -124,7 +145,7 @@ class Estimate:
         """What batch saves over sync on the expected cost (or on input alone if output is unknown)."""
         sync, batch = self.cost_sync, self.cost_batch
         if sync is None or batch is None:
-            sync, batch = self._cost(self.input_tokens, 0.0, False), self.input_cost_batch
+            sync, batch = self._cost(0.0, False, worst=False), self.input_cost_batch
         if sync is None or batch is None:
             return None
         return sync - batch
@@ -133,6 +154,7 @@ class Estimate:
         """Raise :class:`BudgetExceededError` if the worst case is over ``max_cost`` USD."""
         if max_cost is None:
             return
+        check_max_cost(max_cost)
         worst = self.worst_cost_batch if mode == "batch" else self.worst_cost_sync
         if worst is None:
             raise LlmBatchError(
@@ -208,7 +230,7 @@ class Estimate:
         elif self.input_cost_batch is not None:
             expected = (
                 f"unknown (output length unknown); input alone: batch "
-                f"{_usd(self.input_cost_batch)} · sync {_usd(self._cost(self.input_tokens, 0, False))}"
+                f"{_usd(self.input_cost_batch)} · sync {_usd(self._cost(0.0, False, worst=False))}"
             )
         else:
             expected = "unknown (no price)"
@@ -254,12 +276,45 @@ class Estimate:
         return f"<table><caption>Estimate</caption>{body}</table>"
 
 
+def check_max_cost(max_cost: Any) -> None:
+    """Refuse a ``max_cost`` that cannot bound anything: not a number, NaN, infinite or
+    negative (a NaN compares false with everything, so it would let any cost through)."""
+    if max_cost is None:
+        return
+    if (
+        isinstance(max_cost, bool)
+        or not isinstance(max_cost, (int, float))
+        or not math.isfinite(max_cost)
+        or max_cost < 0
+    ):
+        raise LlmBatchError(
+            f"max_cost= must be a finite, non-negative number of USD (or None for no budget), "
+            f"got {max_cost!r}"
+        )
+
+
 def _usd(x: float | None) -> str:
+    """``$1,234.57``, ``$0.0123``, ``$0.0000001``: every non-zero amount shows its first
+    significant digits (a budget of a ten-millionth of a dollar never prints as ``$0``)."""
     if x is None:
         return "unknown"
     if math.isinf(x):
         return "unbounded"
-    return f"${x:,.2f}" if x >= 1 else f"${x:.6f}".rstrip("0").rstrip(".") if x else "$0"
+    if x >= 1:
+        return f"${x:,.2f}"
+    if not x:
+        return "$0"
+    digits = max(6, 2 - math.floor(math.log10(abs(x))))
+    return f"${x:.{digits}f}".rstrip("0").rstrip(".")
+
+
+class Planned(NamedTuple):
+    """What :func:`estimate` works out: the estimate, the shard plan, and each request's
+    worst-case input tokens (a bound, aligned with ``prepared.requests``)."""
+
+    estimate: Estimate
+    shards: list[Shard]
+    worst_tokens: pl.Series
 
 
 def estimate(
@@ -273,7 +328,7 @@ def estimate(
     max_shard_tokens: int | None = None,
     sample_size: int = SAMPLE_SIZE,
     seed: int = 0,
-) -> tuple[Estimate, list[Shard]]:
+) -> Planned:
     """Count tokens, price them and plan the shards of ``prepared``."""
     spec, prov = prepared.spec, prepared.provider
     rule = prov.token_rule(spec)
@@ -310,17 +365,31 @@ def estimate(
 
     _check_context(prepared, rule, price.context_window, per_request)
 
+    # Each request's size: expected, and its upper bound. A counted request is bounded by its
+    # count (within the tokenizer's band); a sampled one by its bytes (a token is at least
+    # one byte), which is a bound where a sample's interval is not.
+    if per_row_tokens is not None:
+        counted_tokens = per_row_tokens.cast(pl.Float64)
+        expected_each = counted_tokens * rule.ratio + per_request
+        worst_each = (counted_tokens * rule.ratio + per_request) * (1.0 + rule.band) + rule.slack
+    else:
+        chars = sum(reqs[c].str.len_chars().cast(pl.Float64) for c in prepared.text_columns)
+        nbytes = sum(reqs[c].str.len_bytes().cast(pl.Float64) for c in prepared.text_columns)
+        total_chars = float(chars.sum()) or 1.0
+        expected_each = chars * (variable / total_chars) * rule.ratio + per_request
+        worst_each = (nbytes * rule.ratio + per_request) * (1.0 + rule.band) + rule.slack
+        notes.append(
+            "sampled count: the worst case bounds every request by its text's bytes "
+            "(exact=True, or max_cost=, counts every request for a tighter bound)"
+        )
+    if n == 0:
+        expected_each = worst_each = pl.Series([], dtype=pl.Float64)
+    worst_each = worst_each.ceil()
+
     tokens_per_request = None
     if max_shard_tokens is not None:
         # Queue limits are hard: plan on the top of each request's range, not its midpoint.
-        margin = 1.0 + rule.band
-        if per_row_tokens is None:  # sampled: scale characters by the sample's tokens/char
-            chars = sum(reqs[c].str.len_chars().cast(pl.Float64) for c in prepared.text_columns)
-            total_chars = float(chars.sum()) or 1.0
-            per_row_tokens = chars * (variable / total_chars)
-            margin += sampling_error / variable if variable else 0.0
-        upper = (per_row_tokens * rule.ratio + per_request) * margin + rule.slack
-        tokens_per_request = upper.ceil().cast(pl.Int64)
+        tokens_per_request = worst_each.cast(pl.Int64)
     shards = plan(
         prepared,
         max_requests=max_shard_requests,
@@ -340,6 +409,15 @@ def estimate(
             "prices={'input': ..., 'output': ...} (USD per 1M tokens)"
         )
     rows = prepared.rows.height
+    levels = tiers_of(price.to_dict())
+    tier_use = tuple(
+        (
+            float(level["above"]),
+            *_in_tier(expected_each, levels, i),
+            *_in_tier(worst_each, levels, i),
+        )
+        for i, level in enumerate(levels)
+    )
     est = Estimate(
         provider=spec.provider,
         model=spec.model,
@@ -360,8 +438,20 @@ def estimate(
         token_source=f"{rule.encoding} from {encoding_source(rule.encoding)}",
         notes=tuple(notes),
         cacheable_prefix_tokens=cacheable,
+        input_tokens_worst=float(worst_each.sum()),
+        tier_use=tier_use,
     )
-    return est, shards
+    return Planned(est, shards, worst_each)
+
+
+def _in_tier(tokens: pl.Series, levels: list[dict[str, Any]], i: int) -> tuple[int, float]:
+    """Requests (and their tokens) of ``tokens`` that fall in price level ``i``."""
+    above = levels[i]["above"]
+    below = levels[i + 1]["above"] if i + 1 < len(levels) else None
+    mask = tokens > above if i else tokens >= 0
+    if below is not None:
+        mask = mask & (tokens <= below)
+    return int(mask.sum()), float(tokens.filter(mask).sum())
 
 
 def _expected_output(

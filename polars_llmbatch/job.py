@@ -381,11 +381,11 @@ def start(
         base_url=transport.base_url,
     )
     todo = _subset(prepared, cache["custom_id"]) if cache.height else prepared
-    est, _ = estimate(todo, **estimate_args)
+    # A budget is a promise: every request is counted, so the worst case is a bound.
+    planned = estimate(todo, **{"exact": max_cost is not None, **estimate_args})
+    est = planned.estimate
     if mode == "auto":
-        savings = est.savings
-        small = todo.requests.height <= AUTO_SYNC_MAX_REQUESTS
-        mode = "sync" if small and (savings is None or savings < AUTO_SYNC_MAX_SAVINGS) else "batch"
+        mode = choose_mode(est, max_cost)
         log.info("mode='auto' runs this job in %s mode (%d requests)", mode, todo.requests.height)
     path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
     ckpt = Checkpoint(path)
@@ -424,7 +424,12 @@ def start(
     }
     # Data, cached results and the first round's shards first, job.json last: a folder
     # without job.json was interrupted before anything was sent, and is started afresh.
-    ckpt.begin(prepared.rows, prepared.requests.select("custom_id", "body", "row"))
+    # Each request's worst-case input tokens go with it: retries are budgeted on them.
+    worst = todo.requests.select("custom_id", planned.worst_tokens.alias("worst_input_tokens"))
+    requests = prepared.requests.select("custom_id", "body", "row").join(
+        worst, on="custom_id", how="left", maintain_order="left"
+    )
+    ckpt.begin(prepared.rows, requests)
     if cache.height:
         ckpt.write_parquet(ckpt.cached_file, cache)
     plan_round(
@@ -439,6 +444,39 @@ def start(
     )
     ckpt.commit(job)
     return ckpt, est
+
+
+def choose_mode(est: Estimate, max_cost: float | None) -> str:
+    """``mode="auto"``: sync for a small job where batch saves little, else batch; never a
+    mode whose worst case is over ``max_cost`` when the other one fits it.
+
+    The saving is the expected one, or, where the output's length is unknown, the saving on
+    the worst case (the whole cost, output included, not the input alone).
+
+    Example:
+        >>> from types import SimpleNamespace as E
+        >>> est = E(unique_requests=100, savings=0.01, output_tokens_expected=None,
+        ...         worst_cost_sync=1.0, worst_cost_batch=0.5)
+        >>> choose_mode(est, None), choose_mode(est, 0.75)
+        ('batch', 'batch')
+    """
+    savings = est.savings if est.output_tokens_expected is not None else None
+    ws, wb = est.worst_cost_sync, est.worst_cost_batch
+    if savings is None and ws is not None and wb is not None and math.isfinite(ws - wb):
+        savings = ws - wb
+    small = est.unique_requests <= AUTO_SYNC_MAX_REQUESTS
+    prefer = "sync" if small and (savings is None or savings < AUTO_SYNC_MAX_SAVINGS) else "batch"
+    if max_cost is None:
+        return prefer
+    fits = {
+        "sync": ws is not None and ws <= max_cost,
+        "batch": wb is not None and wb <= max_cost,
+    }
+    if fits[prefer]:
+        return prefer
+    other = "batch" if prefer == "sync" else "sync"
+    # Neither fits: batch, whose (lower) worst case the budget error then names.
+    return other if fits[other] else "batch"
 
 
 def _dirname(prepared: Prepared, mode: str) -> str:

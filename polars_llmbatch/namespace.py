@@ -76,15 +76,16 @@ class LlmNamespace:
         check_caps(get_provider(provider), max_shard_requests, max_shard_bytes, max_shard_tokens)
         check_override(prices)
         prepared = _prepare(self._frame, prompt, locals())
-        est, _ = estimate(
+        est = estimate(
             prepared,
-            exact=exact,
+            # A budget is a promise: count every request, so the worst case is a bound.
+            exact=exact or max_cost is not None,
             prices=prices,
             expected_output_tokens=expected_output_tokens,
             max_shard_requests=max_shard_requests,
             max_shard_bytes=max_shard_bytes,
             max_shard_tokens=max_shard_tokens,
-        )
+        ).estimate
         est.check_budget(max_cost)
         return est
 

@@ -13,12 +13,26 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+import polars as pl
+
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.providers import Provider
 
-__all__ = ["Price", "lookup_price"]
+__all__ = ["Price", "cost_expr", "lookup_price"]
 
 _KEYS = ("input", "output", "batch_input", "batch_output")
+#: Every rate a price carries (USD per 1M tokens), sync then batch. A cache read or write
+#: rate that is unknown is priced as plain input: never below what can be billed.
+RATES = (
+    "input",
+    "output",
+    "cached_input",
+    "cache_write",
+    "batch_input",
+    "batch_output",
+    "batch_cached_input",
+    "batch_cache_write",
+)
 
 
 @dataclass(frozen=True)
@@ -38,22 +52,84 @@ class Price:
     context_window: int | None = None
     cached_input: float | None = None
     batch_cached_input: float | None = None
+    cache_write: float | None = None
+    batch_cache_write: float | None = None
+    #: Long-context tiers: ``{"above": N, <rate>: ...}``, ascending. A request whose input
+    #: tokens exceed ``above`` pays that tier's rates on all its tokens (the providers' "cliff").
+    tiers: tuple[dict[str, float | None], ...] = ()
 
     @property
     def known(self) -> bool:
         return self.input is not None and self.batch_input is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "input": self.input,
-            "output": self.output,
-            "batch_input": self.batch_input,
-            "batch_output": self.batch_output,
-            "cached_input": self.cached_input,
-            "batch_cached_input": self.batch_cached_input,
-            "source": self.source,
-            "as_of": self.as_of,
-        }
+        d: dict[str, Any] = {name: getattr(self, name) for name in RATES}
+        d["tiers"] = [dict(t) for t in self.tiers]
+        d["source"] = self.source
+        d["as_of"] = self.as_of
+        return d
+
+
+def tiers_of(price: dict[str, Any]) -> list[dict[str, Any]]:
+    """The base rates (``above`` 0) and every tier of a price in its ``to_dict`` form, each
+    with every rate filled in (an unknown cache rate is the plain input rate)."""
+    levels = [{"above": 0, **{k: price.get(k) for k in RATES}}]
+    levels += sorted((dict(t) for t in price.get("tiers") or []), key=lambda t: t["above"])
+    for level in levels:
+        for prefix in ("", "batch_"):
+            for cache in ("cached_input", "cache_write"):
+                if level.get(prefix + cache) is None:
+                    level[prefix + cache] = level.get(prefix + "input")
+    return levels
+
+
+def cost_expr(
+    price: dict[str, Any],
+    *,
+    batch: pl.Expr | bool,
+    input_tokens: pl.Expr,
+    output_tokens: pl.Expr,
+    cache_read: pl.Expr | None = None,
+    cache_write: pl.Expr | None = None,
+) -> pl.Expr:
+    """USD of one request's tokens at the rate it was paid: ``input_tokens`` is its whole
+    input (cache reads and writes included), which also picks its price tier; each token class
+    at its own rate, batch or sync by ``batch``. Unknown rates count as 0.
+
+    Example:
+        >>> import polars as pl
+        >>> price = {"input": 2.0, "output": 8.0, "batch_input": 1.0, "batch_output": 4.0,
+        ...          "tiers": [{"above": 100, "input": 4.0, "output": 16.0,
+        ...                     "batch_input": 2.0, "batch_output": 8.0}]}
+        >>> df = pl.DataFrame({"i": [100, 101], "o": [10, 10]})
+        >>> df.select(cost_expr(price, batch=True, input_tokens=pl.col("i"),
+        ...                     output_tokens=pl.col("o")) * 1e6).to_series().round(6).to_list()
+        [140.0, 282.0]
+    """
+    read = pl.lit(0) if cache_read is None else cache_read.fill_null(0)
+    write = pl.lit(0) if cache_write is None else cache_write.fill_null(0)
+    inp = input_tokens.fill_null(0)
+    out = output_tokens.fill_null(0)
+    plain = (inp - read - write).clip(lower_bound=0)
+    is_batch = pl.lit(batch) if isinstance(batch, bool) else batch
+
+    def rate(level: dict[str, Any], name: str) -> pl.Expr:
+        b, s = level.get("batch_" + name), level.get(name)
+        return pl.when(is_batch).then(pl.lit(float(b or 0.0))).otherwise(pl.lit(float(s or 0.0)))
+
+    def at(level: dict[str, Any]) -> pl.Expr:
+        return (
+            plain * rate(level, "input")
+            + read * rate(level, "cached_input")
+            + write * rate(level, "cache_write")
+            + out * rate(level, "output")
+        ) / 1e6
+
+    levels = tiers_of(price)
+    cost = at(levels[0])
+    for level in levels[1:]:
+        cost = pl.when(inp > level["above"]).then(at(level)).otherwise(cost)
+    return cost
 
 
 def check_override(prices: Mapping[str, float] | None) -> None:
@@ -127,32 +203,66 @@ def _from_genai_prices(provider: Provider, model: str) -> Price | None:
     now = dt.datetime.now(dt.timezone.utc)
     sync = info.get_prices(now)
     batch = info.get_prices(now, {"processing": "batch"})
-    inp, out = _mtok(sync, "input_mtok"), _mtok(sync, "output_mtok")
-    b_inp, b_out = _mtok(batch, "input_mtok"), _mtok(batch, "output_mtok")
-    cached, b_cached = _mtok(sync, "cache_read_mtok"), _mtok(batch, "cache_read_mtok")
     source = f"genai-prices {version} ({pid}/{info.id})"
-    if batch == sync:  # no batch variant modelled: the providers' documented 50%
-        b_inp = inp / 2 if inp is not None else None
-        b_out = out / 2 if out is not None else None
-        if cached is not None and provider.batch_halves_cache_hits:
-            b_cached = cached / 2
+    derived = batch == sync  # no batch variant modelled: the providers' documented 50%
+    if derived:
         source += ", batch = 50% of sync (derived)"
+    levels = sorted({0, *_starts(sync), *_starts(batch)})
+    rates = []
+    for above in levels:
+        r = {name: _mtok(sync, field, above) for name, field in _FIELDS.items()}
+        for name, field in _FIELDS.items():
+            value = _mtok(batch, field, above)
+            if derived:
+                value = r[name] / 2 if r[name] is not None else None
+                if name == "cached_input" and not provider.batch_halves_cache_hits:
+                    value = r[name]
+            r["batch_" + name] = value
+        rates.append((above, r))
+    base = rates[0][1]
     return Price(
-        inp,
-        out,
-        b_inp,
-        b_out,
+        base["input"],
+        base["output"],
+        base["batch_input"],
+        base["batch_output"],
         source,
         now.date().isoformat(),
         info.context_window,
-        cached,
-        b_cached,
+        base["cached_input"],
+        base["batch_cached_input"],
+        base["cache_write"],
+        base["batch_cache_write"],
+        tiers=tuple({"above": above, **r} for above, r in rates[1:]),
     )
 
 
-def _mtok(price: Any, field: str) -> float | None:
+#: Our rate names → genai-prices' fields.
+_FIELDS = {
+    "input": "input_mtok",
+    "output": "output_mtok",
+    "cached_input": "cache_read_mtok",
+    "cache_write": "cache_write_mtok",
+}
+
+
+def _starts(price: Any) -> set[int]:
+    return {
+        int(t.start)
+        for field in _FIELDS.values()
+        for t in getattr(getattr(price, field, None), "tiers", None) or []
+    }
+
+
+def _mtok(price: Any, field: str, above: int = 0) -> float | None:
+    """The rate of ``field`` for a request of more than ``above`` input tokens (the highest
+    tier whose start it passes; the base below every tier)."""
     value = getattr(price, field, None)
     if value is None:
         return 0.0 if field == "output_mtok" else None
-    base = getattr(value, "base", value)  # tiered (long-context) prices: the base tier
-    return float(base)
+    if not hasattr(value, "base"):
+        return float(value)
+    rate = value.base
+    for tier in value.tiers:
+        if above >= tier.start:
+            rate = tier.price
+    return float(rate)

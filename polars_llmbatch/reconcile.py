@@ -16,6 +16,7 @@ import duckdb
 import polars as pl
 
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.prices import cost_expr
 from polars_llmbatch.results import RESULT_SCHEMA, all_distinct
 from polars_llmbatch.spec import RequestSpec
 
@@ -61,7 +62,17 @@ def read_results(ckpt: Checkpoint) -> pl.DataFrame:
     schema = {**RESULT_SCHEMA, **_EXTRA}
     if not files:
         return pl.DataFrame(schema=schema)
-    return pl.concat([pl.read_parquet(f).select(list(schema)) for f in files])
+    parts = []
+    for f in files:
+        part = pl.read_parquet(f)
+        # Files written before a column existed (e.g. the cache token classes) read as null.
+        parts.append(
+            part.select(
+                pl.col(c) if c in part.columns else pl.lit(None, dtype).alias(c)
+                for c, dtype in schema.items()
+            )
+        )
+    return pl.concat(parts)
 
 
 def best_results(results: pl.DataFrame) -> pl.DataFrame:
@@ -83,19 +94,25 @@ def spent(ckpt: Checkpoint, results: pl.DataFrame | None = None) -> float:
     return float(_costs(results, ckpt.job().get("price") or {}).sum() or 0.0)
 
 
-def _costs(results: pl.DataFrame, price: dict[str, Any]) -> pl.Series:
-    def rate(name: str) -> pl.Expr:
-        return pl.lit(float(price.get(name) or 0.0) / 1e6)
-
-    batch = pl.col("mode") == "batch"
-    cost = pl.col("input_tokens").fill_null(0) * pl.when(batch).then(rate("batch_input")).otherwise(
-        rate("input")
-    ) + pl.col("output_tokens").fill_null(0) * pl.when(batch).then(rate("batch_output")).otherwise(
-        rate("output")
+def cost_of(price: dict[str, Any], *, at_sync: bool = False) -> pl.Expr:
+    """Each result row's USD: every token class at its own rate (plain input, cache reads,
+    cache writes, output), in the price tier its input falls in, at the batch or sync rate by
+    how its shard ran (``at_sync``: at the sync rate whatever it ran as). Reused (cached)
+    results cost nothing."""
+    batch = pl.lit(False) if at_sync else pl.col("mode") == "batch"
+    cost = cost_expr(
+        price,
+        batch=batch,
+        input_tokens=pl.col("input_tokens"),
+        output_tokens=pl.col("output_tokens"),
+        cache_read=pl.col("cache_read_tokens"),
+        cache_write=pl.col("cache_write_tokens"),
     )
-    return results.select(
-        pl.when(pl.col("mode") == "cached").then(0.0).otherwise(cost).alias("cost")
-    ).to_series()
+    return pl.when(pl.col("mode") == "cached").then(0.0).otherwise(cost)
+
+
+def _costs(results: pl.DataFrame, price: dict[str, Any]) -> pl.Series:
+    return results.select(cost_of(price).alias("cost")).to_series()
 
 
 # typed outputs ---------------------------------------------------------------------------------

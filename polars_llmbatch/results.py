@@ -2,8 +2,11 @@
 
 One row per request and attempt::
 
-    custom_id  status     text  embedding      error  retryable  input_tokens  output_tokens  finish
-    String     String     String List[Float32] String Boolean    Int64         Int64          String
+    custom_id  status  text    embedding      error   retryable  input_tokens  output_tokens  finish
+    String     String  String  List[Float32]  String  Boolean    Int64         Int64          String
+
+and ``cache_read_tokens`` / ``cache_write_tokens`` (Int64): the part of ``input_tokens`` (the whole
+input, always) served from, or written to, the provider's prompt cache, each billed at its own rate.
 
 ``status`` is ``succeeded``, ``errored``, ``expired``, ``canceled`` or ``missing`` here;
 ``invalid_output`` and ``skipped`` are decided later, when results meet the input rows
@@ -33,6 +36,8 @@ RESULT_SCHEMA: dict[str, pl.DataType] = {
     "input_tokens": pl.Int64(),
     "output_tokens": pl.Int64(),
     "finish": pl.String(),
+    "cache_read_tokens": pl.Int64(),
+    "cache_write_tokens": pl.Int64(),
 }
 #: Every row status, in the order reports list them.
 STATUSES = (
@@ -117,4 +122,6 @@ def missing_results(custom_ids: pl.Series) -> pl.DataFrame:
         pl.lit(None, pl.Int64).alias("input_tokens"),
         pl.lit(None, pl.Int64).alias("output_tokens"),
         pl.lit(None, pl.String).alias("finish"),
+        pl.lit(None, pl.Int64).alias("cache_read_tokens"),
+        pl.lit(None, pl.Int64).alias("cache_write_tokens"),
     )

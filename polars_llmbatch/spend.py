@@ -1,6 +1,6 @@
 """The spend ledger: what jobs cost, by provider, model, tag or day, from their checkpoints alone.
 
-DuckDB reads every ``job.json`` and ``results/*.parquet`` under a root folder (no other store).
+It reads every ``job.json`` and ``results/*.parquet`` under a root folder (no other store).
 Costs are tokens × the prices recorded in each job when it started: the rate actually paid
 (batch, or sync for jobs run in sync mode), the same tokens at the sync rate, and the
 difference (the realised saving). Results reused from the cache cost nothing again and are left
@@ -11,46 +11,36 @@ cannot be counted here.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from pathlib import Path
+from typing import Any
 
-import duckdb
 import polars as pl
 
-from polars_llmbatch.checkpoint import default_root
+from polars_llmbatch.checkpoint import Checkpoint, default_root
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.reconcile import cost_of, read_results
 
 __all__ = ["BY", "spend"]
 
 #: What ``by=`` takes (and ``tag:NAME`` for any tag).
 BY = ("job", "provider", "model", "mode", "day")
 
-_JOBS = """
-SELECT
-    regexp_replace(filename, '[/\\\\]job\\.json$', '') AS folder,
-    job_id, spec ->> '$.provider' AS provider, spec ->> '$.model' AS model, mode,
-    CAST(created AS TIMESTAMPTZ) AS created, tags,
-    coalesce(TRY_CAST(price ->> '$.input' AS DOUBLE), 0) AS p_in,
-    coalesce(TRY_CAST(price ->> '$.output' AS DOUBLE), 0) AS p_out,
-    coalesce(TRY_CAST(price ->> '$.batch_input' AS DOUBLE), 0) AS p_bin,
-    coalesce(TRY_CAST(price ->> '$.batch_output' AS DOUBLE), 0) AS p_bout,
-    TRY_CAST(estimate ->> (CASE WHEN mode = 'sync' THEN '$.cost_sync' ELSE '$.cost_batch' END)
-             AS DOUBLE) AS estimated
-FROM read_json({files}, filename = true, format = 'auto',
-               columns = {{job_id: 'VARCHAR', spec: 'JSON', mode: 'VARCHAR', created: 'VARCHAR',
-                          tags: 'JSON', price: 'JSON', estimate: 'JSON'}})
-"""
-
-_USAGE = """
-SELECT
-    regexp_replace(filename, '[/\\\\]results[/\\\\][^/\\\\]+$', '') AS folder,
-    mode AS paid_as,
-    count(*) FILTER (WHERE input_tokens IS NOT NULL) AS requests,
-    coalesce(sum(input_tokens), 0) AS input_tokens,
-    coalesce(sum(output_tokens), 0) AS output_tokens
-FROM read_parquet({files}, filename = true, union_by_name = true)
-WHERE mode <> 'cached'
-GROUP BY ALL
-"""
+_PER_JOB = {
+    "job": pl.String,
+    "provider": pl.String,
+    "model": pl.String,
+    "mode": pl.String,
+    "day": pl.Date,
+    "tags": pl.Object,
+    "requests": pl.Int64,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+    "cost": pl.Float64,
+    "cost_at_sync": pl.Float64,
+    "estimated": pl.Float64,
+}
 
 
 def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
@@ -59,9 +49,10 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
     (UTC, of the job's start) or ``tag:NAME`` (jobs without that tag group under null).
 
     Columns: the group, ``jobs``, ``requests`` (billed results), ``input_tokens``,
-    ``output_tokens``, ``cost`` (USD at the rate paid), ``cost_at_sync`` (the same tokens at the
-    sync rate), ``savings`` and ``estimated`` (the estimate made before sending, at the rate of
-    the job's mode).
+    ``output_tokens``, ``cost`` (USD at the rate paid: each token class, plain input, cache
+    reads and writes, output, at its own rate and price tier), ``cost_at_sync`` (the same
+    tokens at the sync rate), ``savings`` and ``estimated`` (the estimate made before sending,
+    at the rate of the job's mode).
 
     Example:
         >>> import polars as pl, polars_llmbatch, tempfile
@@ -80,63 +71,65 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
     folder = Path(root) if root is not None else default_root() / "jobs"
     if not isinstance(by, str) or not (by in BY or (by.startswith("tag:") and len(by) > 4)):
         raise LlmBatchError(f"by= must be one of {list(BY)} or 'tag:NAME', not {by!r}")
-    jobs = sorted(str(p) for p in folder.glob("*/job.json"))
+    jobs = sorted(folder.glob("*/job.json"))
     if not jobs:
         raise LlmBatchError(
             f"no checkpoints under {str(folder)!r} (folders holding a job.json); pass the folder "
             "that holds your checkpoint folders"
         )
-    results = sorted(str(p) for p in folder.glob("*/results/*.parquet"))
-    group, label = _group(by)
-    with duckdb.connect() as con:
-        con.execute(f"CREATE TEMP VIEW jobs AS {_JOBS.format(files=jobs)}")
-        if results:
-            con.execute(f"CREATE TEMP VIEW usage AS {_USAGE.format(files=results)}")
-        else:
-            con.execute(
-                "CREATE TEMP VIEW usage AS SELECT NULL::VARCHAR AS folder, NULL::VARCHAR AS "
-                "paid_as, 0::BIGINT AS requests, 0::HUGEINT AS input_tokens, "
-                "0::HUGEINT AS output_tokens WHERE false"
-            )
-        sql = f"""
-        WITH per_job AS (
-            SELECT j.*,
-                coalesce(sum(u.requests), 0) AS requests,
-                coalesce(sum(u.input_tokens), 0) AS input_tokens,
-                coalesce(sum(u.output_tokens), 0) AS output_tokens,
-                coalesce(sum(CASE WHEN u.paid_as = 'sync'
-                    THEN u.input_tokens * j.p_in + u.output_tokens * j.p_out
-                    ELSE u.input_tokens * j.p_bin + u.output_tokens * j.p_bout END), 0) / 1e6
-                    AS cost,
-                coalesce(sum(u.input_tokens * j.p_in + u.output_tokens * j.p_out), 0) / 1e6
-                    AS cost_at_sync
-            FROM jobs j LEFT JOIN usage u USING (folder)
-            GROUP BY ALL
-        )
-        SELECT {group} AS "{label}",
-            count(*) AS jobs,
-            sum(requests)::BIGINT AS requests,
-            sum(input_tokens)::BIGINT AS input_tokens,
-            sum(output_tokens)::BIGINT AS output_tokens,
-            sum(cost) AS cost,
-            sum(cost_at_sync) AS cost_at_sync,
-            sum(cost_at_sync) - sum(cost) AS savings,
-            sum(estimated) AS estimated
-        FROM per_job
-        GROUP BY 1
-        ORDER BY cost DESC, 1
-        """
-        return con.sql(sql).pl()
-
-
-def _group(by: str) -> tuple[str, str]:
+    # Paths are only ever file names handed to readers, never text in a query: a folder
+    # with quotes (or anything else) in its name is read like any other.
+    per_job = pl.DataFrame([_job_row(f) for f in jobs], schema=_PER_JOB, orient="row")
+    label = by[4:] if by.startswith("tag:") else by
+    group: pl.Expr
     if by.startswith("tag:"):
-        name = by[4:].replace("'", "''")
-        return f"tags ->> '$.\"{name}\"'", by[4:]
+        group = pl.col("tags").map_elements(
+            lambda t: t.get(label), return_dtype=pl.String, skip_nulls=False
+        )
+    elif by == "model":
+        group = pl.concat_str("provider", pl.lit("/"), "model")
+    else:
+        group = pl.col(by)
+    return (
+        per_job.with_columns(group.alias("__group__"))
+        .group_by("__group__")
+        .agg(
+            pl.len().cast(pl.Int64).alias("jobs"),
+            pl.col("requests").sum(),
+            pl.col("input_tokens").sum(),
+            pl.col("output_tokens").sum(),
+            pl.col("cost").sum(),
+            pl.col("cost_at_sync").sum(),
+            (pl.col("cost_at_sync").sum() - pl.col("cost").sum()).alias("savings"),
+            pl.col("estimated").sum(),
+        )
+        .rename({"__group__": label})
+        .sort(["cost", label], descending=[True, False], nulls_last=True)
+    )
+
+
+def _job_row(job_file: Path) -> dict[str, Any]:
+    ckpt = Checkpoint(job_file.parent)
+    job = json.loads(job_file.read_text())
+    results = read_results(ckpt).filter(pl.col("mode") != "cached")
+    price = job.get("price") or {}
+    figures = results.select(
+        pl.col("input_tokens").is_not_null().sum().cast(pl.Int64).alias("requests"),
+        pl.col("input_tokens").sum().cast(pl.Int64),
+        pl.col("output_tokens").sum().cast(pl.Int64),
+        cost_of(price).sum().alias("cost"),
+        cost_of(price, at_sync=True).sum().alias("cost_at_sync"),
+    ).row(0, named=True)
+    estimate = job.get("estimate") or {}
+    estimated = estimate.get("cost_sync" if job.get("mode") == "sync" else "cost_batch")
+    created = dt.datetime.fromisoformat(job["created"]).astimezone(dt.timezone.utc)
     return {
-        "job": ("regexp_replace(folder, '^.*[/\\\\]', '')", "job"),
-        "provider": ("provider", "provider"),
-        "model": ("provider || '/' || model", "model"),
-        "mode": ("mode", "mode"),
-        "day": ("CAST(created AT TIME ZONE 'UTC' AS DATE)", "day"),
-    }[by]
+        "job": job_file.parent.name,
+        "provider": job["spec"]["provider"],
+        "model": job["spec"]["model"],
+        "mode": job.get("mode"),
+        "day": created.date(),
+        "tags": dict(job.get("tags") or {}),
+        **figures,
+        "estimated": estimated,
+    }

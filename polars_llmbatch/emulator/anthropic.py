@@ -282,7 +282,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 answer: Any = None
                 if out.kind == "ok":
                     try:
-                        answer = respond(params, self.ctx.new_id)
+                        answer = respond(params, self.ctx.new_id, faults=self.ctx.faults)
                     except Exception as exc:  # invalid params: an errored result, not a crash
                         answer = f"Invalid request params: {exc!r}"
                 if isinstance(answer, tuple):
@@ -332,7 +332,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
         params = request.json()
         if not isinstance(params, dict) or "max_tokens" not in params:
             return error(400, "invalid_request_error", "max_tokens: Field required")
-        message, inp, outp = respond(params, self.ctx.new_id, "standard")
+        message, inp, outp = respond(params, self.ctx.new_id, "standard", self.ctx.faults)
         self.ctx.ledger.bill("anthropic", None, "", inp, outp)
         return Response.json(message)
 
@@ -366,12 +366,17 @@ def input_tokens(params: dict[str, Any]) -> int:
 
 
 def respond(
-    params: dict[str, Any], new_id: Any, tier: str = "batch"
+    params: dict[str, Any], new_id: Any, tier: str = "batch", faults: Faults | None = None
 ) -> tuple[dict[str, Any], int, int]:
+    """The message for ``params`` with its whole input and its output tokens; with
+    ``faults`` (:attr:`Faults.cache_read`, ``cache_write``) part of the input is reported as
+    cache reads and writes, and ``input_tokens`` is the rest (as the real API reports it)."""
     _, user = _texts(params)
     schema = (((params.get("output_config") or {}).get("format")) or {}).get("schema")
     text, cut, out_tokens = model.answer(user, schema, params.get("max_tokens"))
     inp = input_tokens(params)
+    read = int(inp * faults.cache_read) if faults is not None else 0
+    write = int(inp * faults.cache_write) if faults is not None else 0
     message = {
         "id": new_id("msg_"),
         "type": "message",
@@ -381,10 +386,10 @@ def respond(
         "stop_reason": "max_tokens" if cut else "end_turn",
         "stop_sequence": None,
         "usage": {
-            "input_tokens": inp,
+            "input_tokens": inp - read - write,
             "output_tokens": out_tokens,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
+            "cache_creation_input_tokens": write,
+            "cache_read_input_tokens": read,
             "service_tier": tier,
         },
     }

@@ -38,6 +38,10 @@ class Faults:
     - ``drop_downloads``: the first N result downloads are cut mid-stream.
     - ``no_inline_keys``: Gemini inline responses come back without their ``metadata`` (our
       key), as the real API has been seen to do (python-genai #2008): only their order tells.
+    - ``cache_read`` / ``cache_write``: the share of each request's input tokens reported as
+      read from (written to) the provider's prompt cache: OpenAI ``cached_tokens`` (reads
+      only) and Anthropic ``cache_read_input_tokens`` / ``cache_creation_input_tokens``, Gemini
+      ``cachedContentTokenCount`` (reads only); rounded down. Not a fault, a billing case.
     - ``fault_batches``: the per-request faults and ``expire_at`` hit only the first N batches
       created (0: every batch), so a client's retries of what failed can succeed.
 
@@ -60,6 +64,8 @@ class Faults:
     slow: float = 1.0
     drop_downloads: int = 0
     no_inline_keys: int = 0
+    cache_read: float = 0.0
+    cache_write: float = 0.0
     fault_batches: int = 0
 
     def hits(self, fault: str, share: float, custom_id: str) -> bool:

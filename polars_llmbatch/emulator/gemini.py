@@ -221,7 +221,7 @@ class GeminiEmulator(BatchStore[_Batch]):
         if sync_call and (limited := self._throttled("rate_limit_sync")) is not None:
             return limited
         if verb == "generateContent":
-            resp, inp, outp = respond(model_name, body)
+            resp, inp, outp = respond(model_name, body, self.ctx.faults)
             self.ctx.ledger.bill("gemini", None, "", inp, outp)
             return Response.json(resp)
         if verb == "embedContent":
@@ -477,7 +477,7 @@ class GeminiEmulator(BatchStore[_Batch]):
         if b.kind == "embed":
             resp, inp = embed(b.model, req)
             return {"embedding": resp["embedding"], "tokenCount": str(inp)}, inp, 0
-        return respond(b.model, req)
+        return respond(b.model, req, b.faults)
 
     def _output(self, b: _Batch, responses: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         faults = b.faults
@@ -523,7 +523,9 @@ def input_tokens(req: dict[str, Any]) -> int:
     return sum(len(enc.encode_ordinary(t)) for t in texts if t)
 
 
-def respond(model_name: str, req: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+def respond(
+    model_name: str, req: dict[str, Any], faults: Faults | None = None
+) -> tuple[dict[str, Any], int, int]:
     contents = _get(req, "contents") or []
     user = _text(next((c for c in reversed(contents) if c.get("role", "user") == "user"), {}))
     config = _get(req, "generationConfig", "generation_config") or {}
@@ -532,6 +534,9 @@ def respond(model_name: str, req: dict[str, Any]) -> tuple[dict[str, Any], int, 
     text, cut, out_tokens = model.answer(user, schema, cap)
     inp = input_tokens(req)
     usage: dict[str, Any] = {"promptTokenCount": inp, "totalTokenCount": inp + out_tokens}
+    cached = int(inp * faults.cache_read) if faults is not None else 0
+    if cached:  # part of promptTokenCount, as the real API reports it
+        usage["cachedContentTokenCount"] = cached
     if out_tokens:
         usage["candidatesTokenCount"] = out_tokens
     resp = {

@@ -330,7 +330,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
     def _respond_one(self, endpoint: str, body: Any) -> tuple[dict[str, Any], int, int] | str:
         """The response, or the message of the 400 the real API would give a bad request."""
         try:
-            return respond(endpoint, body, self.ctx.new_id)
+            return respond(endpoint, body, self.ctx.new_id, self.ctx.faults)
         except Exception as exc:
             return f"Invalid request body: {exc!r}"
 
@@ -563,7 +563,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
                     "invalid_request_error",
                     param="model",
                 )
-            resp, inp, outp = respond(endpoint, body, self.ctx.new_id)
+            resp, inp, outp = respond(endpoint, body, self.ctx.new_id, self.ctx.faults)
             self.ctx.ledger.bill(
                 "openai", None, request.headers.get("x-request-key", ""), inp, outp
             )
@@ -708,10 +708,14 @@ def _schema_overhead(schema: dict[str, Any], encoding: str) -> int:
     return last[2]
 
 
-def respond(endpoint: str, body: dict[str, Any], new_id: Any) -> tuple[dict[str, Any], int, int]:
-    """The sync response body for ``body``, with its input and output tokens."""
+def respond(
+    endpoint: str, body: dict[str, Any], new_id: Any, faults: Faults | None = None
+) -> tuple[dict[str, Any], int, int]:
+    """The sync response body for ``body``, with its input and output tokens (``faults``:
+    the share of input reported as a prompt-cache hit, :attr:`Faults.cache_read`)."""
     model_name = str(body.get("model", ""))
     inp_tokens = input_tokens(endpoint, body)
+    cached = int(inp_tokens * faults.cache_read) if faults is not None else 0
     if endpoint == "/v1/embeddings":
         inp = body.get("input", "")
         texts = inp if isinstance(inp, list) else [inp]
@@ -755,7 +759,7 @@ def respond(endpoint: str, body: dict[str, Any], new_id: Any) -> tuple[dict[str,
             "tools": [],
             "usage": {
                 "input_tokens": inp_tokens,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                 "output_tokens": out_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": inp_tokens + out_tokens,
@@ -783,7 +787,7 @@ def respond(endpoint: str, body: dict[str, Any], new_id: Any) -> tuple[dict[str,
             "prompt_tokens": inp_tokens,
             "completion_tokens": out_tokens,
             "total_tokens": inp_tokens + out_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": 0},
         },
         "service_tier": "default",

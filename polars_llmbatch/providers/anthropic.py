@@ -256,7 +256,10 @@ SELECT
         + coalesce(result.message.usage.cache_creation_input_tokens, 0)
         + coalesce(result.message.usage.cache_read_input_tokens, 0) AS input_tokens,
     result.message.usage.output_tokens AS output_tokens,
-    result.message.stop_reason AS finish
+    result.message.stop_reason AS finish,
+    -- input_tokens above is the whole input; these parts of it have their own rates.
+    result.message.usage.cache_read_input_tokens AS cache_read_tokens,
+    result.message.usage.cache_creation_input_tokens AS cache_write_tokens
 FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
                columns = {columns})
 WHERE custom_id IS NOT NULL

@@ -230,7 +230,7 @@ _LINE_COLUMNS = (
     "candidates STRUCT(content STRUCT(parts STRUCT(text VARCHAR, thought BOOLEAN)[]), "
     "finishReason VARCHAR)[], "
     "usageMetadata STRUCT(promptTokenCount BIGINT, candidatesTokenCount BIGINT, "
-    "thoughtsTokenCount BIGINT), "
+    "thoughtsTokenCount BIGINT, cachedContentTokenCount BIGINT), "
     'embedding STRUCT("values" FLOAT[]), tokenCount VARCHAR)\', '
     "error: 'STRUCT(code INTEGER, message VARCHAR, status VARCHAR)'}"
 )
@@ -251,7 +251,9 @@ SELECT
     CASE WHEN response.usageMetadata IS NOT NULL
          THEN coalesce(response.usageMetadata.candidatesTokenCount, 0)
               + coalesce(response.usageMetadata.thoughtsTokenCount, 0) END AS output_tokens,
-    response.candidates[1].finishReason AS finish
+    response.candidates[1].finishReason AS finish,
+    -- promptTokenCount includes the cached part, billed at the cached rate.
+    response.usageMetadata.cachedContentTokenCount AS cache_read_tokens
 FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
                columns = {columns})
 WHERE key IS NOT NULL

@@ -364,7 +364,9 @@ _LINE_COLUMNS = (
     "{answer}"
     "status VARCHAR, "
     "usage STRUCT(prompt_tokens BIGINT, completion_tokens BIGINT, input_tokens BIGINT, "
-    "output_tokens BIGINT), "
+    "output_tokens BIGINT, "
+    "prompt_tokens_details STRUCT(cached_tokens BIGINT, cache_write_tokens BIGINT), "
+    "input_tokens_details STRUCT(cached_tokens BIGINT, cache_write_tokens BIGINT)), "
     "error STRUCT(message VARCHAR, code VARCHAR)))', "
     "error: 'STRUCT(code VARCHAR, message VARCHAR)'}}"
 )
@@ -394,11 +396,16 @@ SELECT
         OR coalesce(response.body.error.code IN {codes}, false) AS retryable,
     coalesce(response.body.usage.prompt_tokens, response.body.usage.input_tokens) AS input_tokens,
     coalesce(response.body.usage.completion_tokens, response.body.usage.output_tokens)
-        AS output_tokens
+        AS output_tokens,
+    -- Both are part of prompt_tokens / input_tokens, billed at their own rates.
+    coalesce(response.body.usage.prompt_tokens_details.cached_tokens,
+             response.body.usage.input_tokens_details.cached_tokens) AS cache_read_tokens,
+    coalesce(response.body.usage.prompt_tokens_details.cache_write_tokens,
+             response.body.usage.input_tokens_details.cache_write_tokens) AS cache_write_tokens
 FROM lines
 )
 SELECT custom_id, status, text, {vectors}
-    error, retryable, input_tokens, output_tokens, finish
+    error, retryable, input_tokens, output_tokens, finish, cache_read_tokens, cache_write_tokens
 FROM parsed
 """
 
