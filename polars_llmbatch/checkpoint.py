@@ -9,6 +9,7 @@ fsynced line by line)::
     shards/NNNNN.jsonl        each shard's bytes exactly as uploaded (.json for inline shards)
     shards/NNNNN.ids.parquet  the custom_ids a shard holds
     events.jsonl              append-only: planned, intent, submitted, state, fetched, done
+                              (and canceled, cancel_sent, retries_skipped)
     raw/NNNNN-K.jsonl         result files as downloaded, before anything parses them
     results/NNNNN.parquet     one row per request of the shard (results/cached.parquet: reused)
 
@@ -97,6 +98,7 @@ class ShardRecord:
     counts: dict[str, int] = field(default_factory=dict)  # result statuses, once done
     files: list[str] = field(default_factory=list)
     error: str | None = None
+    cancel_sent: bool = False  # its batch has been asked to cancel
 
     @property
     def submitted(self) -> bool:
@@ -160,6 +162,8 @@ class Checkpoint:
         self.check_writable()
         if self.unfinished():
             for entry in self.path.iterdir():
+                if entry.name == ".lock":  # held by whoever is creating the job: keep it
+                    continue
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         for sub in ("shards", "raw", "results"):
             (self.path / sub).mkdir(exist_ok=True)
@@ -175,7 +179,7 @@ class Checkpoint:
         if not self.path.is_dir() or self.exists():
             return False
         names = {p.name.removesuffix(".tmp") for p in self.path.iterdir()}
-        return bool(names) and names <= _OWN_FILES
+        return names <= _OWN_FILES
 
     def job(self) -> dict[str, Any]:
         try:
@@ -198,14 +202,18 @@ class Checkpoint:
         return pl.read_parquet(self.path / "requests.parquet")
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, *, blocking: bool = False) -> Iterator[None]:
         """Hold the job for one runner: a second process (or a second ``Job`` object) that
         tries to run the same job while one does gets a clear error instead of submitting
-        every shard again. The lock is the OS's, so a killed process releases it."""
+        every shard again. The lock is the OS's, so a killed process releases it.
+
+        ``blocking`` waits for the holder instead: creating a job takes it that way, so two
+        processes starting the same call make one job, the second reattaching to it."""
+        self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                _lock(fd)
+                _lock(fd, blocking=blocking)
             except OSError:
                 raise LockedError(
                     f"the job in {str(self.path)!r} is being run by another process or Job "
@@ -282,6 +290,8 @@ class Checkpoint:
                 rec.phase, rec.status, rec.error = e["phase"], e["status"], e.get("error")
             elif kind == "fetched":
                 rec.files = list(e["files"])
+            elif kind == "cancel_sent":
+                rec.cancel_sent = e.get("remote_id") == rec.remote_id
             elif kind == "done":
                 rec.done = True
                 rec.queue_limited = bool(e.get("queue_limited"))
@@ -306,15 +316,15 @@ class LockedError(LlmBatchError):
     """Another runner holds the job."""
 
 
-def _lock(fd: int) -> None:
+def _lock(fd: int, *, blocking: bool = False) -> None:
     if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         import msvcrt
 
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        msvcrt.locking(fd, msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
     else:
         import fcntl
 
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _now() -> str:

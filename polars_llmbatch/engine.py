@@ -158,17 +158,23 @@ class Engine:
                     return True
                 moved = False
                 live = any(r.submitted for r in pending)  # batches that hold queue space
-                canceled = self.canceled()
                 for s in pending:
+                    # Asked before every create: a cancel from another process stops the
+                    # submission at once, not after this pass.
+                    canceled = not s.submitted and self.canceled()
                     if s.mode == "sync":
                         self._run_sync(s)
                         moved = True
-                    elif not s.submitted and canceled:
+                    elif canceled:
                         moved |= self._cancel_unsent(s)
                     elif not s.submitted:
                         sent = self._submit(s, active=live)
                         moved |= sent
                         live |= sent
+                if self.canceled():
+                    # The canceller knew only the batches recorded when it asked: cancel every
+                    # live one this runner knows, including any created since.
+                    self._cancel_live()
                 for s in pending:
                     if s.mode == "batch" and s.remote_id is not None:
                         moved |= self._poll(s)
@@ -342,10 +348,17 @@ class Engine:
         number asked. What already ran is paid for, so the next :meth:`run` still collects it
         (shards never sent end ``canceled``)."""
         self.ckpt.append("canceled")  # first: a run in another process stops sending at once
+        return self._cancel_live()
+
+    def _cancel_live(self) -> int:
+        """Ask every live batch not asked yet to cancel (each is recorded, so none is asked
+        twice, whichever process asks)."""
         n = 0
         for s in self.ckpt.shards().values():
-            if not s.done and s.remote_id is not None and s.mode == "batch":
-                n += self._cancel_remote(s.index, s.remote_id)
+            if s.done or s.remote_id is None or s.mode != "batch" or s.cancel_sent:
+                continue
+            n += self._cancel_remote(s.index, s.remote_id)
+            self.ckpt.append("cancel_sent", shard=s.index, remote_id=s.remote_id)
         return n
 
     def canceled(self) -> bool:
@@ -371,6 +384,7 @@ class Engine:
             if found is not None:
                 self.ckpt.append("submitted", shard=s.index, remote_id=found, recovered=True)
                 self._cancel_remote(s.index, found)
+                self.ckpt.append("cancel_sent", shard=s.index, remote_id=found)
                 return True
         self._fail_shard(s, "canceled before it was sent", status="canceled", retryable=False)
         return True

@@ -8,7 +8,9 @@ import json
 import logging
 import math
 import secrets
+import shutil
 import sys
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from polars_llmbatch._checks import check_checkpoint, check_seconds
 from polars_llmbatch.checkpoint import Checkpoint, LockedError, default_root
 from polars_llmbatch.engine import Engine, Settings, plan_round
 from polars_llmbatch.errors import LlmBatchError
@@ -113,6 +116,8 @@ class Job:
         self._row_ids = row_ids  # how the frame's rows map to requests (for a LazyFrame)
         self._job = ckpt.job()
         self._t = transport
+        if transport is not None:  # a dropped Job closes its sockets
+            weakref.finalize(self, transport.close)
         self._frame = frame
         self._usage = usage
         self.spec = RequestSpec.from_dict(self._job["spec"], self._job.get("output_dtypes"))
@@ -139,6 +144,8 @@ class Job:
         """Reopen the job in ``checkpoint``; credentials come from the same environment
         variables as the provider's SDK (or ``api_key=`` / ``base_url=``). Without a key the
         job can still be read (``status``, ``result``); ``wait`` and ``cancel`` need one."""
+        check_checkpoint(checkpoint)
+        check_seconds("poll_interval", poll_interval)
         ckpt = Checkpoint(checkpoint)
         job = ckpt.job()
         try:
@@ -160,6 +167,18 @@ class Job:
         opened = cls(ckpt, Transport(creds) if creds else None, settings=settings)
         opened._missing_key = missing
         return opened
+
+    def close(self) -> None:
+        """Close the connections this object opened (also done when it is garbage
+        collected). The job itself is untouched: reopen it any time with :meth:`open`."""
+        if self._t is not None:
+            self._t.close()
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # facts -----------------------------------------------------------------------------------
     @property
@@ -207,6 +226,7 @@ class Job:
         """Run the job until it is done (submit, poll, collect, retry); with ``timeout`` (seconds)
         return early, the job still running remotely. Ctrl-C leaves the remote batches running
         and the checkpoint consistent."""
+        check_seconds("timeout", timeout, zero=True, none=True)
         try:
             self._engine().run(timeout)
         except KeyboardInterrupt:
@@ -363,6 +383,44 @@ def start(
     if mode not in ("batch", "sync", "auto"):
         raise LlmBatchError(f"mode= must be 'batch', 'sync' or 'auto', not {mode!r}")
     root = Path(checkpoint).parent if checkpoint is not None else default_root() / "jobs"
+    # Creation holds the job folder's lock (waiting for another creator): two processes
+    # starting the same call make one job, and the second reattaches to it.
+    place = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, "batch")
+    made = not place.exists()
+    try:
+        Checkpoint(place.parent).check_writable()
+        with Checkpoint(place).lock(blocking=True):
+            return _start(
+                prepared,
+                root=root,
+                checkpoint=checkpoint,
+                mode=mode,
+                settings=settings,
+                transport=transport,
+                tags=tags,
+                estimate_args=estimate_args,
+                max_cost=max_cost,
+                output_name=output_name,
+            )
+    finally:
+        # Refused before anything was written (over budget, say): leave no empty folder.
+        if made and place.is_dir() and {p.name for p in place.iterdir()} <= {".lock"}:
+            shutil.rmtree(place, ignore_errors=True)
+
+
+def _start(
+    prepared: Prepared,
+    *,
+    root: Path,
+    checkpoint: str | Path | None,
+    mode: str,
+    settings: Settings,
+    transport: Transport,
+    tags: dict[str, str] | None,
+    estimate_args: dict[str, Any],
+    max_cost: float | None,
+    output_name: str | None,
+) -> tuple[Checkpoint, Estimate | None]:
     modes = ("batch", "sync") if mode == "auto" else (mode,)
     places = (
         [Path(checkpoint)]
@@ -407,6 +465,7 @@ def start(
         "spec_digest": prepared.spec.digest(),
         "output_dtypes": prepared.spec.output.dtypes_blob() if prepared.spec.output else None,
         "output_name": output_name,
+        "prompt": prepared.prompt,
         "endpoint": prepared.provider.endpoint(prepared.spec),
         "key": prepared.key,
         "mode": mode,
@@ -493,11 +552,18 @@ def _check_same(ckpt: Checkpoint, prepared: Prepared, mode: str) -> None:
             f"checkpoint {str(ckpt.path)!r} holds a job with a different spec ({shown}); "
             "use another checkpoint= for this call (results of identical requests are reused)"
         )
+    if job["job_id"] != prepared.job_id and job.get("prompt", prepared.prompt) != prepared.prompt:
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} holds a job with another prompt "
+            f"({job['prompt']!r} there, {prepared.prompt!r} now); use another checkpoint= for "
+            "this call (results of identical requests are reused)"
+        )
     if job["job_id"] != prepared.job_id:
         raise LlmBatchError(
             f"checkpoint {str(ckpt.path)!r} holds the same spec over different rows "
-            f"({job['requests']:,} unique requests there, {prepared.requests.height:,} now); use "
-            "another checkpoint= in the same folder: results already paid for are reused"
+            f"({job['requests']:,} unique requests there, {prepared.requests.height:,} now: "
+            "rows were added, removed or changed); use another checkpoint= in the same folder: "
+            "results already paid for are reused"
         )
     if job["mode"] != mode:
         raise LlmBatchError(
@@ -526,10 +592,12 @@ def _cached(prepared: Prepared, root: Path, *, exclude: Path | None, base_url: s
         return pl.DataFrame()
     with duckdb.connect() as con:
         con.register("ids", prepared.requests.select("custom_id"))
+        # The paths are a bound parameter, never SQL text: any folder name is safe.
         found = con.sql(
-            f"""SELECT * EXCLUDE (attempt, shard, mode) FROM read_parquet({files},
+            """SELECT * EXCLUDE (attempt, shard, mode) FROM read_parquet($files,
                 union_by_name = true)
-            WHERE status = 'succeeded' AND custom_id IN (SELECT custom_id FROM ids)"""
+            WHERE status = 'succeeded' AND custom_id IN (SELECT custom_id FROM ids)""",
+            params={"files": files},
         ).pl()
     if found.is_empty():
         return found

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
+from polars_llmbatch._checks import check_bool, check_checkpoint, check_positive_int, check_seconds
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.estimate import Estimate, check_fits, estimate
+from polars_llmbatch.estimate import Estimate, check_fits, check_max_cost, estimate
 from polars_llmbatch.prices import check_override
 from polars_llmbatch.providers import Provider, get_provider
 from polars_llmbatch.requests import OnNull, Prepared, prepare
@@ -75,6 +77,17 @@ class LlmNamespace:
         """
         check_caps(get_provider(provider), max_shard_requests, max_shard_bytes, max_shard_tokens)
         check_override(prices)
+        check_max_cost(max_cost)
+        check_bool("exact", exact)
+        if expected_output_tokens is not None and (
+            isinstance(expected_output_tokens, bool)
+            or not isinstance(expected_output_tokens, (int, float))
+            or not 0 <= expected_output_tokens < float("inf")
+        ):
+            raise LlmBatchError(
+                "expected_output_tokens= must be a finite, non-negative number, got "
+                f"{expected_output_tokens!r}"
+            )
         prepared = _prepare(self._frame, prompt, locals())
         est = estimate(
             prepared,
@@ -257,6 +270,16 @@ class LlmNamespace:
         )
         if isinstance(text, str) and text in schema:
             text = pl.col(text).cast(pl.String)
+        elif (
+            isinstance(text, str)
+            and not re.fullmatch(r"\w+", text)
+            and not Template.parse(text).columns
+        ):  # a constant: every row would embed the same text
+            raise LlmBatchError(
+                f"embed text {text!r} names no column, so every row would embed the same "
+                f"text; name a column ({list(schema.names())}) or a template like "
+                "'{title}: {body}' (for one fixed text, pass pl.lit(...))"
+            )
         args = dict(locals())
         args.update(prompt=text, output=None, system=None, api=None, expected_output_tokens=0)
         args.update({k: None for k in GENERATION_OPTIONS})
@@ -273,9 +296,16 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     prov = get_provider(args["provider"])
     check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"])
     check_override(args["prices"])
+    check_max_cost(args["max_cost"])
+    check_checkpoint(args["checkpoint"])
+    check_positive_int("max_attempts", args["max_attempts"])
+    check_positive_int("concurrency", args["concurrency"])
+    check_seconds("poll_interval", args["poll_interval"])
+    for flag in ("wait", "usage", "progress"):
+        check_bool(flag, args[flag])
+    if args["mode"] not in ("batch", "sync", "auto"):
+        raise LlmBatchError(f"mode= must be 'batch', 'sync' or 'auto', not {args['mode']!r}")
     max_attempts = args["max_attempts"]
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise LlmBatchError(f"max_attempts must be a positive integer, got {max_attempts!r}")
     tags = args["tags"]
     if tags is not None and not (
         isinstance(tags, dict)
@@ -345,7 +375,8 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     )
     if not args["wait"]:
         return job
-    return job.wait().result()
+    with job:  # its connections are closed once the result is read
+        return job.wait().result()
 
 
 _REQUEST_ARGS = ("provider", "model", "output", "system", "id", "task", "on_null")

@@ -110,8 +110,11 @@ def parse_output(output: Any = None) -> OutputSpec:
 
 
 def _enum_spec(name: str, categories: list[Any]) -> OutputSpec:
-    if not categories:
-        raise LlmBatchError("output= categories are empty; give at least two, e.g. ['yes', 'no']")
+    if len(categories) < 2:
+        raise LlmBatchError(
+            f"output= categories {categories!r}: give at least two, e.g. ['yes', 'no'] (one "
+            "category is no choice; for free text pass a column name, e.g. output='label')"
+        )
     bad = [c for c in categories if not isinstance(c, str) or not c]
     if bad:
         raise LlmBatchError(f"output= categories must be non-empty strings; these are not: {bad}")

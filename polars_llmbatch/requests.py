@@ -82,6 +82,8 @@ class Prepared:
     rows: pl.DataFrame
     requests: pl.DataFrame
     row_ids: RowIds | None = None
+    #: The prompt as the caller wrote it (a template's text, an expression's repr).
+    prompt: str | None = None
 
     @cached_property
     def job_id(self) -> str:
@@ -262,6 +264,7 @@ def prepare(
         rows=rows,
         requests=requests,
         row_ids=RowIds({internal[n]: e for n, e in exprs.items()}, digest),
+        prompt=prompt.source if isinstance(prompt, Template) else str(prompt),
     )
 
 
@@ -287,6 +290,13 @@ def _request_ids(rendered: pl.DataFrame, digest: str, columns: list[str]) -> pl.
 
 
 def _check_unique(frame: pl.DataFrame, id: str) -> None:
+    nulls = frame[id].null_count()
+    if nulls:
+        first = int(frame[id].is_null().arg_true()[0])
+        raise LlmBatchError(
+            f"id= column {id!r} has {nulls} null value(s), first at row {first}; every row "
+            "needs a key: fill them, or leave id= out to key rows by position"
+        )
     dupes = frame.group_by(id).len().filter(pl.col("len") > 1)
     if dupes.height:
         shown = dupes.sort(["len", id], descending=[True, False]).head(5)
@@ -296,9 +306,6 @@ def _check_unique(frame: pl.DataFrame, id: str) -> None:
             f"id= column {id!r} must be unique, but {dupes.height} value(s) repeat: "
             f"{listing}{more}; pick a unique key column or leave id= out to key rows by position"
         )
-    nulls = frame[id].null_count()
-    if nulls:
-        raise LlmBatchError(f"id= column {id!r} has {nulls} null value(s); every row needs a key")
 
 
 def _nulls(frame: pl.DataFrame, texts: list[str], on_null: OnNull, key: str) -> pl.Series:

@@ -78,9 +78,16 @@ class Template:
         """Raise if a referenced column is not in ``schema``, listing the columns that exist."""
         missing = [c for c in self.columns if c not in schema]
         if missing:
+            hint = ""
+            if any(not c.isidentifier() for c in missing):
+                hint = (
+                    "; if the braces are meant literally (e.g. JSON in the prompt), double them: "
+                    "'{{' and '}}'"
+                )
+            close = _close_names(missing, list(schema.names()))
             raise LlmBatchError(
                 f"{what} template {self.source!r} refers to column(s) {missing} that the frame "
-                f"does not have; the columns are {list(schema.names())}"
+                f"does not have{close}; the columns are {list(schema.names())}{hint}"
             )
 
     def expr(self, schema: pl.Schema | None = None, *, fill_null: bool = False) -> pl.Expr:
@@ -98,6 +105,13 @@ class Template:
             for p in self.parts
         ]
         return pl.concat_str(pieces, ignore_nulls=False)
+
+
+def _close_names(missing: list[str], names: list[str]) -> str:
+    import difflib
+
+    close = [m for c in missing for m in difflib.get_close_matches(c, names, n=1)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _as_text(column: str, schema: pl.Schema | None) -> pl.Expr:
@@ -130,6 +144,14 @@ def prompt_expr(
         text = prompt.cast(pl.String)
         return text.fill_null("") if fill_null else text
     if isinstance(prompt, str):
+        if re.fullmatch(r"\w+", prompt) and prompt not in schema:
+            # A bare word is a column name gone wrong far more often than a prompt.
+            raise LlmBatchError(
+                f"{what} {prompt!r} is not a column of the frame"
+                f"{_close_names([prompt], list(schema.names()))}; the columns are "
+                f"{list(schema.names())}. Name a column in braces, e.g. '{{body}}', or pass "
+                f"pl.lit({prompt!r}) to send that one word for every row"
+            )
         prompt = Template.parse(prompt)
     if not isinstance(prompt, Template):
         raise LlmBatchError(

@@ -1,6 +1,7 @@
 """HTTP to the providers: one httpx client per provider, with auth, timeouts and retries.
 
-Retries cover 408, 409, 429, 5xx (529 included) and connection errors, with exponential backoff
+Retries cover the provider's transient statuses (:attr:`Provider.retryable_http`: 408, 409,
+429, 5xx, 529) and connection errors, with exponential backoff
 and jitter, honouring ``Retry-After`` / ``retry-after-ms`` (up to a ceiling). The API key lives
 only in the client's headers: it never appears in a repr, a log line or an exception.
 """
@@ -19,12 +20,11 @@ import httpx
 
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.providers import get_provider
+from polars_llmbatch.providers.base import Secret, redact_url
 
 __all__ = ["Credentials", "ProviderError", "Transport", "UncertainError", "credentials"]
 
 log = logging.getLogger("polars_llmbatch.transport")
-
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 
 class ProviderError(LlmBatchError):
@@ -44,9 +44,16 @@ class UncertainError(ProviderError):
 
 @dataclass(frozen=True)
 class Credentials:
+    """A provider, its base URL and its key (held as a :class:`Secret`: never in a repr,
+    ``vars()`` or a pickle)."""
+
     provider: str
     base_url: str
-    api_key: str = field(repr=False)
+    secret: Secret = field(repr=False)
+
+    @property
+    def api_key(self) -> str:
+        return self.secret.value
 
     def headers(self) -> dict[str, str]:
         return get_provider(self.provider).auth_headers(self.api_key)
@@ -78,7 +85,14 @@ def credentials(
             f"(to try things for free, run `llmbatch emulator` and set {url_var})"
         )
     url = (base_url or env.get(url_var) or prov.default_base_url).rstrip("/")
-    return Credentials(prov.name, url, key)
+    if redact_url(url) != url:
+        where = "base_url=" if base_url else f"${url_var}"
+        raise LlmBatchError(
+            f"{where} {redact_url(url)!r} carries user info or a query string, which would "
+            "be kept in the checkpoint and sent as given; drop them and pass the key as "
+            f"api_key= (or {' or '.join(keys)})"
+        )
+    return Credentials(prov.name, url, Secret(key))
 
 
 class Transport:
@@ -99,7 +113,12 @@ class Transport:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.provider = creds.provider
-        self.base_url = creds.base_url
+        # What is recorded and shown (job.json, reprs, the result cache's key): no user info
+        # or query string, which may carry a secret. Requests still go to the real URL.
+        self.base_url = redact_url(creds.base_url)
+        self.retry_status = get_provider(creds.provider).retryable_http
+        self._origin = _origin(httpx.URL(creds.base_url))
+        self._auth = tuple(creds.headers())
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -137,7 +156,13 @@ class Transport:
         attempt = 0
         while True:
             try:
-                response = self._client.request(method, path, **kwargs)
+                request = self._client.build_request(method, path, **kwargs)
+                if _origin(request.url) != self._origin:
+                    # An absolute URL the provider named (a results or upload URL) on another
+                    # host: the key goes only to the configured base URL's origin.
+                    for name in self._auth:
+                        request.headers.pop(name, None)
+                response = self._client.send(request)
                 response.read()
             except (httpx.TransportError, httpx.DecodingError) as exc:
                 if not idempotent and not isinstance(
@@ -157,7 +182,7 @@ class Transport:
                     return response
                 if not idempotent and response.status_code != 429 and response.status_code >= 500:
                     raise UncertainError(self.provider, response.status_code, _message(response))
-                if response.status_code not in RETRY_STATUS or attempt >= self.max_retries:
+                if response.status_code not in self.retry_status or attempt >= self.max_retries:
                     raise ProviderError(self.provider, response.status_code, _message(response))
                 if not idempotent and response.status_code != 429:
                     raise UncertainError(self.provider, response.status_code, _message(response))
@@ -181,6 +206,11 @@ class Transport:
                 pass  # an HTTP date: fall back to backoff
         base = min(self.backoff * 2**attempt, self.max_backoff)
         return base * (0.5 + random.random() / 2)  # jitter: retries from many shards spread out
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, url.port or default
 
 
 def _sleep(seconds: float) -> None:

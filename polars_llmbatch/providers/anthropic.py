@@ -205,7 +205,7 @@ class Anthropic(Provider):
             error = parsed.get("error") if isinstance(parsed, dict) else None
             if not isinstance(error, dict):
                 error = {"type": "api_error", "message": f"HTTP {status}"}
-            if status in RETRYABLE_HTTP and error.get("type") not in RETRYABLE_TYPES:
+            if status in self.retryable_http and error.get("type") not in RETRYABLE_TYPES:
                 error = {**error, "type": "api_error"}
             result = {"type": "errored", "error": {"type": "error", "error": error}}
         return dumps({"custom_id": custom_id, "result": result}).encode()
@@ -228,7 +228,6 @@ _SCHEMA_OVERHEAD = 50
 # results ---------------------------------------------------------------------------------------
 #: Error types worth sending again (the rest, e.g. invalid_request_error, fail the same way).
 RETRYABLE_TYPES = ("api_error", "overloaded_error", "rate_limit_error", "timeout_error")
-RETRYABLE_HTTP = (408, 409, 429, 500, 502, 503, 504, 529)
 _LINE_COLUMNS = (
     "{custom_id: 'VARCHAR', result: 'STRUCT(type VARCHAR, message STRUCT("
     "content STRUCT(type VARCHAR, text VARCHAR)[], stop_reason VARCHAR, usage STRUCT("
@@ -260,7 +259,7 @@ SELECT
     -- input_tokens above is the whole input; these parts of it have their own rates.
     result.message.usage.cache_read_input_tokens AS cache_read_tokens,
     result.message.usage.cache_creation_input_tokens AS cache_write_tokens
-FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
+FROM read_json($files, format = 'newline_delimited', ignore_errors = true,
                columns = {columns})
 WHERE custom_id IS NOT NULL
 """
@@ -284,8 +283,6 @@ def parse_results(files: Sequence[str]) -> pl.DataFrame:
 
     from polars_llmbatch.results import finish_parse
 
-    sql = _PARSE_SQL.format(
-        files=[str(f) for f in files], columns=_LINE_COLUMNS, types=RETRYABLE_TYPES
-    )
+    sql = _PARSE_SQL.format(columns=_LINE_COLUMNS, types=RETRYABLE_TYPES)
     with duckdb.connect() as con:
-        return finish_parse(con.sql(sql).pl())
+        return finish_parse(con.sql(sql, params={"files": [str(f) for f in files]}).pl())

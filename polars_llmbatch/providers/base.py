@@ -21,7 +21,60 @@ if TYPE_CHECKING:
 
     from polars_llmbatch.transport import Transport
 
-__all__ = ["AmbiguousBatch", "Framing", "Limits", "Provider", "RemoteState", "TokenRule"]
+__all__ = [
+    "AmbiguousBatch",
+    "Framing",
+    "Limits",
+    "Provider",
+    "RemoteState",
+    "Secret",
+    "TokenRule",
+    "redact_url",
+]
+
+
+class Secret:
+    """A value that never shows: its repr is ``Secret('***')``, it has no ``__dict__`` for
+    ``vars()`` to show, and pickling it is refused.
+
+    Example:
+        >>> s = Secret("sk-live-123")
+        >>> s, s.value
+        (Secret('***'), 'sk-live-123')
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret is never pickled; pass the key again where it is needed")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without what may carry a secret: user info (``https://user:pass@host``) and the
+    query string (``?key=...``).
+
+    Example:
+        >>> redact_url("https://user:sk-1@proxy.example/v1?key=abc")
+        'https://proxy.example/v1'
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -117,12 +170,21 @@ class Provider(ABC):
     """
 
     def __init__(self, *, api_key: str | None = None, base_url: str | None = None) -> None:
-        self.api_key = api_key
+        self._key = Secret(api_key) if api_key else None
         self.base_url = base_url
 
+    @property
+    def api_key(self) -> str | None:
+        """The key this object carries (never in its repr, ``vars()`` or a pickle)."""
+        return self._key.value if self._key is not None else None
+
     def __repr__(self) -> str:
-        url = f"base_url={self.base_url!r}" if self.base_url else ""
+        url = f"base_url={redact_url(self.base_url)!r}" if self.base_url else ""
         return f"{type(self).__name__}({url})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled provider (for a worker process, say) travels without its key.
+        return {**self.__dict__, "_key": None}
 
     name: str
     limits: Limits
@@ -135,6 +197,10 @@ class Provider(ABC):
     prices_id: str = ""
     #: Whether batch halves the price of prompt-cache hits too (Gemini bills them at sync rate).
     batch_halves_cache_hits: bool = True
+    #: HTTP statuses of a transient failure, the one definition for this provider: the
+    #: transport retries a call that got one, and a request whose result carries one is sent
+    #: again in a retry round (sync mode and batch result lines alike).
+    retryable_http: frozenset[int] = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
     @abstractmethod
     def endpoint(self, spec: RequestSpec) -> str:

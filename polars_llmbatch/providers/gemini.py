@@ -244,8 +244,8 @@ SELECT
         lambda p: p.text), ''), '') AS text,
     response.embedding."values" AS embedding_floats,
     coalesce(error.message, CASE WHEN response IS NULL THEN 'no response' END) AS error,
-    coalesce(error.status IN {statuses}, false) OR coalesce(error.code IN (429, 500, 503, 504),
-        false) AS retryable,
+    coalesce(error.status IN {statuses}, false) OR coalesce(error.code IN {http}, false)
+        AS retryable,
     coalesce(response.usageMetadata.promptTokenCount, try_cast(response.tokenCount AS BIGINT))
         AS input_tokens,
     CASE WHEN response.usageMetadata IS NOT NULL
@@ -254,7 +254,7 @@ SELECT
     response.candidates[1].finishReason AS finish,
     -- promptTokenCount includes the cached part, billed at the cached rate.
     response.usageMetadata.cachedContentTokenCount AS cache_read_tokens
-FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
+FROM read_json($files, format = 'newline_delimited', ignore_errors = true,
                columns = {columns})
 WHERE key IS NOT NULL
 """
@@ -281,7 +281,9 @@ def parse_results(files: Sequence[str]) -> pl.DataFrame:
     from polars_llmbatch.results import finish_parse
 
     sql = _PARSE_SQL.format(
-        files=[str(f) for f in files], columns=_LINE_COLUMNS, statuses=RETRYABLE_STATUS
+        columns=_LINE_COLUMNS,
+        statuses=RETRYABLE_STATUS,
+        http=tuple(sorted(Gemini.retryable_http)),
     )
     with duckdb.connect() as con:
-        return finish_parse(con.sql(sql).pl())
+        return finish_parse(con.sql(sql, params={"files": [str(f) for f in files]}).pl())

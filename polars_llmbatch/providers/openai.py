@@ -370,12 +370,11 @@ _LINE_COLUMNS = (
     "error STRUCT(message VARCHAR, code VARCHAR)))', "
     "error: 'STRUCT(code VARCHAR, message VARCHAR)'}}"
 )
-#: Per-request failures worth sending again: rate limits, timeouts and server errors.
-RETRYABLE_HTTP = (408, 409, 429, 500, 502, 503, 504, 529)
+#: Per-request failure codes worth sending again (statuses: ``OpenAI.retryable_http``).
 RETRYABLE_CODES = ("server_error", "rate_limit_exceeded", "timeout", "internal_error")
 _PARSE_SQL = """
 WITH lines AS (
-    SELECT * FROM read_json({files}, format = 'newline_delimited', ignore_errors = true,
+    SELECT * FROM read_json($files, format = 'newline_delimited', ignore_errors = true,
                             columns = {columns})
     WHERE custom_id IS NOT NULL
 ), parsed AS (
@@ -437,13 +436,12 @@ def parse_results(files: Sequence[str], *, embeddings: bool = False) -> pl.DataF
     if not files:
         raise ValueError("parse_results needs at least one file")
     sql = _PARSE_SQL.format(
-        files=[str(f) for f in files],
         columns=_LINE_COLUMNS.format(answer=_ANSWER_COLUMNS[embeddings]),
         answer=_ANSWER_SQL[embeddings],
         vectors=_VECTORS_SQL if embeddings else "",
-        http=RETRYABLE_HTTP,
+        http=tuple(sorted(OpenAI.retryable_http)),
         codes=RETRYABLE_CODES,
     )
     with duckdb.connect() as con:
-        rows = con.sql(sql).pl()
+        rows = con.sql(sql, params={"files": [str(f) for f in files]}).pl()
     return finish_parse(rows)

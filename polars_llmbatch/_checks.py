@@ -1,0 +1,60 @@
+"""Checks of the run options, made before anything is read, written or sent: each names the
+option, what it got and what it takes."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from polars_llmbatch.errors import LlmBatchError
+
+__all__ = ["check_bool", "check_checkpoint", "check_positive_int", "check_seconds"]
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LlmBatchError(f"{name}= must be a positive integer, got {value!r}")
+
+
+def check_seconds(name: str, value: Any, *, zero: bool = False, none: bool = False) -> None:
+    """A finite number of seconds, > 0 (or ≥ 0 with ``zero``; None allowed with ``none``)."""
+    if value is None and none:
+        return
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value >= 0 if zero else value > 0)
+    )
+    if not ok:
+        bound = "≥ 0" if zero else "> 0"
+        raise LlmBatchError(f"{name}= must be a finite number of seconds {bound}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise LlmBatchError(f"{name}= must be True or False, got {value!r}")
+
+
+def check_checkpoint(checkpoint: Any) -> None:
+    """A local folder: a URL (``s3://…``) would silently become a local folder named ``s3:``,
+    and a file cannot hold a job."""
+    if checkpoint is None:
+        return
+    if not isinstance(checkpoint, (str, Path)):
+        raise LlmBatchError(f"checkpoint= must be a folder path, got {type(checkpoint).__name__}")
+    if _URL.match(str(checkpoint)):
+        raise LlmBatchError(
+            f"checkpoint={str(checkpoint)!r} is a URL; checkpoints in object stores are not "
+            "supported yet, so nothing would be kept there. Pass a local folder (a bucket "
+            "mounted as a folder works)"
+        )
+    if Path(checkpoint).exists() and not Path(checkpoint).is_dir():
+        raise LlmBatchError(
+            f"checkpoint={str(checkpoint)!r} is a file; a checkpoint is a folder: name a new "
+            "or empty folder"
+        )
