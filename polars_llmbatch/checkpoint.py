@@ -188,6 +188,11 @@ class Checkpoint:
             raise LlmBatchError(
                 f"{str(self.path)!r} is not a polars_llmbatch checkpoint (no job.json)"
             ) from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LlmBatchError(
+                f"{str(self.job_file)!r} is not valid JSON ({exc}); it is written atomically, "
+                "so it was changed by hand: restore it from a backup"
+            ) from None
         if job.get("format") != FORMAT:
             raise LlmBatchError(
                 f"checkpoint {str(self.path)!r} has format {job.get('format')!r}; this version "

@@ -296,8 +296,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llmbatch: over budget: {exc}", file=sys.stderr)
         return EXIT_OVER_BUDGET
     except (LlmBatchError, pl.exceptions.PolarsError, OSError) as exc:
-        print(f"llmbatch: {exc}", file=sys.stderr)
+        print(f"llmbatch: {_one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as exc:  # anything else is our bug: still one line, never a traceback
+        print(
+            f"llmbatch: unexpected {type(exc).__name__}: {_one_line(exc)} (the checkpoint is "
+            "intact; please report this with the command you ran)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:

@@ -206,7 +206,24 @@ def test_exit_codes_for_errors(workdir: Path) -> None:
         assert out.returncode == 1 and ".parquet, .csv or .ndjson" in out.stderr
         missing = llmbatch("status", "nowhere", cwd=workdir, env=env)
         assert missing.returncode == 1 and "not a polars_llmbatch checkpoint" in missing.stderr
+        (workdir / "torn").mkdir()
+        (workdir / "torn" / "job.json").write_text('{"format": 1, "spe')
+        torn = llmbatch("status", "torn", cwd=workdir, env=env)
+        assert torn.returncode == 1 and "is not valid JSON" in torn.stderr
+        assert len(torn.stderr.strip().splitlines()) == 1 and "Traceback" not in torn.stderr
         assert not emu.ledger.batches
+
+
+def test_an_unexpected_error_is_one_line(workdir: Path, monkeypatch, capsys) -> None:
+    from polars_llmbatch import cli, job
+
+    def broken(*args, **kwargs):
+        raise KeyError("spec")
+
+    monkeypatch.setattr(job.Job, "open", broken)
+    assert cli.main(["status", str(workdir)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmbatch: unexpected KeyError: 'spec'") and len(err.splitlines()) == 1
 
 
 def test_help_has_examples(workdir: Path) -> None:
