@@ -343,19 +343,38 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
             raise LlmBatchError("--dimensions applies to --embed only")
         job = frame.llm.batch(args.prompt, **kw, **options)
     print(f"job {job.id}: checkpoint {job.path}", file=sys.stderr)
-    if args.no_wait:
-        print(f"submitted; follow it with: llmbatch status {job.path}", file=sys.stderr)
-        job.wait(timeout=0)  # submit now, then leave the batches running
-        return EXIT_RUNNING
-    job.wait(timeout=args.timeout)
-    if not job.status().done:
-        print(f"still running; resume with: llmbatch resume {job.path}", file=sys.stderr)
-        return EXIT_RUNNING
-    out = job.result()
-    if isinstance(out, pl.LazyFrame):
-        out = out.collect()
-    _report(job, out, args.output)
-    return 0
+    try:
+        if not args.no_wait:
+            job.wait(timeout=args.timeout)
+        job._stop_background()  # this process exits: the job waits in its checkpoint
+        if not job.status(refresh=False).done:
+            return _still_running(job, submitted_only=args.no_wait)
+        out = job.result()
+        if isinstance(out, pl.LazyFrame):
+            out = out.collect()
+        _report(job, out, args.output)
+        return 0
+    finally:
+        job.close()
+
+
+def _still_running(job: Any, *, submitted_only: bool = False) -> int:
+    """Say what is true of a job this process leaves unfinished, and what to run next."""
+    st = job.status(refresh=False)
+    if st.state == "retries due":
+        what = f"{st.retries_due:,} request(s) are due to be sent again"
+    elif job.mode == "sync":
+        what = "sync mode sends from this process, which stops here; the rest is not sent yet"
+    elif submitted_only:
+        what = "submitted; the batches run at the provider"
+    else:
+        what = f"still {st.state}"
+    print(
+        f"{what}. Follow it with: llmbatch status {job.path}; go on with: llmbatch resume "
+        f"{job.path}",
+        file=sys.stderr,
+    )
+    return EXIT_RUNNING
 
 
 def _job_command(args: argparse.Namespace) -> int:
@@ -368,20 +387,22 @@ def _job_command(args: argparse.Namespace) -> int:
         args.checkpoint, progress=not quiet, poll_interval=getattr(args, "poll_interval", 5.0)
     )
     if args.command == "status":
+        st = job.status()  # asks the live batches once (read-only) and records it
         print(repr(job))
-        return 0 if job.status().done else EXIT_RUNNING
+        if job._t is None:
+            print(
+                "(from the checkpoint alone: set the provider's API key to ask the provider)",
+                file=sys.stderr,
+            )
+        return 0 if st.done else _still_running(job)
     if args.command == "cancel":
         job.cancel(timeout=120)
         print(repr(job))
-        return 0 if job.status().done else EXIT_RUNNING
+        return 0 if job.status(refresh=False).done else _still_running(job)
     if args.command == "resume":
-        if args.no_wait:
-            job.wait(timeout=0)
-        else:
-            job.wait(timeout=args.timeout)
-        if not job.status().done:
-            print(f"still running; resume again with: llmbatch resume {job.path}", file=sys.stderr)
-            return EXIT_RUNNING
+        job.wait(timeout=0 if args.no_wait else args.timeout)
+        if not job.status(refresh=False).done:
+            return _still_running(job, submitted_only=args.no_wait)
         _report(job, job.result(), args.output)
         return 0
     out = job.result(usage=args.usage)  # results
@@ -393,7 +414,7 @@ def _job_command(args: argparse.Namespace) -> int:
 def _report(job: Any, out: pl.DataFrame, path: str | None) -> None:
     if path:
         _write(out, path)
-    st = job.status()
+    st = job.status(refresh=False)
     rows = ", ".join(f"{k} {v:,}" for k, v in st.rows.items() if v)
     where = f"; wrote {out.height:,} rows to {path}" if path else ""
     print(f"done: {rows}; spent ${st.spent:,.4f}{where}")

@@ -118,7 +118,7 @@ class Engine:
         ckpt: Checkpoint,
         provider: Provider,
         spec: RequestSpec,
-        transport: Transport,
+        transport: Transport | None,
         settings: Settings,
         *,
         key: str,
@@ -137,14 +137,27 @@ class Engine:
         self._ambiguous = False
 
     # the loop ------------------------------------------------------------------------------
-    def run(self, timeout: float | None = None, *, retry: bool = True) -> bool:
+    def run(
+        self,
+        timeout: float | None = None,
+        *,
+        retry: bool = True,
+        stop: threading.Event | None = None,
+    ) -> bool:
         """Work until every shard is done and no retry is due (True), or ``timeout`` seconds
-        have passed (False). Safe to interrupt at any point; the next run resumes."""
+        have passed or ``stop`` is set (False). Safe to interrupt at any point; the next run
+        resumes. Sync shards stop sending at the deadline too (what is in flight lands)."""
         with self.ckpt.lock():
-            return self._run(timeout, retry=retry)
+            return self._run(timeout, retry=retry, stop=stop)
 
-    def _run(self, timeout: float | None, *, retry: bool) -> bool:
+    def _run(self, timeout: float | None, *, retry: bool, stop: threading.Event | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def due() -> bool:
+            return (deadline is not None and time.monotonic() >= deadline) or (
+                stop is not None and stop.is_set()
+            )
+
         interval = self.settings.poll_interval
         progress = Progress(self.ckpt, enabled=self.settings.progress)
         try:
@@ -163,8 +176,8 @@ class Engine:
                     # submission at once, not after this pass.
                     canceled = not s.submitted and self.canceled()
                     if s.mode == "sync":
-                        self._run_sync(s)
-                        moved = True
+                        if not due():
+                            moved |= self._run_sync(s, due)
                     elif canceled:
                         moved |= self._cancel_unsent(s)
                     elif not s.submitted:
@@ -179,16 +192,31 @@ class Engine:
                     if s.mode == "batch" and s.remote_id is not None:
                         moved |= self._poll(s)
                 progress.update(self.ckpt.shards(), self._states)
-                if moved:
+                if moved and not due():
                     interval = self.settings.poll_interval
                     continue
-                if deadline is not None and time.monotonic() >= deadline:
+                if due():
                     return False
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
-                self.sleep(max(wait, 0.0))
+                if stop is not None:
+                    if stop.wait(max(wait, 0.0)):  # woken at once by a stop
+                        return False
+                else:
+                    self.sleep(max(wait, 0.0))
                 interval = min(interval * 1.5, self.settings.max_poll_interval)
         finally:
             progress.close()
+
+    def refresh(self) -> int:
+        """Poll every live batch once and record what it says; collect those that ended
+        (their results, downloaded and parsed). Never submits, cancels or retries anything:
+        what :meth:`~polars_llmbatch.Job.status` does. Returns the batches that ended."""
+        ended = 0
+        with self.ckpt.lock():
+            for s in self.ckpt.shards().values():
+                if not s.done and s.mode == "batch" and s.remote_id is not None:
+                    ended += self._poll(s)
+        return ended
 
     # batch mode ----------------------------------------------------------------------------
     def _submit(self, s: ShardRecord, *, active: bool) -> bool:
@@ -390,15 +418,16 @@ class Engine:
         return True
 
     # sync mode -----------------------------------------------------------------------------
-    def _run_sync(self, s: ShardRecord) -> None:
+    def _run_sync(self, s: ShardRecord, due: Callable[[], bool] = lambda: False) -> bool:
         """Send a shard's requests one by one (``concurrency`` at a time). Each answer is
         appended to a ``.part`` file as it arrives, so a crash loses none that were paid for;
-        a restart sends only the requests without one."""
+        a restart sends only the requests without one. Once ``due()`` (a deadline, a stop),
+        nothing more is sent and the shard stays open (False); True once it is done."""
         final = self.ckpt.raw_file(s.index, 0)
         ids = pl.read_parquet(self.ckpt.ids_file(s.index))
         canceled = self.canceled()
-        if not s.files:
-            self._send_sync(s, final, ids, send=not canceled)
+        if not s.files and not self._send_sync(s, final, ids, send=not canceled, due=due):
+            return False
         rows = self.provider.parse([final], self.spec)
         absent = ids["custom_id"].filter(~ids["custom_id"].is_in(rows["custom_id"].implode()))
         lost = missing_results(absent)
@@ -411,8 +440,17 @@ class Engine:
         rows = pl.concat([rows, lost])
         self._write_results(s, rows)
         self.ckpt.append("done", shard=s.index, queue_limited=False, counts=_counts(rows))
+        return True
 
-    def _send_sync(self, s: ShardRecord, final: Path, ids: pl.DataFrame, *, send: bool) -> None:
+    def _send_sync(
+        self,
+        s: ShardRecord,
+        final: Path,
+        ids: pl.DataFrame,
+        *,
+        send: bool,
+        due: Callable[[], bool],
+    ) -> bool:
         part = final.with_suffix(".part")
         if final.exists() and not part.exists():  # renamed, then killed before the event
             os.replace(final, part)
@@ -431,8 +469,13 @@ class Engine:
         path = self.provider.sync_path(self.spec)
         lock = threading.Lock()
 
+        skipped = threading.Event()
+
         def send_one(item: tuple[str, str]) -> None:
             custom_id, body = item
+            if due():  # past the deadline (or stopped): leave it for the next run
+                skipped.set()
+                return
             try:
                 r = self.t.request(
                     "POST",
@@ -456,16 +499,23 @@ class Engine:
         if not part.exists():
             part.touch()
         fsync(part)
+        if skipped.is_set():
+            return False  # the answers so far are in the .part file; the rest come next run
         part.replace(final)
         self.ckpt.append("fetched", shard=s.index, files=[str(final.relative_to(self.ckpt.path))])
+        return True
 
     # retries -------------------------------------------------------------------------------
-    def _plan_retries(self, shards: dict[int, ShardRecord]) -> bool:
-        if self.canceled():
-            return False  # the user canceled: nothing more is sent
-        results = read_results(self.ckpt)
-        if results.is_empty():
-            return False
+    def due_retries(
+        self, shards: dict[int, ShardRecord], results: pl.DataFrame | None = None
+    ) -> pl.DataFrame:
+        """The requests a retry round would send now (expired, missing, transiently errored,
+        under ``max_attempts``; none after a cancel), with their ``attempts`` so far; the
+        budget is not asked here."""
+        if results is None:
+            results = read_results(self.ckpt)
+        if self.canceled() or results.is_empty():
+            return pl.DataFrame(schema={"custom_id": pl.String, "attempts": pl.UInt32})
         best = best_results(results)
         limited = {s.index for s in shards.values() if s.queue_limited}
         attempts = (
@@ -473,7 +523,7 @@ class Engine:
             .group_by("custom_id")
             .agg(pl.len().alias("attempts"))
         )
-        due = (
+        return (
             best.join(attempts, on="custom_id", how="left")
             .filter(
                 pl.col("status").is_in(["expired", "missing"])
@@ -481,25 +531,37 @@ class Engine:
             )
             .filter(pl.col("attempts").fill_null(0) < self.settings.max_attempts)
         )
+
+    def over_budget(self, due: pl.DataFrame, results: pl.DataFrame) -> tuple[float, float] | None:
+        """``(spent, retries' worst case)`` when sending ``due`` could take the job past
+        ``max_cost``, else None."""
+        if self.settings.max_cost is None or due.is_empty():
+            return None
+        # A missing result may still have been billed, unseen: count it at its worst case,
+        # so max_cost stays a bound on what the provider can charge.
+        unseen = results.filter(pl.col("status") == "missing").select("custom_id")
+        paid = spent(self.ckpt, results) + self._worst(unseen)
+        more = self._worst(due.select("custom_id"))
+        return (paid, more) if paid + more > self.settings.max_cost else None
+
+    def _plan_retries(self, shards: dict[int, ShardRecord]) -> bool:
+        results = read_results(self.ckpt)
+        due = self.due_retries(shards, results)
         if due.is_empty():
             return False
-        if self.settings.max_cost is not None:
-            # A missing result may still have been billed, unseen: count it at its worst case,
-            # so max_cost stays a bound on what the provider can charge.
-            unseen = results.filter(pl.col("status") == "missing").select("custom_id")
-            paid = spent(self.ckpt, results) + self._worst(unseen)
-            more = self._worst(due.select("custom_id"))
-            if paid + more > self.settings.max_cost:
-                log.warning(
-                    "not retrying %d request(s): spent $%.4f, retries could cost up to $%.4f "
-                    "more, over max_cost=$%.4f",
-                    due.height,
-                    paid,
-                    more,
-                    self.settings.max_cost,
-                )
-                self.ckpt.append("retries_skipped", requests=due.height, reason="max_cost")
-                return False
+        over = self.over_budget(due, results)
+        if over is not None:
+            paid, more = over
+            log.warning(
+                "not retrying %d request(s): spent $%.4f, retries could cost up to $%.4f "
+                "more, over max_cost=$%.4f",
+                due.height,
+                paid,
+                more,
+                self.settings.max_cost,
+            )
+            self.ckpt.append("retries_skipped", requests=due.height, reason="max_cost")
+            return False
         requests = (
             pl.scan_parquet(self.ckpt.path / "requests.parquet")
             .join(due.lazy().select("custom_id"), on="custom_id", how="semi")
@@ -509,7 +571,7 @@ class Engine:
         # Shards a full queue refused in the last round come back at half their size, so they
         # fit once it drains.
         last = max(s.round for s in shards.values())
-        sizes = [s.requests for s in shards.values() if s.index in limited and s.round == last]
+        sizes = [s.requests for s in shards.values() if s.queue_limited and s.round == last]
         max_requests = max(1, min(sizes) // 2) if sizes else self.settings.max_shard_requests
         attempt = int(due["attempts"].fill_null(0).max() or 0) + 1  # type: ignore[arg-type]
         prepared = Prepared(

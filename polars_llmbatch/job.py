@@ -10,6 +10,7 @@ import math
 import secrets
 import shutil
 import sys
+import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,18 +54,26 @@ AUTO_SYNC_MAX_SAVINGS = 0.25
 
 @dataclass(frozen=True)
 class JobStatus:
-    """Where a job stands: rows by status, shards by state, and money spent so far."""
+    """Where a job stands: rows by status, shards by state, money spent so far, and in a
+    word (``state``): ``done``, ``not submitted`` (nothing has reached the provider yet),
+    ``running at the provider``, ``sending`` (sync mode), ``retries due`` (finished batches
+    left requests to send again: ``wait()`` or ``llmbatch resume`` sends them) or
+    ``collecting`` (batches ended, results not read yet)."""
 
     rows: dict[str, int]
     shards: dict[str, int]
     spent: float
     done: bool
+    state: str = ""
+    retries_due: int = 0
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{k} {v:,}" for k, v in self.rows.items() if v)
         shards = ", ".join(f"{k} {v}" for k, v in self.shards.items())
-        state = "done" if self.done else "running"
-        return f"JobStatus({state}; rows: {rows}; shards: {shards}; spent ${self.spent:,.4f})"
+        return (
+            f"JobStatus({self.state or ('done' if self.done else 'running')}; rows: {rows}; "
+            f"shards: {shards}; spent ${self.spent:,.4f})"
+        )
 
 
 @dataclass
@@ -169,8 +178,10 @@ class Job:
         return opened
 
     def close(self) -> None:
-        """Close the connections this object opened (also done when it is garbage
-        collected). The job itself is untouched: reopen it any time with :meth:`open`."""
+        """Stop any background runner of this object and close the connections it opened
+        (also done when it is garbage collected). The job itself is untouched: reopen it any
+        time with :meth:`open`."""
+        self._stop_background()
         if self._t is not None:
             self._t.close()
 
@@ -203,10 +214,16 @@ class Job:
         return dict(self._job["estimate"])
 
     _missing_key: str | None = None
+    _thread: threading.Thread | None = None
+    _stop: threading.Event | None = None
+    _error: BaseException | None = None
 
-    def _engine(self) -> Engine:
+    def _engine(self, *, progress: bool | None = None) -> Engine:
         if self._t is None:
             raise LlmBatchError(self._missing_key or "this Job was opened without credentials")
+        settings = self._settings
+        if progress is not None:
+            settings = Settings(**{**settings.__dict__, "progress": progress})
         est = self._job["estimate"]
         worst = est.get("worst_cost_batch" if self.mode == "batch" else "worst_cost_sync")
         n = est.get("unique_requests") or 0
@@ -216,7 +233,7 @@ class Job:
             self.provider,
             self.spec,
             self._t,
-            self._settings,
+            settings,
             key=self._job["key"],
             worst_cost_per_request=per_request,
         )
@@ -225,10 +242,14 @@ class Job:
     def wait(self, timeout: float | None = None) -> Job:
         """Run the job until it is done (submit, poll, collect, retry); with ``timeout`` (seconds)
         return early, the job still running remotely. Ctrl-C leaves the remote batches running
-        and the checkpoint consistent."""
+        and the checkpoint consistent. A job moving in the background of this process
+        (``batch(wait=False)``) is taken over here, with its progress bar, and moves on in the
+        background again if ``timeout`` comes first."""
         check_seconds("timeout", timeout, zero=True, none=True)
+        background = self._thread is not None
+        self._stop_background()
         try:
-            self._engine().run(timeout)
+            done = self._engine().run(timeout)
         except KeyboardInterrupt:
             print(
                 f"\nInterrupted. The remote batches keep running and the checkpoint is "
@@ -238,7 +259,53 @@ class Job:
                 file=sys.stderr,
             )
             raise
+        if not done and background:
+            self._resume_background()
         return self
+
+    def _start_background(self) -> None:
+        """``batch(wait=False)``: send what is planned now (an error raises here, to the
+        caller), then go on (poll, collect, retry) in a background thread of this process.
+        A kernel that dies leaves a checkpoint any other process can resume."""
+        try:
+            done = self._engine().run(0)
+        except LockedError:
+            # Another process (or Job object) runs this job: it sends and collects; this
+            # handle reads what it records.
+            log.info("%s is run by another process; this Job only reads it", self.path)
+            return
+        if not done:
+            self._resume_background()
+
+    def _resume_background(self) -> None:
+        self._stop = stop = threading.Event()
+        # No progress bar from a thread nobody is watching; wait() shows one.
+        engine = self._engine(progress=False)
+
+        def run() -> None:
+            try:
+                engine.run(stop=stop)
+            except LockedError:
+                pass  # another process took the job over: it runs it
+            except BaseException as exc:  # kept for wait() to raise in the caller's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"llmbatch-{self.id}", daemon=True)
+        self._thread.start()
+
+    def _stop_background(self) -> None:
+        """Stop the background runner after its current step (the job stays resumable)."""
+        if self._thread is not None:
+            assert self._stop is not None
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self._raise_background_error()
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def cancel(self, *, wait: bool = True, timeout: float | None = None) -> Job:
         """Cancel the live batches. Requests already run are paid for, so their results are
@@ -247,6 +314,7 @@ class Job:
         n = engine.cancel()
         log.info("asked %d batch(es) to cancel", n)
         if wait:
+            self._stop_background()  # it has seen the cancel; collecting goes on here
             try:
                 engine.run(timeout, retry=False)
             except LockedError:
@@ -254,8 +322,16 @@ class Job:
         return self
 
     # reading ---------------------------------------------------------------------------------
-    def status(self) -> JobStatus:
-        """Rows by status and shards by state, from the checkpoint (no provider call)."""
+    def status(self, *, refresh: bool = True) -> JobStatus:
+        """Rows by status, shards by state, money spent and the job's ``state``.
+
+        With ``refresh`` (the default) the live batches are asked once where they stand,
+        and batches that ended are collected (read-only at the provider: nothing is ever
+        submitted, cancelled or retried by a status); skipped when this object has no key or
+        another runner holds the job (it records the same). ``refresh=False`` reads the
+        checkpoint alone."""
+        if refresh:
+            self._refresh()
         shards = self._ckpt.shards()
         results = read_results(self._ckpt)
         rows = self._rows if self._rows is not None else self._ckpt.rows()
@@ -276,14 +352,43 @@ class Job:
             "done" if s.done else (s.phase or ("submitted" if s.submitted else "planned"))
             for s in shards.values()
         )
-        pending = any(not s.done for s in shards.values())
-        done = not pending and counts["pending"] == 0
+        open_shards = [s for s in shards.values() if not s.done]
+        retries = 0
+        if not open_shards and results.height:
+            # Read-only questions of the checkpoint: no transport needed.
+            engine = Engine(self._ckpt, self.provider, self.spec, None, self._settings, key="")
+            due = engine.due_retries(shards, results)
+            if engine.over_budget(due, results) is None:
+                retries = due.height
+        done = not open_shards and counts["pending"] == 0 and retries == 0
+        if done:
+            state = "done"
+        elif retries:
+            state = "retries due"
+        elif any(s.mode == "sync" and s.intent_at for s in open_shards):
+            state = "sending"
+        elif any(s.submitted and s.phase != "ended" for s in open_shards):
+            state = "running at the provider"
+        elif any(s.submitted for s in open_shards):
+            state = "collecting"
+        else:
+            state = "not submitted"
         return JobStatus(
             rows={k: v for k, v in counts.items()},
             shards=dict(phases),
             spent=spent(self._ckpt, results),
             done=done,
+            state=state,
+            retries_due=retries,
         )
+
+    def _refresh(self) -> None:
+        if self._t is None or (self._thread is not None and self._thread.is_alive()):
+            return
+        try:
+            self._engine().refresh()
+        except LockedError:
+            pass  # another runner holds the job: it records the same
 
     def result(self, *, usage: bool | None = None) -> Any:
         """The output frame: the input frame (when this object was made from one) or the row
@@ -337,25 +442,25 @@ class Job:
 
     # display ---------------------------------------------------------------------------------
     def __repr__(self) -> str:
-        st = self.status()
+        st = self.status(refresh=False)  # a repr asks no provider
         rows = ", ".join(f"{k} {v:,}" for k, v in st.rows.items() if v)
         shards = ", ".join(f"{k} {v}" for k, v in st.shards.items())
         return (
             f"Job {self.id} ({self.spec.provider} {self.spec.model}, {self.mode}, "
-            f"{'done' if st.done else 'running'})\n"
+            f"{st.state})\n"
             f"  rows:   {rows}\n  shards: {shards}\n  spent:  ${st.spent:,.4f}\n"
             f"  path:   {self.path}"
         )
 
     def _repr_html_(self) -> str:
-        st = self.status()
+        st = self.status(refresh=False)
         cells = "".join(
             f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" for k, v in st.rows.items() if v
         )
         return (
             f"<b>Job {html.escape(self.id)}</b> ({html.escape(self.spec.provider)} "
             f"{html.escape(self.spec.model)}, {html.escape(self.mode)}, "
-            f"{'done' if st.done else 'running'}) — spent ${st.spent:,.4f}<br>"
+            f"{html.escape(st.state)}) — spent ${st.spent:,.4f}<br>"
             f"<table><tr><th>status</th><th>rows</th></tr>{cells}</table>"
             f"<small>{html.escape(str(self.path))}</small>"
         )

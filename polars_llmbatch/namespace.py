@@ -374,6 +374,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         row_ids=row_ids,
     )
     if not args["wait"]:
+        job._start_background()  # submitted when this returns; polled in the background
         return job
     with job:  # its connections are closed once the result is read
         return job.wait().result()

@@ -118,6 +118,8 @@ def test_wait_false_gives_a_job_to_reopen_anywhere(tmp_path: Path) -> None:
         st = job.status()
         assert not st.done and st.rows["pending"] == 20
         assert "Job " in repr(job) and "<table>" in job._repr_html_()
+        assert st.state == "running at the provider" and len(emu.ledger.batches) == 1
+        job.close()  # as if its kernel ended: another one takes the job over
         again = polars_llmbatch.Job.open(
             job.path, api_key="k", base_url=emu.openai_url, progress=False, poll_interval=0.02
         )
@@ -301,6 +303,7 @@ def test_a_checkpoint_can_be_moved_and_reopened(tmp_path: Path) -> None:
     with serve(batch_seconds=0.3) as emu:
         job = run(frame(20), emu, tmp_path, wait=False)
         job.wait(timeout=0.05)
+        job.close()  # its process lets go of the job (its background runner stops)
         moved = tmp_path / "elsewhere"
         job.path.rename(moved)
         again = polars_llmbatch.Job.open(

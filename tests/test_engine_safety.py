@@ -34,19 +34,19 @@ def run(df, emu, ckpt, provider="openai", **kw):
 def test_a_lost_reply_to_a_create_is_looked_up_not_resent(
     tmp_path: Path, provider: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = httpx.Client.request
+    real = httpx.Client.send
     lost: list[str] = []
 
-    def lose_first_create_reply(self, method, target, **kw):
-        response = real(self, method, target, **kw)
-        path = str(target)
-        creating = method == "POST" and (path.endswith("/batches") or "Content" in path)
+    def lose_first_create_reply(self, request, **kw):
+        response = real(self, request, **kw)
+        path = request.url.path
+        creating = request.method == "POST" and (path.endswith("/batches") or "Content" in path)
         if creating and not lost:
             lost.append(path)
             raise httpx.ReadTimeout("the reply was lost; the batch exists")
         return response
 
-    monkeypatch.setattr(httpx.Client, "request", lose_first_create_reply)
+    monkeypatch.setattr(httpx.Client, "send", lose_first_create_reply)
     with serve(batch_seconds=0.1) as emu:
         out = run(frame(6), emu, tmp_path / "j", provider)
         assert lost and len(emu.ledger.batches) == 1 and not emu.ledger.billed_twice()
@@ -103,6 +103,7 @@ def test_two_checkpoints_of_one_call_have_their_own_tags(tmp_path: Path) -> None
 def test_a_second_runner_is_refused(tmp_path: Path) -> None:
     with serve(batch_seconds=0.2) as emu:
         job = run(frame(4), emu, tmp_path / "j", wait=False)
+        job._stop_background()  # this test holds the job itself, as another process would
         with Checkpoint(job.path).lock():
             other = polars_llmbatch.Job.open(job.path, api_key="k", base_url=emu.openai_url)
             with pytest.raises(LockedError, match="being run by another process"):
@@ -111,9 +112,13 @@ def test_a_second_runner_is_refused(tmp_path: Path) -> None:
         assert len(emu.ledger.batches) == 1
 
 
-def test_cancel_before_anything_is_sent_sends_nothing(tmp_path: Path) -> None:
+def test_cancel_before_anything_is_sent_sends_nothing(tmp_path: Path, monkeypatch) -> None:
+    # A job planned but not sent yet (its process died right after creating it).
+    monkeypatch.setattr(polars_llmbatch.Job, "_start_background", lambda self: None)
     with serve(batch_seconds=0.1) as emu:
         job = run(frame(20), emu, tmp_path / "j", wait=False, max_shard_requests=5)
+        assert job.status().state == "not submitted"
+        job = polars_llmbatch.Job.open(job.path, api_key="k", base_url=emu.openai_url)
         job.cancel()
         out = job.result()
         assert not emu.ledger.batches
