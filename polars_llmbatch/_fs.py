@@ -10,10 +10,17 @@ __all__ = ["fsync"]
 
 
 def fsync(path: Path) -> None:
-    """Flush ``path`` (a file, or a directory to make its renames durable) to disk."""
-    if sys.platform == "win32" and path.is_dir():  # directories cannot be opened for fsync there
+    """Flush ``path`` (a file, or a directory to make its renames durable) to disk.
+
+    POSIX flushes through any descriptor, so files are opened read-only (they may be
+    read-only to us). Windows needs a handle open for writing (``os.fsync`` is
+    ``_commit`` there) and cannot open a directory at all: its renames are made durable by
+    the file system's own journal, so directories are skipped.
+    """
+    windows = sys.platform == "win32"
+    if windows and path.is_dir():
         return
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR if windows else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

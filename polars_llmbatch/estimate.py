@@ -11,7 +11,7 @@ import polars as pl
 
 from polars_llmbatch._json import dumps
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
-from polars_llmbatch.prices import Price, lookup_price, tiers_of
+from polars_llmbatch.prices import Price, lookup_price, model_hint, tiers_of
 from polars_llmbatch.providers import TokenRule
 from polars_llmbatch.requests import Prepared
 from polars_llmbatch.shards import Shard, plan
@@ -405,7 +405,8 @@ def estimate(
         out_expected = min(out_expected, float(out_worst))
     if not price.known:
         notes.append(
-            f"no price for {spec.provider} model {spec.model!r}: costs are unknown; pass "
+            f"no price for {spec.provider} model {spec.model!r} (unknown to genai-prices"
+            f"{model_hint(prov, spec.model)}): costs are unknown; pass "
             "prices={'input': ..., 'output': ...} (USD per 1M tokens)"
         )
     rows = prepared.rows.height

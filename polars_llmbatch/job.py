@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import html
 import json
@@ -385,10 +386,8 @@ class Job:
     def _refresh(self) -> None:
         if self._t is None or (self._thread is not None and self._thread.is_alive()):
             return
-        try:
+        with contextlib.suppress(LockedError):  # another runner holds it: it records the same
             self._engine().refresh()
-        except LockedError:
-            pass  # another runner holds the job: it records the same
 
     def result(self, *, usage: bool | None = None) -> Any:
         """The output frame: the input frame (when this object was made from one) or the row

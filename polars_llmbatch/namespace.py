@@ -11,7 +11,7 @@ import polars as pl
 from polars_llmbatch._checks import check_bool, check_checkpoint, check_positive_int, check_seconds
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.estimate import Estimate, check_fits, check_max_cost, estimate
-from polars_llmbatch.prices import check_override
+from polars_llmbatch.prices import check_model, check_override
 from polars_llmbatch.providers import Provider, get_provider
 from polars_llmbatch.requests import OnNull, Prepared, prepare
 from polars_llmbatch.shards import check_caps, check_target, plan, write_shards
@@ -297,6 +297,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"])
     check_override(args["prices"])
     check_max_cost(args["max_cost"])
+    check_model(prov, args["model"], task, args["prices"])
     check_checkpoint(args["checkpoint"])
     check_positive_int("max_attempts", args["max_attempts"])
     check_positive_int("concurrency", args["concurrency"])

@@ -18,7 +18,7 @@ import polars as pl
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.providers import Provider
 
-__all__ = ["Price", "cost_expr", "lookup_price"]
+__all__ = ["Price", "check_model", "cost_expr", "lookup_price", "model_hint"]
 
 _KEYS = ("input", "output", "batch_input", "batch_output")
 #: Every rate a price carries (USD per 1M tokens), sync then batch. A cache read or write
@@ -182,7 +182,7 @@ def lookup_price(
             None,
             None,
             None,
-            f"unknown {provider.name} model {model!r} in genai-prices",
+            f"unknown {provider.name} model {model!r} in genai-prices{model_hint(provider, model)}",
             today,
         )
     return found
@@ -266,3 +266,61 @@ def _mtok(price: Any, field: str, above: int = 0) -> float | None:
         if above >= tier.start:
             rate = tier.price
     return float(rate)
+
+
+def _catalogue(provider: Provider) -> list[str]:
+    try:
+        import genai_prices
+    except ImportError:  # pragma: no cover - a dependency
+        return []
+    snapshot = genai_prices.data_snapshot.get_snapshot()
+    for p in snapshot.providers:
+        if p.id == provider.prices_id:
+            return [m.id for m in p.models]
+    return []
+
+
+def model_hint(provider: Provider, model: str) -> str:
+    """``"; did you mean 'gpt-4o-mini'?"`` from the price catalogue's model names, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(model, _catalogue(provider), n=3, cutoff=0.75)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def check_model(
+    provider: Provider, model: str, task: str, prices: Mapping[str, float] | None = None
+) -> None:
+    """Refuse, before anything is sent, a model the price catalogue does not know (a typo,
+    most often: a fine-tuned or brand-new model is run by giving its ``prices=``), and a
+    model of the wrong kind (an embedding model asked to generate, or the reverse).
+
+    Example:
+        >>> from polars_llmbatch.providers import get_provider
+        >>> check_model(get_provider("openai"), "gpt-4o-mnii", "generate")
+        Traceback (most recent call last):
+        ...
+        polars_llmbatch.errors.LlmBatchError: unknown openai model 'gpt-4o-mnii' (not in genai-prices); did you mean 'gpt-4o-mini' ...
+    """
+    if not isinstance(model, str) or not model:
+        return  # the spec refuses it, with its own message
+    embedding = "embed" in model.lower()
+    if task == "generate" and embedding:
+        raise LlmBatchError(
+            f"{provider.name} model {model!r} is an embedding model; use df.llm.embed(...) "
+            "for embeddings, or a chat model for df.llm.batch(...)"
+        )
+    if task == "embed" and not embedding and prices is None:
+        raise LlmBatchError(
+            f"{provider.name} model {model!r} is not an embedding model; pick one such as "
+            "'text-embedding-3-small' (openai) or 'gemini-embedding-001' (gemini)"
+        )
+    if prices is None and _from_genai_prices(provider, model) is None:
+        raise LlmBatchError(
+            f"unknown {provider.name} model {model!r} (not in genai-prices)"
+            f"{model_hint(provider, model)} For a model the catalogue does not know "
+            "(fine-tuned, brand new), pass its prices: prices={'input': ..., 'output': ...} "
+            "(USD per 1M tokens)"
+        )

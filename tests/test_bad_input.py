@@ -110,3 +110,78 @@ def test_tiny_amounts_print_their_digits() -> None:
     assert _usd(0.0000001) == "$0.0000001"
     assert _usd(0.000123) == "$0.000123"
     assert _usd(0.5) == "$0.5" and _usd(12.345) == "$12.35" and _usd(0) == "$0"
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "hint"),
+    [
+        ("openai", "gpt-4o-mnii", "gpt-4o-mini"),
+        ("anthropic", "claude-haiku-45", "claude-haiku-4-5"),
+        ("gemini", "gemini-2.5-flsh", "gemini-2.5-flash"),
+    ],
+)
+def test_an_unknown_model_says_did_you_mean(emu, tmp_path: Path, provider, model, hint) -> None:
+    refused(
+        emu,
+        tmp_path,
+        f"unknown {provider} model '{model}'.*did you mean '{hint}'",
+        provider=provider,
+        model=model,
+    )
+    est = DF.llm.estimate("x {body}", provider=provider, model=model, max_output_tokens=5)
+    assert any(f"did you mean '{hint}'" in n for n in est.notes)
+
+
+def test_a_model_of_the_wrong_kind_is_refused(emu, tmp_path: Path) -> None:
+    refused(
+        emu, tmp_path, "is an embedding model; use df.llm.embed", model="text-embedding-3-small"
+    )
+    with pytest.raises(LlmBatchError, match="is not an embedding model"):
+        DF.llm.embed(
+            "body",
+            provider="openai",
+            model="gpt-4o-mini",
+            api_key="k",
+            base_url=emu.openai_url,
+            checkpoint=tmp_path / "e",
+            progress=False,
+        )
+    assert not (tmp_path / "e").exists()
+
+
+PRICES = {"input": 1.0, "output": 2.0}
+
+
+def test_the_emulator_refuses_an_unknown_model_like_the_real_apis(tmp_path: Path) -> None:
+    from polars_llmbatch.transport import ProviderError
+
+    # prices= lets an uncatalogued model through the library; the service then refuses it.
+    with serve(batch_seconds=0.05) as emu:
+        out = batch(DF, emu, tmp_path / "o", model="gpt-4o-mnii", prices=PRICES, output="a")
+        assert set(out["llm_status"]) == {"errored"}
+        assert "does not exist" in out["llm_error"][0]
+        with pytest.raises(ProviderError, match="HTTP 404.*does not exist"):
+            batch(
+                DF, emu, tmp_path / "s", model="gpt-4o-mnii", prices=PRICES, output="a", mode="sync"
+            )
+        with pytest.raises(ProviderError, match="HTTP 404.*not found"):
+            batch(
+                DF,
+                emu,
+                tmp_path / "g",
+                provider="gemini",
+                model="gemini-2.5-flsh",
+                prices=PRICES,
+                output="a",
+            )
+        out = batch(
+            DF,
+            emu,
+            tmp_path / "a",
+            provider="anthropic",
+            model="claude-haiku-45",
+            prices=PRICES,
+            output="a",
+        )
+        assert set(out["llm_status"]) == {"errored"} and "not found" in out["llm_error"][0]
+        assert emu.ledger.billed == []

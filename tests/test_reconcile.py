@@ -152,3 +152,25 @@ def test_a_torn_last_event_is_ignored(tmp_path: Path) -> None:
     assert rec.remote_id == "batch_1" and not rec.done
     ck.append("done", shard=0)  # the next run's events start on a line of their own
     assert ck.shards()[0].done
+
+
+def test_fsync_opens_files_writable_on_windows_and_skips_directories(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from polars_llmbatch import _fs
+
+    f = tmp_path / "a.parquet"
+    f.write_bytes(b"x")
+    opened: list[tuple[str, int]] = []
+    real = os.open
+    monkeypatch.setattr(
+        os, "open", lambda p, flags, *a: opened.append((str(p), flags)) or real(p, flags, *a)
+    )
+    monkeypatch.setattr(sys, "platform", "win32")
+    _fs.fsync(f)
+    _fs.fsync(tmp_path)
+    assert opened == [(str(f), os.O_RDWR)]  # os.fsync needs a writable handle there
+    monkeypatch.setattr(sys, "platform", "linux")
+    _fs.fsync(tmp_path)
+    assert opened[-1] == (str(tmp_path), os.O_RDONLY)

@@ -332,7 +332,10 @@ class AnthropicEmulator(BatchStore[_Batch]):
         params = request.json()
         if not isinstance(params, dict) or "max_tokens" not in params:
             return error(400, "invalid_request_error", "max_tokens: Field required")
-        message, inp, outp = respond(params, self.ctx.new_id, "standard", self.ctx.faults)
+        try:
+            message, inp, outp = respond(params, self.ctx.new_id, "standard", self.ctx.faults)
+        except ValueError as exc:
+            return error(404, "not_found_error", str(exc))
         self.ctx.ledger.bill("anthropic", None, "", inp, outp)
         return Response.json(message)
 
@@ -371,6 +374,9 @@ def respond(
     """The message for ``params`` with its whole input and its output tokens; with
     ``faults`` (:attr:`Faults.cache_read`, ``cache_write``) part of the input is reported as
     cache reads and writes, and ``input_tokens`` is the rest (as the real API reports it)."""
+    problem = model.model_problem("anthropic", str(params.get("model", "")), embed=False)
+    if problem is not None:
+        raise ValueError(f"model: {params.get('model')!r} not found ({problem})")
     _, user = _texts(params)
     schema = (((params.get("output_config") or {}).get("format")) or {}).get("schema")
     text, cut, out_tokens = model.answer(user, schema, params.get("max_tokens"))

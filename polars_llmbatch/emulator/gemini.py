@@ -220,6 +220,14 @@ class GeminiEmulator(BatchStore[_Batch]):
         sync_call = verb in ("generateContent", "embedContent")
         if sync_call and (limited := self._throttled("rate_limit_sync")) is not None:
             return limited
+        embeds = verb in ("embedContent", "batchEmbedContents", "asyncBatchEmbedContent")
+        problem = model.model_problem("gemini", model_name, embed=embeds)
+        if problem is not None:
+            return error(
+                404,
+                "NOT_FOUND",
+                f"models/{model_name} is not found, or is not supported for {verb}. ({problem})",
+            )
         if verb == "generateContent":
             resp, inp, outp = respond(model_name, body, self.ctx.faults)
             self.ctx.ledger.bill("gemini", None, "", inp, outp)

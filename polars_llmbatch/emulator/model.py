@@ -25,7 +25,14 @@ import orjson
 
 from polars_llmbatch.tokens.encodings import get_encoding
 
-__all__ = ["answer", "embedding", "embedding_dims", "enum_pick", "stable_int"]
+__all__ = [
+    "answer",
+    "embedding",
+    "embedding_dims",
+    "enum_pick",
+    "model_problem",
+    "stable_int",
+]
 
 _PREFIX = "Emulated answer to: "
 _DIMS = {
@@ -114,3 +121,42 @@ def embedding_base64(values: list[float]) -> str:
     import base64
 
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
+
+#: The emulator's model catalogue: the models the real services list (pydantic's
+#: genai-prices data, the public price lists), plus fine-tuned OpenAI models (``ft:...``).
+_CATALOGUE = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
+
+
+def model_problem(provider: str, model: str, embed: bool) -> str | None:
+    """Why the real service would refuse ``model`` (unknown, or the wrong kind for the call:
+    an embedding model asked to chat, a chat model asked to embed), or None.
+
+    Example:
+        >>> model_problem("openai", "gpt-4o-mnii", embed=False)
+        'The model `gpt-4o-mnii` does not exist or you do not have access to it.'
+        >>> model_problem("openai", "gpt-4o-mini", embed=True)
+        'The model `gpt-4o-mini` does not support embeddings.'
+    """
+    name = model.removeprefix("models/")
+    is_embedding = "embed" in name.lower()
+    known = name.startswith("ft:") or _listed(_CATALOGUE[provider], name)
+    if not known:
+        return f"The model `{name}` does not exist or you do not have access to it."
+    if embed and not is_embedding:
+        return f"The model `{name}` does not support embeddings."
+    if not embed and is_embedding:
+        return f"The model `{name}` is an embedding model and does not support generation."
+    return None
+
+
+def _listed(provider_id: str, model: str) -> bool:
+    import genai_prices
+
+    try:
+        genai_prices.data_snapshot.get_snapshot().find_provider_model(
+            model, None, provider_id, None
+        )
+    except LookupError:
+        return False
+    return True

@@ -331,6 +331,8 @@ class OpenAIEmulator(BatchStore[_Batch]):
         """The response, or the message of the 400 the real API would give a bad request."""
         try:
             return respond(endpoint, body, self.ctx.new_id, self.ctx.faults)
+        except ModelError as exc:
+            return str(exc)
         except Exception as exc:
             return f"Invalid request body: {exc!r}"
 
@@ -563,7 +565,10 @@ class OpenAIEmulator(BatchStore[_Batch]):
                     "invalid_request_error",
                     param="model",
                 )
-            resp, inp, outp = respond(endpoint, body, self.ctx.new_id, self.ctx.faults)
+            try:
+                resp, inp, outp = respond(endpoint, body, self.ctx.new_id, self.ctx.faults)
+            except ModelError as exc:
+                return error(404, str(exc), "invalid_request_error", code="model_not_found")
             self.ctx.ledger.bill(
                 "openai", None, request.headers.get("x-request-key", ""), inp, outp
             )
@@ -573,6 +578,10 @@ class OpenAIEmulator(BatchStore[_Batch]):
 
 
 _FAULT_MESSAGE = "Emulated invalid request (request_errors fault)."
+
+
+class ModelError(ValueError):
+    """The request names a model the service would refuse (see :func:`model.model_problem`)."""
 
 
 def _line(req_id: str, custom_id: str, status: int, request_id: str, body: Any) -> dict[str, Any]:
@@ -714,6 +723,9 @@ def respond(
     """The sync response body for ``body``, with its input and output tokens (``faults``:
     the share of input reported as a prompt-cache hit, :attr:`Faults.cache_read`)."""
     model_name = str(body.get("model", ""))
+    problem = model.model_problem("openai", model_name, embed=endpoint == "/v1/embeddings")
+    if problem is not None:
+        raise ModelError(problem)
     inp_tokens = input_tokens(endpoint, body)
     cached = int(inp_tokens * faults.cache_read) if faults is not None else 0
     if endpoint == "/v1/embeddings":

@@ -1,0 +1,179 @@
+"""What a job does between "submitted" and "done": wait=False sends and moves on in the
+background, status asks the provider (read-only), and sync mode honours timeouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+import polars_llmbatch
+from polars_llmbatch.emulator import serve
+from tests.helpers import StepClock, batch
+
+DF = pl.DataFrame({"body": [f"ticket {i}" for i in range(12)]})
+
+
+def test_wait_false_submits_and_the_job_moves_on_in_the_background(tmp_path: Path) -> None:
+    with serve(batch_seconds=10) as emu:
+        emu.ctx.clock = clock = StepClock()
+        job = batch(DF, emu, tmp_path / "j", output="answer", wait=False, max_shard_requests=4)
+        # Submitted when the call returns: three batches at the provider, nothing done yet.
+        assert len(emu.ledger.batches) == 3
+        assert job.status(refresh=False).state == "running at the provider"
+        assert "running at the provider" in repr(job)
+        clock.advance(60)  # the batches finish at the provider; nobody calls wait()
+        job._thread.join(timeout=60)  # the background runner polls, collects and ends
+        assert not job._thread.is_alive()
+        st = job.status(refresh=False)
+        assert st.done and st.state == "done" and st.rows["succeeded"] == 12
+    assert job.result()["answer"][0] == "Emulated answer to: Classify: ticket 0"
+
+
+def test_status_asks_the_provider_and_never_submits(tmp_path: Path) -> None:
+    with serve(batch_seconds=10) as emu:
+        emu.ctx.clock = clock = StepClock()
+        job = batch(DF, emu, tmp_path / "j", output="answer", wait=False)
+        job.close()  # the process that ran it is gone
+        clock.advance(60)
+        unkeyed = polars_llmbatch.Job.open(tmp_path / "j")
+        assert unkeyed.status().state == "running at the provider"  # no key: checkpoint only
+        keyed = polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url)
+        st = keyed.status()
+        assert st.done and st.rows["succeeded"] == 12
+        assert len(emu.ledger.batches) == 1  # status submitted nothing
+        assert polars_llmbatch.Job.open(tmp_path / "j").status().done  # recorded
+        out = polars_llmbatch.Job.open(tmp_path / "j").result()
+    assert set(out["llm_status"]) == {"succeeded"}
+
+
+def test_status_of_a_job_never_submitted_sends_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(polars_llmbatch.Job, "_start_background", lambda self: None)
+    with serve(batch_seconds=0.05) as emu:
+        batch(DF, emu, tmp_path / "j", output="answer", wait=False)
+        job = polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url)
+        st = job.status()
+        assert st.state == "not submitted" and not st.done
+        assert emu.ledger.batches == [] and emu.ledger.uploads == []
+
+
+def test_sync_mode_honours_a_timeout(tmp_path: Path, monkeypatch) -> None:
+    df = pl.DataFrame({"body": [f"question {i}" for i in range(2500)]})
+    with serve(batch_seconds=0.05) as emu, monkeypatch.context() as m:
+        m.setattr(polars_llmbatch.Job, "_start_background", lambda self: None)  # created only
+        batch(df, emu, tmp_path / "j", output="answer", mode="sync", wait=False)
+        m.undo()
+        job = polars_llmbatch.Job.open(
+            tmp_path / "j", api_key="k", base_url=emu.openai_url, progress=False
+        )
+        job.wait(timeout=0)  # nothing may be sent at a deadline already passed
+        assert len(emu.ledger.billed) == 0 and not job.status(refresh=False).done
+        job.wait()
+        assert len(emu.ledger.billed) == 2500  # each request paid once
+    assert set(job.result()["llm_status"]) == {"succeeded"}
+
+
+def test_a_sync_shard_stops_sending_at_the_deadline_and_resumes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    df = pl.DataFrame({"body": [f"question {i}" for i in range(300)]})
+    with serve(batch_seconds=0.05) as emu, monkeypatch.context() as m:
+        m.setattr(polars_llmbatch.Job, "_start_background", lambda self: None)  # created only
+        batch(df, emu, tmp_path / "j", output="answer", mode="sync", wait=False)
+        m.undo()
+        job = polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url)
+        engine = job._engine(progress=False)
+        (shard,) = job._ckpt.shards().values()
+        sent = []
+
+        def due() -> bool:  # the deadline passes after 50 answers
+            sent.append(1)
+            return len(sent) > 50
+
+        with job._ckpt.lock():
+            assert engine._run_sync(shard, due) is False  # the shard stays open
+        assert 40 <= len(emu.ledger.billed) <= 58  # in flight when the deadline came: kept
+        first = len(emu.ledger.billed)
+        job.wait()
+        assert len(emu.ledger.billed) == 300 and first < 300  # the rest sent, none twice
+    assert set(job.result()["llm_status"]) == {"succeeded"}
+
+
+def test_cli_no_wait_in_sync_mode_says_what_is_true(tmp_path: Path) -> None:
+    pl.DataFrame({"body": [f"q {i}" for i in range(30)]}).write_parquet(tmp_path / "t.parquet")
+    with serve(batch_seconds=0.05) as emu:
+        env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": emu.openai_url}
+        args = [sys.executable, "-m", "polars_llmbatch.cli"]
+        common = ["--prompt", "Q: {body}", "--provider", "openai", "--model", "gpt-4o-mini"]
+        common += ["--column", "answer", "--quiet", "--checkpoint", "ck"]
+        r = subprocess.run(
+            [*args, "run", "t.parquet", *common, "--mode", "sync", "--no-wait"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 4, r.stderr
+        assert "sync mode sends from this process" in r.stderr and "llmbatch resume" in r.stderr
+        r = subprocess.run(
+            [*args, "resume", "ck", "--quiet"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        assert len(emu.ledger.billed) == 30  # each request paid once
+        r = subprocess.run(
+            [*args, "status", "ck"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0 and "done" in r.stdout
+
+
+def test_cli_status_of_a_finished_batch_exits_0(tmp_path: Path) -> None:
+    pl.DataFrame({"body": [f"q {i}" for i in range(10)]}).write_parquet(tmp_path / "t.parquet")
+    with serve(batch_seconds=10) as emu:
+        emu.ctx.clock = clock = StepClock()
+        env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": emu.openai_url}
+        args = [sys.executable, "-m", "polars_llmbatch.cli"]
+        common = ["--prompt", "Q: {body}", "--provider", "openai", "--model", "gpt-4o-mini"]
+        common += ["--column", "answer", "--quiet", "--checkpoint", "ck"]
+        r = subprocess.run(
+            [*args, "run", "t.parquet", *common, "--no-wait"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 4 and "submitted" in r.stderr, r.stderr
+        r = subprocess.run(
+            [*args, "status", "ck"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 4 and "running at the provider" in r.stdout
+        clock.advance(60)  # long ago, the batch finished
+        r = subprocess.run(
+            [*args, "status", "ck"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
+        assert len(emu.ledger.batches) == 1
