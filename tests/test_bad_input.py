@@ -160,11 +160,11 @@ def test_the_emulator_refuses_an_unknown_model_like_the_real_apis(tmp_path: Path
         out = batch(DF, emu, tmp_path / "o", model="gpt-4o-mnii", prices=PRICES, output="a")
         assert set(out["llm_status"]) == {"errored"}
         assert "does not exist" in out["llm_error"][0]
-        with pytest.raises(ProviderError, match="HTTP 404.*does not exist"):
+        with pytest.raises(ProviderError, match=r"HTTP 404.*does not exist"):
             batch(
                 DF, emu, tmp_path / "s", model="gpt-4o-mnii", prices=PRICES, output="a", mode="sync"
             )
-        with pytest.raises(ProviderError, match="HTTP 404.*not found"):
+        with pytest.raises(ProviderError, match=r"HTTP 404.*not found"):
             batch(
                 DF,
                 emu,
