@@ -101,6 +101,7 @@ class Job:
         ...                        output=["billing", "bug"], wait=False, progress=False,
         ...                        checkpoint=tempfile.mkdtemp() + "/job", poll_interval=0.05,
         ...                        api_key="test", base_url=emu.openai_url)
+        ...     job.close()  # submitted; its process lets go, and another one takes over
         ...     again = polars_llmbatch.Job.open(job.path, api_key="test", base_url=emu.openai_url,
         ...                                      progress=False, poll_interval=0.05)
         ...     out = again.wait().result()

@@ -101,7 +101,7 @@ def test_output_columns_must_not_clash(emu, tmp_path: Path) -> None:
     ("kw", "message"),
     [
         ({"mode": "fast"}, "mode= must be"),
-        ({"max_attempts": 0}, "max_attempts must be a positive integer"),
+        ({"max_attempts": 0}, "max_attempts= must be a positive integer"),
         ({"tags": {"team": 1}}, "tags= must map strings to strings"),
         ({"max_shard_requests": 60_000}, "over the provider's limit"),
     ],

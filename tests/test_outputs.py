@@ -84,7 +84,7 @@ def test_pydantic_model() -> None:
 @pytest.mark.parametrize(
     ("bad", "match"),
     [
-        ([], "categories are empty"),
+        ([], "give at least two"),
         (["a", "a"], "unique; repeated: \\['a'\\]"),
         (["a", 3], "non-empty strings"),
         ({}, "mapping is empty"),

@@ -10,6 +10,7 @@ import pytest
 
 from polars_llmbatch.checkpoint import Checkpoint
 from polars_llmbatch.outputs import parse_output
+from polars_llmbatch.reconcile import CID as CID_COLUMN
 from polars_llmbatch.reconcile import INVALID, best_results, decode_outputs, join_rows
 from polars_llmbatch.results import RESULT_SCHEMA, finish_parse
 from polars_llmbatch.spec import RequestSpec
@@ -174,3 +175,40 @@ def test_fsync_opens_files_writable_on_windows_and_skips_directories(tmp_path, m
     monkeypatch.setattr(sys, "platform", "linux")
     _fs.fsync(tmp_path)
     assert opened[-1] == (str(tmp_path), os.O_RDONLY)
+
+
+def test_every_answer_is_checked_against_the_schema_sent() -> None:
+    pydantic = pytest.importorskip("pydantic")
+
+    class Score(pydantic.BaseModel):
+        score: int = pydantic.Field(ge=1, le=5)
+
+    out = {
+        "tags": pl.List(pl.Enum(["a", "b"])),
+        "customer": pl.Struct({"name": pl.String, "vip": pl.Boolean}),
+        "count": pl.Int64,
+    }
+    good = '{"tags": ["a"], "customer": {"name": "x", "vip": true}, "count": 7}'
+    got = decode_outputs(
+        results(
+            [
+                ("ok", "succeeded", good),
+                ("enum", "succeeded", good.replace('["a"]', '["a", "zzz"]')),
+                ("nested", "succeeded", good.replace(', "vip": true', "")),
+                ("float", "succeeded", good.replace('"count": 7', '"count": 7.5')),
+            ]
+        ),
+        spec(out),
+    )
+    reasons = dict(zip(got[CID_COLUMN], got[INVALID], strict=True))
+    assert reasons["ok"] is None and got["count"][0] == 7
+    assert "zzz" in reasons["enum"] and "not one of" in reasons["enum"]
+    assert 'at customer: "vip" is a required property' in reasons["nested"]
+    assert "7.5 is not of type" in reasons["float"]
+    assert got["count"][3] is None  # never silently truncated to 7
+    scored = decode_outputs(
+        results([("in", "succeeded", '{"score": 4}'), ("out", "succeeded", '{"score": 9}')]),
+        spec(Score),
+    )
+    assert scored[INVALID].to_list()[0] is None
+    assert "9 is greater than the maximum of 5" in scored[INVALID][1]

@@ -20,7 +20,7 @@ def test_columns_and_literal_braces() -> None:
 
 def test_template_without_columns_and_empty() -> None:
     df = pl.DataFrame({"x": ["a", "b"]})
-    assert render(df, "constant") == ["constant", "constant"]
+    assert render(df, "a constant") == ["a constant", "a constant"]
     assert render(df, "{{}}") == ["{}", "{}"]
 
 

@@ -550,6 +550,9 @@ class OpenAIEmulator(BatchStore[_Batch]):
                 "total_tokens": usage["input_tokens"] + usage["output_tokens"],
             }
             b.final = o
+            # Frozen: what it was made from is not needed again (a long dry run keeps only
+            # the result files, as the real service does).
+            b.responses, b.failing, b.lines, b.data = [], [], [], b""
             return o
 
     # sync ---------------------------------------------------------------------------------
@@ -735,12 +738,12 @@ def respond(
         b64 = body.get("encoding_format") == "base64"
         data = []
         for i, t in enumerate(texts):
-            vec = model.embedding(str(t), dims)
+            vec = model.embedding_array(str(t), dims)
             data.append(
                 {
                     "object": "embedding",
                     "index": i,
-                    "embedding": model.embedding_base64(vec) if b64 else vec,
+                    "embedding": model.embedding_base64(vec) if b64 else vec.to_pylist(),
                 }
             )
         usage = {"prompt_tokens": inp_tokens, "total_tokens": inp_tokens}
