@@ -386,6 +386,11 @@ def _job_command(args: argparse.Namespace) -> int:
     job = Job.open(
         args.checkpoint, progress=not quiet, poll_interval=getattr(args, "poll_interval", 5.0)
     )
+    with job:
+        return _on_job(job, args)
+
+
+def _on_job(job: Any, args: argparse.Namespace) -> int:
     if args.command == "status":
         st = job.status()  # asks the live batches once (read-only) and records it
         print(repr(job))

@@ -135,6 +135,7 @@ class Engine:
         self.sleep = sleep
         self._states: dict[int, RemoteState] = {}
         self._ambiguous = False
+        self._canceled_at = (-1.0, False)  # (when last read, canceled then)
 
     # the loop ------------------------------------------------------------------------------
     def run(
@@ -154,8 +155,10 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def due() -> bool:
-            return (deadline is not None and time.monotonic() >= deadline) or (
-                stop is not None and stop.is_set()
+            return (
+                (deadline is not None and time.monotonic() >= deadline)
+                or (stop is not None and stop.is_set())
+                or self._canceled_lately()
             )
 
         interval = self.settings.poll_interval
@@ -391,6 +394,15 @@ class Engine:
 
     def canceled(self) -> bool:
         return any(e.get("event") == "canceled" for e in self.ckpt.events())
+
+    def _canceled_lately(self) -> bool:
+        """:meth:`canceled`, read again at most every 0.2 s: asked before every sync request,
+        so a cancel from another process stops the sending too, without reading the event
+        log a thousand times a second."""
+        now = time.monotonic()
+        if now - self._canceled_at[0] >= 0.2:
+            self._canceled_at = (now, self.canceled())
+        return self._canceled_at[1]
 
     def _cancel_remote(self, index: int, remote_id: str) -> int:
         try:

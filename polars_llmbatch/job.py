@@ -14,6 +14,7 @@ import sys
 import threading
 import weakref
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -491,123 +492,105 @@ def start(
     # Creation holds the job folder's lock (waiting for another creator): two processes
     # starting the same call make one job, and the second reattaches to it.
     place = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, "batch")
+    with _creating(place):
+        modes = ("batch", "sync") if mode == "auto" else (mode,)
+        places = (
+            [Path(checkpoint)]
+            if checkpoint is not None
+            else [root / _dirname(prepared, m) for m in modes]
+        )
+        for candidate in places:  # reattach: the same call finds its job again
+            found = Checkpoint(candidate)
+            if found.exists():
+                _check_same(found, prepared, found.job()["mode"] if mode == "auto" else mode)
+                return found, None
+        cache = _cached(
+            prepared,
+            root,
+            exclude=Path(checkpoint) if checkpoint else None,
+            base_url=transport.base_url,
+        )
+        todo = _subset(prepared, cache["custom_id"]) if cache.height else prepared
+        # A budget is a promise: every request is counted, so the worst case is a bound.
+        planned = estimate(todo, **{"exact": max_cost is not None, **estimate_args})
+        est = planned.estimate
+        if mode == "auto":
+            mode = choose_mode(est, max_cost)
+            log.info(
+                "mode='auto' runs this job in %s mode (%d requests)", mode, todo.requests.height
+            )
+        path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
+        ckpt = Checkpoint(path)
+        est.check_budget(max_cost, mode)
+        if path.exists() and any(path.iterdir()) and not ckpt.unfinished():
+            raise LlmBatchError(
+                f"checkpoint={str(path)!r} is a folder with other files in it; name a new or empty "
+                "folder (a checkpoint holds one job)"
+            )
+        ckpt.check_writable()
+        price = est.price
+        job = {
+            "job_id": prepared.job_id,
+            # Batches are tagged with the job id and this checkpoint's own nonce: two checkpoints
+            # of the same call never take each other's batches for their own after a crash.
+            "tag_id": f"{prepared.job_id}-{secrets.token_hex(4)}",
+            "base_url": transport.base_url,
+            "spec": prepared.spec.to_dict(),
+            "spec_digest": prepared.spec.digest(),
+            "output_dtypes": prepared.spec.output.dtypes_blob() if prepared.spec.output else None,
+            "output_name": output_name,
+            "prompt": prepared.prompt,
+            "endpoint": prepared.provider.endpoint(prepared.spec),
+            "key": prepared.key,
+            "mode": mode,
+            "tags": dict(tags or {}),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "rows": prepared.rows.height,
+            "requests": prepared.requests.height,
+            "cached": cache.height,
+            "max_attempts": settings.max_attempts,
+            "max_cost": max_cost,
+            "max_shard_requests": settings.max_shard_requests,
+            "max_shard_bytes": settings.max_shard_bytes,
+            "price": price.to_dict(),
+            "estimate": est.to_dict(),
+        }
+        # Data, cached results and the first round's shards first, job.json last: a folder
+        # without job.json was interrupted before anything was sent, and is started afresh.
+        # Each request's worst-case input tokens go with it: retries are budgeted on them.
+        worst = todo.requests.select("custom_id", planned.worst_tokens.alias("worst_input_tokens"))
+        requests = prepared.requests.select("custom_id", "body", "row").join(
+            worst, on="custom_id", how="left", maintain_order="left"
+        )
+        ckpt.begin(prepared.rows, requests)
+        if cache.height:
+            ckpt.write_parquet(ckpt.cached_file, cache)
+        plan_round(
+            ckpt,
+            todo,
+            attempt=1,
+            first_index=0,
+            job_id=job["tag_id"],
+            mode=mode,
+            max_requests=settings.max_shard_requests,
+            max_bytes=settings.max_shard_bytes,
+        )
+        ckpt.commit(job)
+        return ckpt, est
+
+
+@contextlib.contextmanager
+def _creating(place: Path) -> Iterator[None]:
+    """Hold ``place``'s lock, waiting for another creator; a folder this made and left with
+    nothing but the lock (a start refused over budget, say) is removed again."""
     made = not place.exists()
     try:
         Checkpoint(place.parent).check_writable()
         with Checkpoint(place).lock(blocking=True):
-            return _start(
-                prepared,
-                root=root,
-                checkpoint=checkpoint,
-                mode=mode,
-                settings=settings,
-                transport=transport,
-                tags=tags,
-                estimate_args=estimate_args,
-                max_cost=max_cost,
-                output_name=output_name,
-            )
+            yield
     finally:
-        # Refused before anything was written (over budget, say): leave no empty folder.
         if made and place.is_dir() and {p.name for p in place.iterdir()} <= {".lock"}:
             shutil.rmtree(place, ignore_errors=True)
-
-
-def _start(
-    prepared: Prepared,
-    *,
-    root: Path,
-    checkpoint: str | Path | None,
-    mode: str,
-    settings: Settings,
-    transport: Transport,
-    tags: dict[str, str] | None,
-    estimate_args: dict[str, Any],
-    max_cost: float | None,
-    output_name: str | None,
-) -> tuple[Checkpoint, Estimate | None]:
-    modes = ("batch", "sync") if mode == "auto" else (mode,)
-    places = (
-        [Path(checkpoint)]
-        if checkpoint is not None
-        else [root / _dirname(prepared, m) for m in modes]
-    )
-    for place in places:  # reattach: the same call finds its job again
-        found = Checkpoint(place)
-        if found.exists():
-            _check_same(found, prepared, found.job()["mode"] if mode == "auto" else mode)
-            return found, None
-    cache = _cached(
-        prepared,
-        root,
-        exclude=Path(checkpoint) if checkpoint else None,
-        base_url=transport.base_url,
-    )
-    todo = _subset(prepared, cache["custom_id"]) if cache.height else prepared
-    # A budget is a promise: every request is counted, so the worst case is a bound.
-    planned = estimate(todo, **{"exact": max_cost is not None, **estimate_args})
-    est = planned.estimate
-    if mode == "auto":
-        mode = choose_mode(est, max_cost)
-        log.info("mode='auto' runs this job in %s mode (%d requests)", mode, todo.requests.height)
-    path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
-    ckpt = Checkpoint(path)
-    est.check_budget(max_cost, mode)
-    if path.exists() and any(path.iterdir()) and not ckpt.unfinished():
-        raise LlmBatchError(
-            f"checkpoint={str(path)!r} is a folder with other files in it; name a new or empty "
-            "folder (a checkpoint holds one job)"
-        )
-    ckpt.check_writable()
-    price = est.price
-    job = {
-        "job_id": prepared.job_id,
-        # Batches are tagged with the job id and this checkpoint's own nonce: two checkpoints
-        # of the same call never take each other's batches for their own after a crash.
-        "tag_id": f"{prepared.job_id}-{secrets.token_hex(4)}",
-        "base_url": transport.base_url,
-        "spec": prepared.spec.to_dict(),
-        "spec_digest": prepared.spec.digest(),
-        "output_dtypes": prepared.spec.output.dtypes_blob() if prepared.spec.output else None,
-        "output_name": output_name,
-        "prompt": prepared.prompt,
-        "endpoint": prepared.provider.endpoint(prepared.spec),
-        "key": prepared.key,
-        "mode": mode,
-        "tags": dict(tags or {}),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "rows": prepared.rows.height,
-        "requests": prepared.requests.height,
-        "cached": cache.height,
-        "max_attempts": settings.max_attempts,
-        "max_cost": max_cost,
-        "max_shard_requests": settings.max_shard_requests,
-        "max_shard_bytes": settings.max_shard_bytes,
-        "price": price.to_dict(),
-        "estimate": est.to_dict(),
-    }
-    # Data, cached results and the first round's shards first, job.json last: a folder
-    # without job.json was interrupted before anything was sent, and is started afresh.
-    # Each request's worst-case input tokens go with it: retries are budgeted on them.
-    worst = todo.requests.select("custom_id", planned.worst_tokens.alias("worst_input_tokens"))
-    requests = prepared.requests.select("custom_id", "body", "row").join(
-        worst, on="custom_id", how="left", maintain_order="left"
-    )
-    ckpt.begin(prepared.rows, requests)
-    if cache.height:
-        ckpt.write_parquet(ckpt.cached_file, cache)
-    plan_round(
-        ckpt,
-        todo,
-        attempt=1,
-        first_index=0,
-        job_id=job["tag_id"],
-        mode=mode,
-        max_requests=settings.max_shard_requests,
-        max_bytes=settings.max_shard_bytes,
-    )
-    ckpt.commit(job)
-    return ckpt, est
 
 
 def choose_mode(est: Estimate, max_cost: float | None) -> str:

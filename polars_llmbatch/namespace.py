@@ -304,6 +304,8 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     check_seconds("poll_interval", args["poll_interval"])
     for flag in ("wait", "usage", "progress"):
         check_bool(flag, args[flag])
+    if task == "embed" and not (isinstance(args.get("name"), str) and args["name"]):
+        raise LlmBatchError(f"name= must be a non-empty column name, got {args.get('name')!r}")
     if args["mode"] not in ("batch", "sync", "auto"):
         raise LlmBatchError(f"mode= must be 'batch', 'sync' or 'auto', not {args['mode']!r}")
     max_attempts = args["max_attempts"]

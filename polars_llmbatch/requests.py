@@ -121,6 +121,13 @@ def build_spec(
     prov = get_provider(provider)
     if not isinstance(model, str) or not model:
         raise LlmBatchError("model= must be a model name, e.g. model='gpt-4o-mini'")
+    if extra_body is not None and not (
+        isinstance(extra_body, dict) and all(isinstance(k, str) for k in extra_body)
+    ):
+        raise LlmBatchError(
+            f"extra_body= must be a dict of body fields, e.g. {{'service_tier': 'flex'}}; got "
+            f"{type(extra_body).__name__}"
+        )
     if task not in ("generate", "embed"):
         raise LlmBatchError(f"task= must be 'generate' or 'embed', not {task!r}")
     if task == "embed" and output is not None:
@@ -199,6 +206,8 @@ def prepare(
         raise LlmBatchError(f"on_null= must be 'skip', 'empty' or 'error', not {on_null!r}")
     lazy = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
     schema = lazy.collect_schema()
+    if id is not None and not isinstance(id, str):
+        raise LlmBatchError(f"id= must be a column name, got {type(id).__name__}")
     if id is not None and id not in schema:
         raise LlmBatchError(
             f"id= names column {id!r}, which the frame does not have; the columns are "

@@ -94,7 +94,11 @@ def test_sync_messages_and_both_auth_headers(emu: Emulator) -> None:
     r = httpx.post(
         f"{emu.anthropic_url}/v1/messages",
         headers={"x-api-key": "k"},
-        json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+        json={
+            "model": "claude-haiku-4-5",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "x"}],
+        },
     )
     assert r.status_code == 200
     r = httpx.get(f"{emu.anthropic_url}/v1/messages/batches")

@@ -61,11 +61,12 @@ def test_find_by_tag_after_a_crash() -> None:
         rid = remote.submit(
             t, data, endpoint="/v1/chat/completions", tag=tag, filename="00000.jsonl"
         )
-        for i in range(150):  # other batches, so that the search has to page
+        for i in range(25):  # other batches, so that the search has to page (3 pages of 10)
             remote.submit(
                 t, data, endpoint="/v1/chat/completions", tag=f"other-{i}", filename="x.jsonl"
             )
-        assert remote.find(t, tag) == rid
+        assert remote.find(t, tag, page_size=10) == rid
+        assert remote.find(t, "nowhere", page_size=10) is None
         st = remote.cancel(t, rid)
         assert st.status == "cancelling" and st.phase == "finalizing"
 

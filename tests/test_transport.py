@@ -85,7 +85,7 @@ def test_connection_errors_and_cut_downloads_are_retried() -> None:
         f = c.files.create(
             file=(
                 "s.jsonl",
-                b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user","content":"hi"}]}}\n',
+                b'{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}}\n',
             ),
             purpose="batch",
         )

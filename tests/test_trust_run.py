@@ -56,7 +56,7 @@ def test_jobs_close_their_connections(tmp_path: Path) -> None:
         before = fds()
         with warnings.catch_warnings():
             warnings.simplefilter("error", ResourceWarning)
-            for i in range(30):
+            for i in range(12):  # each used to leave two sockets open
                 batch(df, emu, tmp_path / f"j{i}", output="answer")
             with polars_llmbatch.Job.open(
                 tmp_path / "j0", api_key="k", base_url=emu.openai_url
@@ -139,3 +139,19 @@ def test_results_stay_readable_when_the_checkpoint_moves_to_a_quoted_path(
     (tmp_path / "j").rename(moved)
     out = polars_llmbatch.Job.open(moved).result()
     assert out["llm_status"].to_list() == ["succeeded"]
+
+
+def test_a_cancel_from_another_process_stops_sync_sending(tmp_path: Path) -> None:
+    df = pl.DataFrame({"body": [f"question {i}" for i in range(5000)]})
+    with serve(batch_seconds=0.05) as emu:
+        job = batch(df, emu, tmp_path / "j", output="answer", mode="sync", wait=False)
+        polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url).cancel(
+            wait=False
+        )
+        job.wait()
+        out = job.result()
+        sent = len(emu.ledger.billed)
+    counts = out["llm_status"].value_counts().to_dict(as_series=False)
+    by = dict(zip(counts["llm_status"], counts["count"], strict=True))
+    assert by.get("canceled", 0) > 0 and set(by) <= {"succeeded", "canceled"}
+    assert by.get("succeeded", 0) == sent < 5000  # what was sent is kept, nothing more went

@@ -49,15 +49,20 @@ def submit(t: Transport, data: bytes, *, endpoint: str, tag: str, filename: str)
 
 
 def find(
-    t: Transport, tag: str, *, since: float | None = None, max_pages: int = 1_000
+    t: Transport,
+    tag: str,
+    *,
+    since: float | None = None,
+    max_pages: int = 1_000,
+    page_size: int = 100,
 ) -> str | None:
     """The newest batch created with ``tag``, or ``None``. Pages through the batches newest
     first, down to those created before ``since`` (a Unix time: the intent's, so the search
     covers every batch the crashed create could have made however busy the account is), or
-    ``max_pages`` × 100 batches."""
+    ``max_pages`` × ``page_size`` batches (100: the API's largest page)."""
     after: str | None = None
     for _ in range(max_pages):
-        params: dict[str, Any] = {"limit": 100}
+        params: dict[str, Any] = {"limit": page_size}
         if after:
             params["after"] = after
         page = t.request("GET", "/batches", params=params).json()
