@@ -155,11 +155,12 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def due() -> bool:
-            return (
-                (deadline is not None and time.monotonic() >= deadline)
-                or (stop is not None and stop.is_set())
-                or self._canceled_lately()
+            return (deadline is not None and time.monotonic() >= deadline) or (
+                stop is not None and stop.is_set()
             )
+
+        def stop_sending() -> bool:  # sync mode: also a cancel from another process
+            return due() or self._canceled_lately()
 
         interval = self.settings.poll_interval
         progress = Progress(self.ckpt, enabled=self.settings.progress)
@@ -180,7 +181,7 @@ class Engine:
                     canceled = not s.submitted and self.canceled()
                     if s.mode == "sync":
                         if not due():
-                            moved |= self._run_sync(s, due)
+                            moved |= self._run_sync(s, stop_sending)
                     elif canceled:
                         moved |= self._cancel_unsent(s)
                     elif not s.submitted:

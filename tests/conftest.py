@@ -26,6 +26,13 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs without ``checkpoint=`` live in a cache folder of the test's own (subprocesses
+    inherit it), never in the user's cache or another test's."""
+    monkeypatch.setenv("POLARS_LLMBATCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(autouse=True)
 def instant_backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The transport's retry backoff, recorded instead of waited (tests that check the delays
     inject their own ``sleep``)."""
