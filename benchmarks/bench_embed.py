@@ -29,9 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_emulator import start_emulator
-
 import polars as pl
+from bench_emulator import start_emulator
 
 import polars_llmbatch  # noqa: F401
 from polars_llmbatch.emulator import model
@@ -78,8 +77,10 @@ def main() -> None:
 
     proc, url = start_emulator(1.0)
     try:
-        df = pl.DataFrame({"body": [f"ticket {i}: {'refund' * (i % 3)} app crash" for i in range(args.rows)]})
-        cpu0, rss0 = proc_stat(proc.pid)
+        df = pl.DataFrame(
+            {"body": [f"ticket {i}: {'refund' * (i % 3)} app crash" for i in range(args.rows)]}
+        )
+        _, rss0 = proc_stat(proc.pid)
         print(f"\nemulator RSS at start {rss0:,.0f} MB")
         for k in range(2):
             me0 = resource.getrusage(resource.RUSAGE_SELF)

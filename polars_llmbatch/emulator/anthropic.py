@@ -323,6 +323,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 results_url=f"{self.ctx.base_url}{PREFIX}/messages/batches/{b.id}/results",
             )
             b.final = o
+            b.requests = []  # frozen: only the results file is read from now on
             return o
 
     # sync ---------------------------------------------------------------------------------

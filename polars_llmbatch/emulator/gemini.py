@@ -479,6 +479,7 @@ class GeminiEmulator(BatchStore[_Batch]):
                 meta["output"] = output
                 op["response"] = {"@type": _TYPE + out_type, **output}
             b.final = op
+            b.entries = []  # frozen: what it was made from is not needed again
 
     @staticmethod
     def _answer(b: _Batch, req: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
