@@ -155,3 +155,46 @@ def test_a_cancel_from_another_process_stops_sync_sending(tmp_path: Path) -> Non
     by = dict(zip(counts["llm_status"], counts["count"], strict=True))
     assert by.get("canceled", 0) > 0 and set(by) <= {"succeeded", "canceled"}
     assert by.get("succeeded", 0) == sent < 5000  # what was sent is kept, nothing more went
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+def test_finished_emulator_batches_keep_only_their_results(tmp_path: Path, provider) -> None:
+    df = pl.DataFrame({"body": [f"ticket {i}" for i in range(50)]})
+    with serve(batch_seconds=0.05) as emu:
+        out = batch(df, emu, tmp_path / "j", provider=provider, output="answer")
+        store = {"openai": emu.openai, "anthropic": emu.anthropic, "gemini": emu.gemini}[provider]
+        (b,) = store.batches.values()
+        assert b.final is not None
+        inputs = {
+            "openai": lambda: (b.data, b.lines, b.responses),
+            "anthropic": lambda: (b.requests,),
+            "gemini": lambda: (b.entries,),
+        }[provider]()
+        assert not any(inputs)  # what the batch was made from is freed
+        again = polars_llmbatch.Job.open(tmp_path / "j").result()  # still readable
+    assert set(out["llm_status"]) == set(again["llm_status"]) == {"succeeded"}
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+@pytest.mark.parametrize("status", [429, 500, 502, 503, 504, 529])
+def test_every_provider_retries_the_same_transient_statuses(provider: str, status: int) -> None:
+    import json as _json
+
+    from polars_llmbatch.providers import get_provider
+    from polars_llmbatch.spec import RequestSpec
+
+    prov = get_provider(provider)
+    spec = RequestSpec(provider, "m", options={"max_output_tokens": 5})
+    line = prov.sync_line("cid", status, _json.dumps({"error": {"message": "busy"}}).encode())
+    path = tmp_line(line)
+    (row,) = prov.parse([path], spec).iter_rows(named=True)
+    assert row["status"] == "errored" and row["retryable"], (provider, status, row)
+    assert status in prov.retryable_http
+
+
+def tmp_line(line: bytes) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "r.jsonl"
+    path.write_bytes(line + b"\n")
+    return path
