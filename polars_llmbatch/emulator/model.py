@@ -15,6 +15,7 @@ predicts for OpenAI.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -145,6 +146,7 @@ def embedding_base64(values: Any) -> str:
 _CATALOGUE = {"openai": "openai", "anthropic": "anthropic", "gemini": "google"}
 
 
+@functools.lru_cache(maxsize=1024)  # asked once per request: a catalogue lookup is 30 µs
 def model_problem(provider: str, model: str, embed: bool) -> str | None:
     """Why the real service would refuse ``model`` (unknown, or the wrong kind for the call:
     an embedding model asked to chat, a chat model asked to embed), or None.
