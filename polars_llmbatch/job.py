@@ -184,7 +184,7 @@ class Job:
         """Stop any background runner of this object and close the connections it opened
         (also done when it is garbage collected). The job itself is untouched: reopen it any
         time with :meth:`open`."""
-        self._stop_background()
+        self._stop_background(raise_error=False)  # an error waits for wait() to raise it
         if self._t is not None:
             self._t.close()
 
@@ -296,14 +296,16 @@ class Job:
         self._thread = threading.Thread(target=run, name=f"llmbatch-{self.id}", daemon=True)
         self._thread.start()
 
-    def _stop_background(self) -> None:
-        """Stop the background runner after its current step (the job stays resumable)."""
+    def _stop_background(self, *, raise_error: bool = True) -> None:
+        """Stop the background runner after its current step (the job stays resumable), and
+        raise what made it stop, if anything did."""
         if self._thread is not None:
             assert self._stop is not None
             self._stop.set()
             self._thread.join()
             self._thread = None
-        self._raise_background_error()
+        if raise_error:
+            self._raise_background_error()
 
     def _raise_background_error(self) -> None:
         if self._error is not None:

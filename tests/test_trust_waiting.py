@@ -177,3 +177,20 @@ def test_cli_status_of_a_finished_batch_exits_0(tmp_path: Path) -> None:
         )
         assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
         assert len(emu.ledger.batches) == 1
+
+
+def test_an_error_in_the_background_is_raised_by_wait(tmp_path: Path) -> None:
+    from polars_llmbatch.transport import ProviderError
+
+    with serve(batch_seconds=60) as emu:
+        job = batch(DF, emu, tmp_path / "j", output="answer", wait=False)
+    # The provider is gone: the background runner's polls fail past their retries.
+    job._thread.join(timeout=60)
+    assert not job._thread.is_alive()
+    try:
+        job.wait()
+    except ProviderError as exc:
+        assert "connection failed" in str(exc)
+    else:
+        raise AssertionError("wait() should raise what stopped the background runner")
+    job.close()  # closing never raises
