@@ -102,41 +102,33 @@ def test_a_sync_shard_stops_sending_at_the_deadline_and_resumes(
     assert set(job.result()["llm_status"]) == {"succeeded"}
 
 
+def cli(emu, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``llmbatch ARGS`` as a subprocess, keyed and pointed at the emulator's OpenAI API."""
+    env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": emu.openai_url}
+    return subprocess.run(
+        [sys.executable, "-m", "polars_llmbatch.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+RUN = ["run", "t.parquet", "--prompt", "Q: {body}", "--provider", "openai"]
+RUN += ["--model", "gpt-4o-mini", "--column", "answer", "--quiet", "--checkpoint", "ck"]
+
+
 def test_cli_no_wait_in_sync_mode_says_what_is_true(tmp_path: Path) -> None:
     pl.DataFrame({"body": [f"q {i}" for i in range(30)]}).write_parquet(tmp_path / "t.parquet")
     with serve(batch_seconds=0.05) as emu:
-        env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": emu.openai_url}
-        args = [sys.executable, "-m", "polars_llmbatch.cli"]
-        common = ["--prompt", "Q: {body}", "--provider", "openai", "--model", "gpt-4o-mini"]
-        common += ["--column", "answer", "--quiet", "--checkpoint", "ck"]
-        r = subprocess.run(
-            [*args, "run", "t.parquet", *common, "--mode", "sync", "--no-wait"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = cli(emu, tmp_path, *RUN, "--mode", "sync", "--no-wait")
         assert r.returncode == 4, r.stderr
         assert "sync mode sends from this process" in r.stderr and "llmbatch resume" in r.stderr
-        r = subprocess.run(
-            [*args, "resume", "ck", "--quiet"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = cli(emu, tmp_path, "resume", "ck", "--quiet")
         assert r.returncode == 0, r.stderr
         assert len(emu.ledger.billed) == 30  # each request paid once
-        r = subprocess.run(
-            [*args, "status", "ck"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = cli(emu, tmp_path, "status", "ck")
         assert r.returncode == 0 and "done" in r.stdout
 
 
@@ -144,37 +136,12 @@ def test_cli_status_of_a_finished_batch_exits_0(tmp_path: Path) -> None:
     pl.DataFrame({"body": [f"q {i}" for i in range(10)]}).write_parquet(tmp_path / "t.parquet")
     with serve(batch_seconds=10) as emu:
         emu.ctx.clock = clock = StepClock()
-        env = {**os.environ, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": emu.openai_url}
-        args = [sys.executable, "-m", "polars_llmbatch.cli"]
-        common = ["--prompt", "Q: {body}", "--provider", "openai", "--model", "gpt-4o-mini"]
-        common += ["--column", "answer", "--quiet", "--checkpoint", "ck"]
-        r = subprocess.run(
-            [*args, "run", "t.parquet", *common, "--no-wait"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = cli(emu, tmp_path, *RUN, "--no-wait")
         assert r.returncode == 4 and "submitted" in r.stderr, r.stderr
-        r = subprocess.run(
-            [*args, "status", "ck"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = cli(emu, tmp_path, "status", "ck")
         assert r.returncode == 4 and "running at the provider" in r.stdout
         clock.advance(60)  # long ago, the batch finished
-        r = subprocess.run(
-            [*args, "status", "ck"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = cli(emu, tmp_path, "status", "ck")
         assert r.returncode == 0 and "done" in r.stdout, r.stdout + r.stderr
         assert len(emu.ledger.batches) == 1
 
