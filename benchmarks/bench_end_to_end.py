@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     timed(OpenAI, "fetch", "download")
     timed(OpenAI, "parse", "parse")
     timed(Engine, "_write_results", "results parquet")
-    timed(job, "join_rows", "join back onto the rows")
+    timed(job, "request_outputs", "decode + validate the answers")
+    timed(job, "finish_rows", "join back onto the rows")
     proc, url = start_emulator(args.speed)
     try:
         df = tickets(args.rows)
