@@ -193,3 +193,23 @@ def test_anthropic_cache_reads_and_writes_are_priced_at_their_batch_rates(tmp_pa
     # At sync rates the same tokens cost twice as much: the savings are exactly half.
     assert root_spend["cost_at_sync"][0] == pytest.approx(2 * total)
     assert math.isfinite(root_spend["savings"][0])
+
+
+def test_gemini_cache_hits_in_a_batch_are_priced_at_the_sync_cached_rate(tmp_path: Path) -> None:
+    df = pl.DataFrame({"body": [f"long ticket {i} " * 30 for i in range(4)]})
+    with serve(batch_seconds=0.05, faults=Faults(cache_read=0.5)) as emu:
+        out = batch(df, emu, tmp_path / "j", provider="gemini", output="answer", usage=True)
+    total = 0.0
+    for f in sorted((tmp_path / "j" / "raw").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            u = json.loads(line)["response"]["usageMetadata"]
+            cached = u["cachedContentTokenCount"]
+            assert cached > 0
+            # gemini-2.5-flash: batch input 0.15 and output 1.25; a cache hit in a batch is
+            # billed at the non-batch cached rate, 0.03 (promptTokenCount includes it).
+            total += (
+                (u["promptTokenCount"] - cached) * 0.15
+                + cached * 0.03
+                + u.get("candidatesTokenCount", 0) * 1.25
+            ) / 1e6
+    assert out["llm_cost"].sum() == pytest.approx(total)
