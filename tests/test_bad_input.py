@@ -185,3 +185,15 @@ def test_the_emulator_refuses_an_unknown_model_like_the_real_apis(tmp_path: Path
         )
         assert set(out["llm_status"]) == {"errored"} and "not found" in out["llm_error"][0]
         assert emu.ledger.billed == []
+
+
+def test_a_wait_timeout_that_is_no_duration_is_refused(emu, tmp_path: Path) -> None:
+    import polars_llmbatch
+
+    batch(DF, emu, tmp_path / "j", output="answer")
+    job = polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url)
+    for bad in (float("nan"), -1, "soon"):
+        with pytest.raises(LlmBatchError, match="timeout= must be a finite number of seconds"):
+            job.wait(timeout=bad)
+    with pytest.raises(LlmBatchError, match="poll_interval= must be"):
+        polars_llmbatch.Job.open(tmp_path / "j", poll_interval=0)
