@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -147,7 +148,9 @@ class Checkpoint:
         """Fail early (before any request is sent) when the directory cannot be written."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write-test.tmp"
+            # A name of this process's own: two processes probing one folder at once must not
+            # delete each other's probe (the second would read as "not writable").
+            probe = self.path / f".write-test-{os.getpid()}-{secrets.token_hex(4)}.tmp"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:

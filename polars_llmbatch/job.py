@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import html
@@ -295,6 +296,7 @@ class Job:
 
         self._thread = threading.Thread(target=run, name=f"llmbatch-{self.id}", daemon=True)
         self._thread.start()
+        _RUNNERS.add(self)
 
     def _stop_background(self, *, raise_error: bool = True) -> None:
         """Stop the background runner after its current step (the job stays resumable), and
@@ -467,6 +469,21 @@ class Job:
             f"<table><tr><th>status</th><th>rows</th></tr>{cells}</table>"
             f"<small>{html.escape(str(self.path))}</small>"
         )
+
+
+#: Jobs with a background runner in this process: stopped cleanly when the interpreter exits
+#: (a thread killed inside native code at shutdown can crash the process on its way out).
+_RUNNERS: weakref.WeakSet[Job] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_runners() -> None:
+    for job in list(_RUNNERS):
+        if job._stop is not None:
+            job._stop.set()
+    for job in list(_RUNNERS):
+        if job._thread is not None:
+            job._thread.join(timeout=30)  # its current step; the checkpoint stays resumable
 
 
 # starting a job from a frame -------------------------------------------------------------------

@@ -198,3 +198,16 @@ def tmp_line(line: bytes) -> Path:
     path = Path(tempfile.mkdtemp()) / "r.jsonl"
     path.write_bytes(line + b"\n")
     return path
+
+
+def test_concurrent_writability_probes_do_not_trip_each_other(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from polars_llmbatch.checkpoint import Checkpoint
+
+    def probe(_: int) -> None:
+        Checkpoint(tmp_path).check_writable()  # two creators probing one parent folder
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(probe, range(400)))
+    assert list(tmp_path.iterdir()) == []
