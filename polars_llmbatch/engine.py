@@ -138,6 +138,7 @@ class Engine:
         self._canceled_at = (-1.0, False)  # (when last read, canceled then)
         self._canceled = False
         self._events_read = 0  # bytes of the event log already searched for a cancel
+        self._events_lock = threading.Lock()
 
     # the loop ------------------------------------------------------------------------------
     def run(
@@ -400,16 +401,17 @@ class Engine:
         the part of the event log written since the last call is read."""
         if self._canceled:
             return True
-        try:
-            with open(self.ckpt.events_file, "rb") as f:
-                f.seek(self._events_read)
-                new = f.read()
-        except FileNotFoundError:
-            return False
-        done = new.rfind(b"\n") + 1  # a line still being written is read next time
-        self._events_read += done
-        self._canceled = b'"event":"canceled"' in new[:done]
-        return self._canceled
+        with self._events_lock:  # sync senders ask from several threads: one reader at a time
+            try:
+                with open(self.ckpt.events_file, "rb") as f:
+                    f.seek(self._events_read)
+                    new = f.read()
+            except FileNotFoundError:
+                return False
+            done = new.rfind(b"\n") + 1  # a line still being written is read next time
+            self._events_read += done
+            self._canceled = b'"event":"canceled"' in new[:done]
+            return self._canceled
 
     def _canceled_lately(self) -> bool:
         """:meth:`canceled`, read again at most every 0.2 s: asked before every sync request,

@@ -30,26 +30,23 @@ def refused(emu, tmp_path: Path, match: str, df: pl.DataFrame = DF, **kw) -> Non
     assert not (tmp_path / "j" / "job.json").exists()
 
 
+def embed(emu, tmp_path: Path, text: str, model: str = "text-embedding-3-small"):
+    return DF.llm.embed(
+        text,
+        provider="openai",
+        model=model,
+        checkpoint=tmp_path / "e",
+        api_key="k",
+        base_url=emu.openai_url,
+        progress=False,
+    )
+
+
 def test_embedding_a_misspelled_column_is_an_unknown_column(emu, tmp_path: Path) -> None:
     with pytest.raises(LlmBatchError, match=r"'bodyy' is not a column.*did you mean 'body'"):
-        DF.llm.embed(
-            "bodyy",
-            provider="openai",
-            model="text-embedding-3-small",
-            checkpoint=tmp_path / "e",
-            api_key="k",
-            base_url=emu.openai_url,
-            progress=False,
-        )
+        embed(emu, tmp_path, "bodyy")
     with pytest.raises(LlmBatchError, match="names no column"):
-        DF.llm.embed(
-            "a fixed text",
-            provider="openai",
-            model="text-embedding-3-small",
-            api_key="k",
-            base_url=emu.openai_url,
-            progress=False,
-        )
+        embed(emu, tmp_path, "a fixed text")
     assert not (tmp_path / "e").exists()
 
 
@@ -137,15 +134,7 @@ def test_a_model_of_the_wrong_kind_is_refused(emu, tmp_path: Path) -> None:
         emu, tmp_path, "is an embedding model; use df.llm.embed", model="text-embedding-3-small"
     )
     with pytest.raises(LlmBatchError, match="is not an embedding model"):
-        DF.llm.embed(
-            "body",
-            provider="openai",
-            model="gpt-4o-mini",
-            api_key="k",
-            base_url=emu.openai_url,
-            checkpoint=tmp_path / "e",
-            progress=False,
-        )
+        embed(emu, tmp_path, "body", model="gpt-4o-mini")
     assert not (tmp_path / "e").exists()
 
 
