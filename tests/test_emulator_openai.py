@@ -206,7 +206,9 @@ def test_cancel(emu: Emulator) -> None:
         )
         assert cs.batches.cancel(b.id).status == "cancelling"
         slow.ctx.clock = lambda: time.time() + 60  # let the cancel finish without waiting
-        b = cs.batches.retrieve(b.id)
+        # "cancelling" lasts until the requests that ran have their answers: wait for it
+        b, seen = wait(cs, b.id)
+        assert set(seen) <= {"cancelling", "cancelled"}
         assert b.status == "cancelled" and b.cancelled_at
         errs = lines(cs, b.error_file_id)
         assert {x["error"]["code"] for x in errs} == {"batch_cancelled"}

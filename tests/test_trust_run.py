@@ -166,7 +166,7 @@ def test_finished_emulator_batches_keep_only_their_results(tmp_path: Path, provi
         (b,) = store.batches.values()
         assert b.final is not None
         inputs = {
-            "openai": lambda: (b.data, b.lines, b.responses),
+            "openai": lambda: (b.data, b.work is not None, b.failing is not None),
             "anthropic": lambda: (b.requests,),
             "gemini": lambda: (b.entries,),
         }[provider]()

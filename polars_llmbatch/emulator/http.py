@@ -12,11 +12,12 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.parser import HeaderParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["Request", "Response", "Router", "Server"]
+__all__ = ["Request", "Response", "Router", "Server", "multipart"]
 
 
 @dataclass
@@ -55,6 +56,45 @@ class Response:
 
 
 Handler = Callable[[Request], Response]
+
+
+def multipart(
+    body: bytes, content_type: str
+) -> tuple[dict[str, str], dict[str, tuple[str | None, bytes]]]:
+    r"""A ``multipart/form-data`` body: (text fields, files as (filename, bytes)).
+
+    The body is split at its boundary in C (``bytes.split``); only each part's few header
+    lines go through :mod:`email`. (``email.parser`` on the whole body took 0.7 s for a 40 MB
+    batch file: the slowest step of a big upload.)
+
+    Example:
+        >>> body = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        ...         b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+        ...         b"Content-Type: application/octet-stream\r\n\r\n{}\n\r\n--B--\r\n")
+        >>> multipart(body, "multipart/form-data; boundary=B")
+        ({'purpose': 'batch'}, {'file': ('a.jsonl', b'{}\n')})
+    """
+    header = HeaderParser().parsestr("Content-Type: " + content_type)
+    boundary = header.get_param("boundary")
+    fields: dict[str, str] = {}
+    files: dict[str, tuple[str | None, bytes]] = {}
+    if not isinstance(boundary, str) or not boundary:
+        return fields, files
+    parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())
+    for part in parts[1:]:
+        if part.startswith(b"--"):  # the closing delimiter
+            break
+        head, _, content = part.partition(b"\r\n\r\n")
+        headers = HeaderParser().parsestr(head.decode("utf-8", "replace").lstrip(" \t\r\n"))
+        name = headers.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        filename = headers.get_param("filename", header="content-disposition")
+        if isinstance(filename, str):
+            files[name] = (filename, content)
+        else:
+            fields[name] = content.decode("utf-8", "replace")
+    return fields, files
 
 
 class Router:

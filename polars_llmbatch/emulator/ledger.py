@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import polars as pl
+
 __all__ = ["Ledger"]
 
 
@@ -27,7 +29,9 @@ class Ledger:
 
     uploads: list[dict[str, Any]] = field(default_factory=list)
     batches: list[dict[str, Any]] = field(default_factory=list)
-    billed: list[dict[str, Any]] = field(default_factory=list)
+    # Bills in order: one dict per sync call, one frame per finished batch (a million-request
+    # dry run keeps columns, not a million dicts).
+    _bills: list[dict[str, Any] | pl.DataFrame] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def upload(self, provider: str, file_id: str, size: int) -> None:
@@ -49,7 +53,7 @@ class Ledger:
         output_tokens: int,
     ) -> None:
         with self._lock:
-            self.billed.append(
+            self._bills.append(
                 {
                     "provider": provider,
                     "batch_id": batch_id,  # None for a sync call
@@ -59,20 +63,54 @@ class Ledger:
                 }
             )
 
+    def bill_many(
+        self,
+        provider: str,
+        batch_id: str,
+        custom_ids: pl.Series,
+        input_tokens: pl.Series,
+        output_tokens: pl.Series,
+    ) -> None:
+        """Bill every request of a finished batch at once (columns of one length)."""
+        frame = pl.DataFrame(
+            {
+                "custom_id": custom_ids.cast(pl.String),
+                "input_tokens": input_tokens.cast(pl.Int64),
+                "output_tokens": output_tokens.cast(pl.Int64),
+            }
+        ).select(
+            pl.lit(provider).alias("provider"),
+            pl.lit(batch_id).alias("batch_id"),
+            "custom_id",
+            "input_tokens",
+            "output_tokens",
+        )
+        with self._lock:
+            self._bills.append(frame)
+
+    @property
+    def billed(self) -> list[dict[str, Any]]:
+        """Every billed request in order, as dicts (built on demand: tests read it)."""
+        with self._lock:
+            bills = list(self._bills)
+        out: list[dict[str, Any]] = []
+        for b in bills:
+            if isinstance(b, dict):
+                out.append(b)
+            else:
+                out.extend(b.to_dicts())
+        return out
+
     def billed_twice(self, provider: str | None = None) -> dict[str, int]:
         """custom_ids billed more than once in batches (per provider when given)."""
-        with self._lock:
-            counts = Counter(
-                (b["provider"], b["custom_id"])
-                for b in self.billed
-                if b["batch_id"] is not None and provider in (None, b["provider"])
-            )
+        counts = Counter(
+            (b["provider"], b["custom_id"])
+            for b in self.billed
+            if b["batch_id"] is not None and provider in (None, b["provider"])
+        )
         return {cid: n for (_, cid), n in counts.items() if n > 1}
 
     def to_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "uploads": list(self.uploads),
-                "batches": list(self.batches),
-                "billed": list(self.billed),
-            }
+            uploads, batches = list(self.uploads), list(self.batches)
+        return {"uploads": uploads, "batches": batches, "billed": self.billed}

@@ -1,7 +1,7 @@
 """The emulator's deterministic model: answers tests can predict.
 
 - **Free text**: ``"Emulated answer to: "`` followed by the first 12 words of the prompt (the last
-  user message). Cut to ``max_tokens`` tokens (o200k) with finish reason "length" when longer.
+  user message); a word is a run of characters other than ASCII whitespace. Cut to ``max_tokens`` tokens (o200k) with finish reason "length" when longer.
 - **JSON schema**: an instance that satisfies the schema. An enum value is picked by a stable hash
   of (prompt, field path): ``enum[md5(prompt + "|" + path) % len(enum)]``; integers are that hash
   mod 100, numbers mod 1000 / 10, booleans mod 2, strings ``"<field> for: <first 5 words>"``,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import re
 import struct
 from typing import Any
 
@@ -34,7 +35,11 @@ __all__ = [
     "stable_int",
 ]
 
-_PREFIX = "Emulated answer to: "
+PREFIX = "Emulated answer to: "
+#: A word of the prompt (the vectorised model, :mod:`columns`, splits the same way).
+WORD = r"[^ \t\n\r\f\v]+"
+#: The encoding answers are counted (and cut) in.
+ANSWER_ENCODING = "o200k_base"
 _DIMS = {
     "text-embedding-3-small": 1536,
     "text-embedding-3-large": 3072,
@@ -56,11 +61,11 @@ def answer(
     prompt: str, schema: dict[str, Any] | None, max_tokens: int | None
 ) -> tuple[str, bool, int]:
     """(text, truncated, output tokens) for ``prompt``; JSON text when ``schema`` is given."""
-    enc = get_encoding("o200k_base")
+    enc = get_encoding(ANSWER_ENCODING)
     if schema is not None:
         text = orjson.dumps(_instance(schema, prompt, "", schema.get("$defs", {}))).decode()
     else:
-        text = _PREFIX + " ".join(prompt.split()[:12])
+        text = PREFIX + words(prompt, 12)
     tokens = enc.encode_ordinary(text)
     if max_tokens is not None and len(tokens) > max_tokens:
         return enc.decode(tokens[:max_tokens]), True, max_tokens
@@ -101,7 +106,17 @@ def _instance(node: dict[str, Any], prompt: str, path: str, defs: dict[str, Any]
         return f"2026-01-{h % 28 + 1:02d}"
     if fmt == "date-time":
         return f"2026-01-{h % 28 + 1:02d}T12:00:00Z"
-    return f"{path or 'value'} for: {' '.join(prompt.split()[:5])}"
+    return f"{path or 'value'} for: {words(prompt, 5)}"
+
+
+def words(text: str, n: int) -> str:
+    """The first ``n`` words of ``text``, joined by one space.
+
+    Example:
+        >>> words("  Classify:  my   ticket now ", 3)
+        'Classify: my ticket'
+    """
+    return " ".join(re.findall(WORD, text)[:n])
 
 
 def embedding_dims(model: str, dimensions: int | None) -> int:

@@ -1,0 +1,410 @@
+"""The emulator's columnar batch path gives what its per-request model gives, line for line.
+
+Big OpenAI chat batches are validated and answered in columns (``emulator/columns.py``,
+``openai.parse_chat`` / ``answer_chat``); small and unusual ones line by line. The per-request
+path is the reference here: the same file through both must give the same result files (ids
+aside), the same bills and the same batch object, faults included, and a file the line-by-line
+validator refuses must never be taken by the columnar one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+
+from polars_llmbatch.emulator import Faults, columns, model, serve
+from polars_llmbatch.emulator import openai as emulated
+from polars_llmbatch.requests import prepare
+from polars_llmbatch.shards import plan, shard_bytes
+
+CATS = ["billing", "bug", "feature", "other"]
+AUTH = {"Authorization": "Bearer test-key"}
+
+# Text that is hard to split into words and to escape as JSON: unicode spaces that are not
+# ASCII whitespace, quotes, backslashes, control characters, emoji, line separators.
+PIECES = ["a", "b", " ", "\t", "\n", "é", "中", '"', "\\", "\u2028", "\x1c", "\u3000", "\xa0"]
+PIECES += ["😀", "word", "Classify:", "\x00"]
+
+
+def texts(n: int, seed: int = 1) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(PIECES) for _ in range(rng.randint(0, 40))) for _ in range(n)]
+
+
+SCHEMAS: list[dict[str, Any] | None] = [
+    None,
+    {"type": "object", "properties": {"label": {"type": "string", "enum": CATS}}},
+    {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer"},
+            "b": {"type": "number"},
+            "c": {"type": "boolean"},
+            "d": {"type": "string", "format": "date"},
+            "e": {"type": "string", "format": "date-time"},
+            "f": {"type": "string"},
+            "g": {"type": "array", "items": {"enum": [1, "x", None, 2.5]}},
+            "h": {"type": ["null", "object"], "properties": {"z": {"$ref": "#/$defs/Z"}}},
+            "i": {"anyOf": [{"type": "null"}, {"type": "integer"}]},
+            "j": {"type": "null"},
+            "k": {"type": "object", "properties": {}},
+        },
+        "$defs": {"Z": {"type": "array", "items": {"type": "number"}}},
+    },
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=["text", "enum", "every-kind"])
+@pytest.mark.parametrize("cap", [None, 3])
+def test_answers_equal_the_per_request_model(schema, cap) -> None:
+    prompts = [*texts(1500), "", " ", "x"]
+    caps = pl.Series([cap if i % 2 else None for i in range(len(prompts))], dtype=pl.Int64)
+    got = columns.answers(pl.Series(prompts), schema, caps)
+    expected = [model.answer(p, schema, c) for p, c in zip(prompts, caps.to_list(), strict=True)]
+    assert [tuple(r) for r in got.rows()] == expected
+    if cap is not None:
+        assert got["cut"].any()  # the cap was really exercised
+
+
+def test_fault_hits_and_hashes_equal_the_per_request_ones() -> None:
+    ids = pl.Series([f"id-{i}" for i in range(4000)] + ['q"uote', "é"])
+    f = Faults(seed=7)
+    got = columns.hits(7, "missing", 0.1, ids).to_list()
+    assert got == [f.hits("missing", 0.1, c) for c in ids]
+    assert 300 < sum(got) < 500
+    assert not columns.hits(7, "missing", 0.0, ids).any()
+    joined = pl.Series([f"{p}|path" for p in texts(200)])
+    assert columns.stable_ints(joined).to_list() == [model.stable_int(t) for t in joined]
+
+
+def test_json_strings_are_what_a_json_encoder_writes() -> None:
+    values = [*texts(500), "", '"', "\\", "\x7f", "\u2028"]
+    got = columns.json_strings(pl.Series(values)).to_list()
+    assert [json.loads(g) for g in got] == values
+
+
+def test_ids_in_a_block_are_fresh_and_the_same_shape() -> None:
+    with serve() as emu:
+        ctx = emu.ctx
+        one = ctx.new_id("req_")
+        block = ctx.new_ids("req_", 1000).to_list()
+        after = ctx.new_id("req_")
+    every = [one, *block, after]
+    assert len(set(every)) == len(every)
+    assert {len(i) for i in every} == {len(one)}
+    assert sorted(every) == every  # counted on from the same counter
+
+
+# ---- a whole batch through both paths --------------------------------------------------------
+
+
+def shard(n: int, *, output: Any, cap: int, system: str | None = None) -> bytes:
+    df = pl.DataFrame({"body": [f"{i}: {b}" for i, b in enumerate(texts(n, seed=3))]})
+    p = prepare(
+        df,
+        "Classify: {body}",
+        provider="openai",
+        model="gpt-4o-mini",
+        output=output,
+        system=system,
+        options={"max_output_tokens": cap},
+    )
+    (s,) = plan(p)
+    return shard_bytes(p, s)
+
+
+def run_batch(
+    data: bytes, faults: Faults, *, in_columns: bool, monkeypatch, cancel: bool = False
+) -> dict[str, Any]:
+    """Upload, create and wait: the batch object, both files' lines and the bills, with the
+    ids (fresh on every run) blanked."""
+    monkeypatch.setattr(emulated, "COLUMNS_FROM", 0 if in_columns else 10**9)
+    with serve(batch_seconds=0.05 if not cancel else 30, faults=faults) as emu:
+        start = time.time()
+        if cancel:  # a clock that moves only when told: the cancel lands at the same share
+            emu.ctx.clock = lambda: start
+        c = httpx.Client(base_url=emu.openai_url, headers=AUTH, timeout=60)
+        f = c.post("/files", files={"file": ("s.jsonl", data)}, data={"purpose": "batch"})
+        body = {
+            "input_file_id": f.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        b = c.post("/batches", json=body).json()
+        if cancel:
+            emu.ctx.clock = lambda: start + 15  # halfway through: about half the requests ran
+            c.post(f"/batches/{b['id']}/cancel")
+            emu.ctx.clock = lambda: start + 90
+        deadline = time.monotonic() + 60
+        while b["status"] not in ("completed", "failed", "expired", "cancelled"):
+            assert time.monotonic() < deadline, b["status"]
+            b = c.get(f"/batches/{b['id']}").json()
+        files = {}
+        for attr in ("output_file_id", "error_file_id"):
+            raw = c.get(f"/files/{b[attr]}/content").text if b[attr] else ""
+            # not splitlines(): answers hold U+2028 and \x1c, which it splits on too
+            files[attr] = [_blank(line) for line in raw.split("\n")[:-1]]
+        bills = emu.ledger.billed
+        c.close()
+    for key in ("id", "input_file_id", "output_file_id", "error_file_id"):
+        b[key] = bool(b[key])
+    for key in list(b):
+        if key.endswith("_at"):
+            b[key] = bool(b[key])
+    return {
+        "batch": b,
+        **files,
+        "bills": [(x["custom_id"], x["input_tokens"], x["output_tokens"]) for x in bills],
+    }
+
+
+_IDS = re.compile(r"(batch_req_|req_|chatcmpl-|msg_)[0-9a-f]{1,24}")
+
+
+def _blank(line: str) -> Any:
+    """The line with its fresh ids blanked: parsed, or as text when a fault cut it (the cut
+    falls in the same place, ids having one length)."""
+    line = _IDS.sub(r"\1-", line)
+    try:
+        return json.loads(line)
+    except ValueError:
+        return ("malformed", line)
+
+
+CASES = {
+    "enum": ({"output": CATS, "cap": 20}, Faults()),
+    "text-cut": ({"output": None, "cap": 4, "system": "Be brief."}, Faults(cache_read=0.3)),
+    "faults": (
+        {"output": CATS, "cap": 20},
+        Faults(seed=5, request_errors=0.1, missing=0.05, duplicates=0.05, malformed=0.05),
+    ),
+    "expired": ({"output": None, "cap": 30}, Faults(seed=2, expire_at=0.6)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_batch_in_columns_equals_the_batch_line_by_line(case, monkeypatch) -> None:
+    shape, faults = CASES[case]
+    data = shard(700, **shape)
+    by_line = run_batch(data, faults, in_columns=False, monkeypatch=monkeypatch)
+    in_columns = run_batch(data, faults, in_columns=True, monkeypatch=monkeypatch)
+    assert by_line["output_file_id"], "the reference run answered nothing"
+    assert in_columns == by_line
+
+
+def test_a_cancelled_batch_in_columns_equals_the_batch_line_by_line(monkeypatch) -> None:
+    data = shard(600, output=CATS, cap=20)
+    by_line = run_batch(data, Faults(), in_columns=False, monkeypatch=monkeypatch, cancel=True)
+    in_columns = run_batch(data, Faults(), in_columns=True, monkeypatch=monkeypatch, cancel=True)
+    assert by_line["batch"]["status"] == "cancelled"
+    assert 0 < len(by_line["output_file_id"]) < 600 and by_line["error_file_id"]
+    assert in_columns == by_line
+
+
+def anthropic_shard(n: int, *, output: Any, cap: int, system: str | None = None) -> bytes:
+    df = pl.DataFrame({"body": [f"{i}: {b}" for i, b in enumerate(texts(n, seed=4))]})
+    p = prepare(
+        df,
+        "Classify: {body}",
+        provider="anthropic",
+        model="claude-haiku-4-5",
+        output=output,
+        system=system,
+        options={"max_output_tokens": cap},
+    )
+    (s,) = plan(p)
+    return shard_bytes(p, s)
+
+
+def run_anthropic(
+    data: bytes, faults: Faults, *, in_columns: bool, monkeypatch, cancel: bool = False
+) -> dict[str, Any]:
+    from polars_llmbatch.emulator import anthropic
+
+    monkeypatch.setattr(anthropic, "COLUMNS_FROM", 0 if in_columns else 10**9)
+    headers = {"x-api-key": "test-key", "anthropic-version": "2023-06-01"}
+    with serve(batch_seconds=0.05 if not cancel else 30, faults=faults) as emu:
+        start = time.time()
+        emu.ctx.clock = lambda: start
+        c = httpx.Client(base_url=emu.anthropic_url, headers=headers, timeout=60)
+        b = c.post("/v1/messages/batches", content=data).json()
+        if cancel:
+            emu.ctx.clock = lambda: start + 15
+            c.post(f"/v1/messages/batches/{b['id']}/cancel")
+        emu.ctx.clock = lambda: start + 90
+        b = c.get(f"/v1/messages/batches/{b['id']}").json()
+        assert b["processing_status"] == "ended"
+        raw = c.get(b["results_url"]).text
+        bills = emu.ledger.billed
+        c.close()
+    lines = [_blank(line) for line in raw.split("\n")[:-1]]
+    return {
+        "counts": b["request_counts"],
+        "lines": lines,
+        "bills": [(x["custom_id"], x["input_tokens"], x["output_tokens"]) for x in bills],
+    }
+
+
+ANTHROPIC_CASES = {
+    "enum-cached": ({"output": CATS, "cap": 20}, Faults(cache_read=0.2, cache_write=0.1)),
+    "text-cut-system": ({"output": None, "cap": 4, "system": "Be brief."}, Faults()),
+    "faults": (
+        {"output": CATS, "cap": 20},
+        Faults(seed=5, request_errors=0.1, missing=0.05, duplicates=0.05, malformed=0.05),
+    ),
+    "expired": ({"output": None, "cap": 30}, Faults(seed=2, expire_at=0.6)),
+}
+
+
+@pytest.mark.parametrize("case", [*ANTHROPIC_CASES, "cancelled"])
+def test_an_anthropic_batch_in_columns_equals_the_batch_request_by_request(
+    case, monkeypatch
+) -> None:
+    shape, faults = ANTHROPIC_CASES.get(case, ({"output": CATS, "cap": 20}, Faults()))
+    data = anthropic_shard(700, **shape)
+    cancel = case == "cancelled"
+    by_one = run_anthropic(data, faults, in_columns=False, monkeypatch=monkeypatch, cancel=cancel)
+    in_columns = run_anthropic(
+        data, faults, in_columns=True, monkeypatch=monkeypatch, cancel=cancel
+    )
+    assert by_one["counts"]["succeeded"] > 300
+    if cancel:
+        assert by_one["counts"]["canceled"] > 100
+    assert in_columns == by_one
+
+
+def test_an_anthropic_batch_with_odd_requests_answers_them_one_by_one(monkeypatch) -> None:
+    """A refused model and params the columns do not read take the per-request path inside
+    a columnar batch, with the same results."""
+    good = json.loads(anthropic_shard(30, output=CATS, cap=20))["requests"]
+    good[3]["params"]["model"] = "claude-nonexistent-9"
+    good[7]["params"]["max_tokens"] = "20"  # a string: the per-request path errors it
+    good[9]["params"]["messages"][0]["content"] = [{"type": "text", "text": "parts"}]
+    data = json.dumps({"requests": good}).encode()
+    by_one = run_anthropic(data, Faults(), in_columns=False, monkeypatch=monkeypatch)
+    in_columns = run_anthropic(data, Faults(), in_columns=True, monkeypatch=monkeypatch)
+    assert by_one["counts"]["errored"] == 2 and by_one["counts"]["succeeded"] == 28
+    assert in_columns == by_one
+
+
+def run_gemini(
+    df: pl.DataFrame, faults: Faults, tmp: Any, *, in_columns: bool, monkeypatch, **kw: Any
+) -> dict[str, Any]:
+    """A whole job through the library: every result file and inline output the emulator
+    made, the bills, and the answers the job read back."""
+    from helpers import batch
+
+    from polars_llmbatch.emulator import gemini
+
+    monkeypatch.setattr(gemini, "COLUMNS_FROM", 0 if in_columns else 10**9)
+    with serve(batch_seconds=0.05, faults=faults) as emu:
+        out = batch(df, emu, tmp / ("columns" if in_columns else "one"), provider="gemini", **kw)
+        store = emu.gemini
+        made = [f.data.decode() for f in store.files.values() if f.source == "GENERATED"]
+        inline = [
+            (b.final.get("response") or {}).get("inlinedResponses") for b in store.batches.values()
+        ]
+        bills = [(x["custom_id"], x["input_tokens"], x["output_tokens"]) for x in emu.ledger.billed]
+    return {"files": made, "inline": inline, "bills": bills, "rows": out.to_dicts()}
+
+
+GEMINI_CASES = {
+    "enum-cached": ({"output": CATS}, Faults(cache_read=0.25)),
+    "text-cut-system": ({"max_output_tokens": 4, "system": "Be brief."}, Faults()),
+    "faults": (
+        {"output": CATS},
+        Faults(seed=5, request_errors=0.1, missing=0.05, duplicates=0.05, malformed=0.05),
+    ),
+}
+
+
+@pytest.mark.parametrize("form", ["inline", "file"])
+@pytest.mark.parametrize("case", list(GEMINI_CASES))
+def test_a_gemini_batch_in_columns_equals_the_batch_request_by_request(
+    case, form, monkeypatch, tmp_path
+) -> None:
+    from polars_llmbatch.providers import gemini as provider
+
+    if form == "file":
+        monkeypatch.setattr(provider, "INLINE_MAX_BYTES", 0)
+    kw, faults = GEMINI_CASES[case]
+    df = pl.DataFrame({"body": [f"{i}: {b}" for i, b in enumerate(texts(600, seed=6))]})
+    by_one = run_gemini(df, faults, tmp_path, in_columns=False, monkeypatch=monkeypatch, **kw)
+    in_columns = run_gemini(df, faults, tmp_path, in_columns=True, monkeypatch=monkeypatch, **kw)
+    assert len(by_one["bills"]) >= 500
+    assert bool(by_one["files"]) == (form == "file")
+    assert in_columns == by_one
+
+
+def _line(i: int, **change: Any) -> dict[str, Any]:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"hello {i}"}]}
+    line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    for path, value in change.items():
+        *parents, last = path.split("__")
+        node = line
+        for p in parents:
+            node = node[p]
+        if value is KeyError:
+            node.pop(last)
+        else:
+            node[last] = value
+    return line
+
+
+# Files the per-line validator refuses (the batch fails), then files it takes whose shape the
+# columns leave to the line-by-line path (a per-request 400, or content parts).
+REFUSED = {
+    "not-json": lambda lines: [*lines[:3], "{not json", *lines[3:]],
+    "duplicate-id": lambda lines: [*lines, lines[0]],
+    "other-url": lambda lines: [*lines, json.dumps(_line(99, url="/v1/embeddings"))],
+    "get": lambda lines: [*lines, json.dumps(_line(99, method="GET"))],
+    "method-null": lambda lines: [*lines, json.dumps(_line(99, method=None))],
+    "two-models": lambda lines: [*lines, json.dumps(_line(99, body__model="gpt-4o"))],
+    "no-model": lambda lines: [*lines, json.dumps(_line(99, body__model=KeyError))],
+    "no-body": lambda lines: [*lines, json.dumps(_line(99, body=KeyError))],
+    "array-line": lambda lines: [*lines, "[1, 2]"],
+}
+UNUSUAL = {
+    "numeric-id": lambda lines: [*lines, json.dumps(_line(99, custom_id=99))],
+    "content-parts": lambda lines: (
+        [
+            *lines,
+            json.dumps(
+                _line(
+                    99,
+                    body__messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                )
+            ),
+        ]
+    ),
+    "messages-null": lambda lines: [*lines, json.dumps(_line(99, body__messages=None))],
+    "format-string": lambda lines: [*lines, json.dumps(_line(99, body__response_format="json"))],
+    "cap-float": lambda lines: [*lines, json.dumps(_line(99, body__max_tokens=2.5))],
+    "cr-lines": lambda lines: ["\r\n".join(lines)],
+}
+
+
+@pytest.mark.parametrize("bad", [*REFUSED, *UNUSUAL])
+def test_the_columnar_reader_takes_only_files_the_validator_takes_whole(bad, monkeypatch) -> None:
+    monkeypatch.setattr(emulated, "COLUMNS_FROM", 0)
+    good = [json.dumps(_line(i)) for i in range(20)]
+    clean = ("\n".join(good) + "\n").encode()
+    parsed = emulated.parse_chat(clean, "/v1/chat/completions")
+    assert parsed is not None and parsed["custom_id"].to_list() == [f"r{i}" for i in range(20)]
+    data = ("\n".join({**REFUSED, **UNUSUAL}[bad](good)) + "\n").encode()
+    _, errors = emulated.validate(data, "/v1/chat/completions", None)
+    assert bool(errors) == (bad in REFUSED)
+    assert emulated.parse_chat(data, "/v1/chat/completions") is None
+
+
+def test_the_line_by_line_path_stays_for_small_files() -> None:
+    data = shard(20, output=CATS, cap=20)
+    assert emulated.COLUMNS_FROM > 20
+    assert emulated.parse_chat(data, "/v1/chat/completions") is None
