@@ -1,10 +1,10 @@
 """Benchmark: df.llm.batch end to end on 1M rows through the emulator in fast mode.
 
 The emulator runs in its own process (``llmbatch emulator --speed 1``: each batch takes about a
-second of emulated time once its requests are computed, at ~5,400 requests/s in pure Python).
-The client is this process: ``df.llm.batch`` on ``sample.tickets(rows)`` (support tickets with
-17% duplicates and 1% nulls), OpenAI ``gpt-4o-mini``, a 4-category Enum output, a fresh
-checkpoint. It reports the wall time, the client's CPU time (its share of the wall), and the
+second of emulated time once its requests are computed in columns). The client is this
+process: ``df.llm.batch`` on ``sample.tickets(rows)`` (support tickets with 17% duplicates and
+1% nulls), OpenAI ``gpt-4o-mini`` (or ``--provider anthropic`` / ``gemini``), a 4-category Enum
+output, a fresh checkpoint. It reports the wall time, the client's CPU time (its share of the wall), and the
 stages from the checkpoint's event log: prepare + estimate + shard files (until ``planned``),
 uploads and creates, waiting on the provider, and results (from the first fetch to the end,
 reconciled into the output frame). Stages overlap in time (shards finish while others are
@@ -13,7 +13,7 @@ makes: submit, poll, fetch, parse, the results Parquet, and the final join.
 
 Run it by hand::
 
-    python benchmarks/bench_end_to_end.py --rows 1000000
+    python benchmarks/bench_end_to_end.py --rows 1000000 [--provider anthropic]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from polars_llmbatch.engine import Settings
 from polars_llmbatch.sample import CATEGORIES, tickets
 
 SPENT: dict[str, float] = {}
+MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
 
 
 def timed(owner: object, name: str, label: str) -> None:
@@ -55,24 +56,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--provider", choices=sorted(MODELS), default="openai")
     args = parser.parse_args(argv)
     # Poll at most every 2 s (the library backs off to 60 s, right for real batches that take
     # hours, but it would blur a wall time measured in minutes).
     Settings.max_poll_interval = 2.0
     from polars_llmbatch import job, namespace
     from polars_llmbatch.engine import Engine
+    from polars_llmbatch.providers.anthropic import Anthropic
+    from polars_llmbatch.providers.gemini import Gemini
     from polars_llmbatch.providers.openai import OpenAI
+
+    cls = {"openai": OpenAI, "anthropic": Anthropic, "gemini": Gemini}[args.provider]
 
     timed(namespace, "_prepare", "render, bodies, ids (prepare)")
     timed(job, "start", "estimate + shard files (start)")
-    timed(OpenAI, "submit", "upload + create")
-    timed(OpenAI, "poll", "poll")
-    timed(OpenAI, "fetch", "download")
-    timed(OpenAI, "parse", "parse")
+    timed(cls, "submit", "upload + create")
+    timed(cls, "poll", "poll")
+    timed(cls, "fetch", "download")
+    timed(cls, "parse", "parse")
     timed(Engine, "_write_results", "results parquet")
     timed(job, "request_outputs", "decode + validate the answers")
     timed(job, "finish_rows", "join back onto the rows")
-    proc, url = start_emulator(args.speed)
+    proc, openai_url = start_emulator(args.speed)
+    root = openai_url.removesuffix("/openai/v1")
+    url = {"openai": openai_url, "anthropic": f"{root}/anthropic", "gemini": f"{root}/gemini"}[
+        args.provider
+    ]
     try:
         df = tickets(args.rows)
         with tempfile.TemporaryDirectory(prefix="bench_e2e_", dir=".") as tmp:
@@ -81,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             start = dt.datetime.now(dt.timezone.utc)
             out = df.llm.batch(
                 "Classify this ticket: {body}",
-                provider="openai",
-                model="gpt-4o-mini",
+                provider=args.provider,
+                model=MODELS[args.provider],
                 output=CATEGORIES,
                 max_output_tokens=20,
                 checkpoint=ckpt,
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     def span(a: dt.datetime, b: dt.datetime) -> float:
         return (b - a).total_seconds()
 
-    print(f"{args.rows:,} rows, {shards} shards, statuses {counts}")
+    print(f"{args.provider}: {args.rows:,} rows, {shards} shards, statuses {counts}")
     print(f"  wall                               {wall:7.1f} s")
     print(f"  client CPU (all threads)           {cpu:7.1f} s   ({cpu / wall:.0%} of wall)")
     print(f"  prepare + estimate + shard files   {span(start, at['planned']):7.1f} s")
