@@ -24,9 +24,9 @@ import time
 
 import httpx
 
-from polars_llmbatch.requests import prepare
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 from polars_llmbatch.sample import CATEGORIES, tickets
-from polars_llmbatch.shards import plan, shard_bytes
 
 HEADERS = {"Authorization": "Bearer bench"}
 TERMINAL = ("completed", "failed", "expired", "cancelled")

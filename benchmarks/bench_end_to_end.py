@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_emulator import start_emulator
 
 import polars_llmbatch  # noqa: F401
-from polars_llmbatch.engine import Settings
+from polars_llmbatch.run.engine import Settings
 from polars_llmbatch.sample import CATEGORIES, tickets
 
 SPENT: dict[str, float] = {}
@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     # Poll at most every 2 s (the library backs off to 60 s, right for real batches that take
     # hours, but it would blur a wall time measured in minutes).
     Settings.max_poll_interval = 2.0
-    from polars_llmbatch import job, namespace
-    from polars_llmbatch.engine import Engine
+    from polars_llmbatch import namespace
     from polars_llmbatch.providers.anthropic import Anthropic
     from polars_llmbatch.providers.gemini import Gemini
     from polars_llmbatch.providers.openai import OpenAI
+    from polars_llmbatch.run import job
+    from polars_llmbatch.run.engine import Engine
 
     cls = {"openai": OpenAI, "anthropic": Anthropic, "gemini": Gemini}[args.provider]
 

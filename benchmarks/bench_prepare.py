@@ -50,11 +50,11 @@ from typing import Any, TypeVar
 
 import polars as pl
 
-from polars_llmbatch.estimate import EXACT_THRESHOLD, SAMPLE_SIZE, Estimate, estimate
-from polars_llmbatch.requests import Prepared, prepare
+from polars_llmbatch.plan.estimate import EXACT_THRESHOLD, SAMPLE_SIZE, Estimate, estimate
+from polars_llmbatch.plan.requests import Prepared, prepare
+from polars_llmbatch.plan.shards import Shard, plan, write_shards
+from polars_llmbatch.plan.tokens.encodings import get_encoding
 from polars_llmbatch.sample import CATEGORIES, tickets
-from polars_llmbatch.shards import Shard, plan, write_shards
-from polars_llmbatch.tokens.encodings import get_encoding
 
 PROMPT = "Classify this ticket: {body}"
 PROVIDER = "openai"

@@ -26,10 +26,10 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_parse import write_lines
 
-from polars_llmbatch.outputs import parse_output
+from polars_llmbatch.collect.reconcile import join_rows
+from polars_llmbatch.plan.outputs import parse_output
+from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers.openai import OpenAI
-from polars_llmbatch.reconcile import join_rows
-from polars_llmbatch.spec import RequestSpec
 
 CATS = ["billing", "bug", "feature", "other"]
 PRICE = {"batch_input": 0.075, "batch_output": 0.3, "input": 0.15, "output": 0.6}

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from polars_llmbatch.collect.spend import spend
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
-from polars_llmbatch.estimate import Estimate
-from polars_llmbatch.job import Job, JobStatus
 from polars_llmbatch.namespace import LlmNamespace, register
-from polars_llmbatch.spend import spend
-from polars_llmbatch.template import Template
+from polars_llmbatch.plan.estimate import Estimate
+from polars_llmbatch.plan.template import Template
+from polars_llmbatch.run.job import Job, JobStatus
 
 __all__ = [
     "BudgetExceededError",

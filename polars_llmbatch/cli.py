@@ -378,7 +378,7 @@ def _still_running(job: Any, *, submitted_only: bool = False) -> int:
 
 
 def _job_command(args: argparse.Namespace) -> int:
-    from polars_llmbatch.job import Job
+    from polars_llmbatch.run.job import Job
 
     if getattr(args, "output", None):
         _check_output(args.output)
@@ -455,7 +455,7 @@ def _write(frame: pl.DataFrame, path: str) -> None:
 
 
 def _spend(args: argparse.Namespace) -> int:
-    from polars_llmbatch.spend import spend
+    from polars_llmbatch.collect.spend import spend
 
     table = spend(args.root, by=args.by)
     if args.json:

@@ -34,9 +34,9 @@ def run_demo(
         (200, ['skipped', 'succeeded'])
     """
     import polars_llmbatch  # noqa: F401  (registers .llm)
+    from polars_llmbatch.collect.spend import spend
     from polars_llmbatch.emulator import serve
     from polars_llmbatch.sample import CATEGORIES, tickets
-    from polars_llmbatch.spend import spend
 
     started = time.perf_counter()
     keep = tempfile.TemporaryDirectory(prefix="llmbatch-demo-") if directory is None else None

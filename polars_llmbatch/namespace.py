@@ -10,13 +10,13 @@ import polars as pl
 
 from polars_llmbatch._checks import check_bool, check_checkpoint, check_positive_int, check_seconds
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.estimate import Estimate, check_fits, check_max_cost, estimate
-from polars_llmbatch.prices import check_model, check_override
+from polars_llmbatch.plan.estimate import Estimate, check_fits, check_max_cost, estimate
+from polars_llmbatch.plan.prices import check_model, check_override
+from polars_llmbatch.plan.requests import OnNull, Prepared, prepare
+from polars_llmbatch.plan.shards import check_caps, check_target, plan, write_shards
+from polars_llmbatch.plan.spec import GENERATION_OPTIONS, Task
+from polars_llmbatch.plan.template import Template
 from polars_llmbatch.providers import Provider, get_provider
-from polars_llmbatch.requests import OnNull, Prepared, prepare
-from polars_llmbatch.shards import check_caps, check_target, plan, write_shards
-from polars_llmbatch.spec import GENERATION_OPTIONS, Task
-from polars_llmbatch.template import Template
 
 __all__ = ["LlmNamespace"]
 
@@ -201,7 +201,7 @@ class LlmNamespace:
         ``max_cost`` (USD) is checked on the worst case before anything is sent, and again
         before retries. ``mode="sync"`` sends the same requests to the sync endpoints
         (``concurrency`` at a time); ``mode="auto"`` picks sync for small jobs
-        (:data:`~polars_llmbatch.job.AUTO_SYNC_MAX_REQUESTS`). A ``LazyFrame`` is collected
+        (:data:`~polars_llmbatch.run.job.AUTO_SYNC_MAX_REQUESTS`). A ``LazyFrame`` is collected
         for the prompt's columns; the result is the LazyFrame with the new columns (the
         input plan is evaluated again, so it must give its rows in a stable order).
 
@@ -288,10 +288,10 @@ class LlmNamespace:
 
 def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict[str, Any]) -> Any:
     """``batch`` and ``embed``: every check that needs no data, then prepare, checkpoint, run."""
-    from polars_llmbatch.engine import Settings
-    from polars_llmbatch.job import Job, start
-    from polars_llmbatch.reconcile import check_output_names, output_names
-    from polars_llmbatch.transport import Transport, credentials
+    from polars_llmbatch.collect.reconcile import check_output_names, output_names
+    from polars_llmbatch.run.engine import Settings
+    from polars_llmbatch.run.job import Job, start
+    from polars_llmbatch.run.transport import Transport, credentials
 
     prov = get_provider(args["provider"])
     check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"])

@@ -36,7 +36,7 @@ def own_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
 def instant_backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The transport's retry backoff, recorded instead of waited (tests that check the delays
     inject their own ``sleep``)."""
-    from polars_llmbatch import transport
+    from polars_llmbatch.run import transport
 
     waits: list[float] = []
     monkeypatch.setattr(transport, "_sleep", waits.append)

@@ -9,10 +9,10 @@ import time
 import polars as pl
 
 from polars_llmbatch.emulator import Faults, serve
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 from polars_llmbatch.providers import anthropic_remote as remote
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
-from polars_llmbatch.transport import Transport, credentials
+from polars_llmbatch.run.transport import Transport, credentials
 
 
 def shard(n: int = 6, word: str = "ticket") -> tuple[bytes, list[str]]:

@@ -10,7 +10,7 @@ import pytest
 
 from polars_llmbatch.emulator import serve
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.estimate import _usd
+from polars_llmbatch.plan.estimate import _usd
 from tests.helpers import batch
 
 DF = pl.DataFrame({"id": ["a", "b"], "body": ["a refund", "a crash"]})
@@ -142,7 +142,7 @@ PRICES = {"input": 1.0, "output": 2.0}
 
 
 def test_the_emulator_refuses_an_unknown_model_like_the_real_apis(tmp_path: Path) -> None:
-    from polars_llmbatch.transport import ProviderError
+    from polars_llmbatch.run.transport import ProviderError
 
     # prices= lets an uncatalogued model through the library; the service then refuses it.
     with serve(batch_seconds=0.05) as emu:

@@ -215,7 +215,8 @@ def test_exit_codes_for_errors(workdir: Path) -> None:
 
 
 def test_an_unexpected_error_is_one_line(workdir: Path, monkeypatch, capsys) -> None:
-    from polars_llmbatch import cli, job
+    from polars_llmbatch import cli
+    from polars_llmbatch.run import job
 
     def broken(*args, **kwargs):
         raise KeyError("spec")

@@ -26,7 +26,7 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     import polars as pl
     import polars_llmbatch
-    from polars_llmbatch import checkpoint, transport
+    from polars_llmbatch.run import checkpoint, transport
     from polars_llmbatch.providers import PROVIDERS
 
     url, ckpt, stage, provider, model, mode = sys.argv[1:7]

@@ -13,8 +13,8 @@ import pytest
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 
 from polars_llmbatch.emulator import Emulator, Faults, model, serve
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 
 CATS = ["billing", "bug", "feature", "other"]
 

@@ -21,8 +21,8 @@ import pytest
 
 from polars_llmbatch.emulator import Faults, columns, model, serve
 from polars_llmbatch.emulator import openai as emulated
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 
 CATS = ["billing", "bug", "feature", "other"]
 AUTH = {"Authorization": "Bearer test-key"}

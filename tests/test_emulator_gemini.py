@@ -15,9 +15,9 @@ from google.genai import errors, types
 from helpers import StepClock
 
 from polars_llmbatch.emulator import Emulator, Faults, model, serve
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 from polars_llmbatch.providers import gemini as gemini_provider
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
 
 CATS = ["billing", "bug", "feature", "other"]
 DONE = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")

@@ -18,9 +18,9 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response as ResponsesResponse
 
 from polars_llmbatch.emulator import Emulator, Faults, model, serve
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 from polars_llmbatch.providers.openai import count_chat_tokens
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
 
 CATS = ["billing", "bug", "feature", "other"]
 TERMINAL = ("completed", "failed", "expired", "cancelled")

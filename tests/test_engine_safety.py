@@ -12,12 +12,12 @@ from helpers import batch
 
 import polars_llmbatch
 from polars_llmbatch import LlmBatchError
-from polars_llmbatch.checkpoint import Checkpoint, LockedError
 from polars_llmbatch.emulator import Faults, serve
 from polars_llmbatch.providers import anthropic_remote
 from polars_llmbatch.providers.anthropic import Anthropic
 from polars_llmbatch.providers.base import AmbiguousBatch
-from polars_llmbatch.transport import ProviderError, Transport, credentials
+from polars_llmbatch.run.checkpoint import Checkpoint, LockedError
+from polars_llmbatch.run.transport import ProviderError, Transport, credentials
 
 CATS = ["billing", "bug"]
 

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from polars_llmbatch import BudgetExceededError, Estimate, LlmBatchError, RequestTooLargeError
-from polars_llmbatch import estimate as estimate_module
+from polars_llmbatch.plan import estimate as estimate_module
 from polars_llmbatch.providers.openai import count_chat_tokens
 
 CATS = ["billing", "bug", "feature", "other"]

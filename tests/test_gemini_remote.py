@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 
 from polars_llmbatch.emulator import Faults, serve
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 from polars_llmbatch.providers import gemini as gemini_provider
 from polars_llmbatch.providers import gemini_remote as remote
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
-from polars_llmbatch.transport import Transport, credentials
+from polars_llmbatch.run.transport import Transport, credentials
 
 
 def shard(n: int = 8):

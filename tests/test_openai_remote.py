@@ -7,11 +7,11 @@ import time
 import polars as pl
 
 from polars_llmbatch.emulator import Faults, serve
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 from polars_llmbatch.providers import openai_remote as remote
 from polars_llmbatch.providers.openai import parse_results
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
-from polars_llmbatch.transport import Transport, credentials
+from polars_llmbatch.run.transport import Transport, credentials
 
 
 def shard(n: int = 10) -> tuple[bytes, list[str], str]:

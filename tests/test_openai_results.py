@@ -8,11 +8,11 @@ from pathlib import Path
 import openai
 import polars as pl
 
+from polars_llmbatch.collect.results import RESULT_SCHEMA
 from polars_llmbatch.emulator import Faults, model, serve
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 from polars_llmbatch.providers.openai import parse_results
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.results import RESULT_SCHEMA
-from polars_llmbatch.shards import plan, shard_bytes
 
 CATS = ["billing", "bug", "feature", "other"]
 

@@ -5,7 +5,7 @@ import pytest
 from pydantic import BaseModel
 
 from polars_llmbatch import LlmBatchError
-from polars_llmbatch.outputs import parse_output
+from polars_llmbatch.plan.outputs import parse_output
 
 
 def test_text_output_default_and_named() -> None:

@@ -10,8 +10,8 @@ import pydantic
 import pytest
 
 from polars_llmbatch import LlmBatchError
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes
 
 DF = pl.DataFrame({"body": ['charged "twice"\n', "crash 日本語"], "tier": ["gold", "free"]})
 CATS = ["billing", "bug", "feature", "other"]

@@ -8,12 +8,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from polars_llmbatch.checkpoint import Checkpoint
-from polars_llmbatch.outputs import parse_output
-from polars_llmbatch.reconcile import CID as CID_COLUMN
-from polars_llmbatch.reconcile import INVALID, best_results, decode_outputs, join_rows
-from polars_llmbatch.results import RESULT_SCHEMA, finish_parse
-from polars_llmbatch.spec import RequestSpec
+from polars_llmbatch.collect.reconcile import CID as CID_COLUMN
+from polars_llmbatch.collect.reconcile import INVALID, best_results, decode_outputs, join_rows
+from polars_llmbatch.collect.results import RESULT_SCHEMA, finish_parse
+from polars_llmbatch.plan.outputs import parse_output
+from polars_llmbatch.plan.spec import RequestSpec
+from polars_llmbatch.run.checkpoint import Checkpoint
 
 CATS = ["billing", "bug"]
 

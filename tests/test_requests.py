@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from polars_llmbatch import LlmBatchError
-from polars_llmbatch.requests import ROW_NR, prepare, request_digest
+from polars_llmbatch.plan.requests import ROW_NR, prepare, request_digest
 
 ID_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 KW = {"provider": "openai", "model": "gpt-4o-mini"}

@@ -19,7 +19,7 @@ from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.providers import get_provider
 from polars_llmbatch.providers.anthropic import Anthropic
 from polars_llmbatch.providers.openai import OpenAI
-from polars_llmbatch.transport import Transport, credentials
+from polars_llmbatch.run.transport import Transport, credentials
 from tests.helpers import batch
 
 KEY = "sk-live-very-secret-0042"

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 
 from polars_llmbatch import LlmBatchError, RequestTooLargeError
+from polars_llmbatch.plan.requests import prepare
+from polars_llmbatch.plan.shards import plan, shard_bytes, write_shards
 from polars_llmbatch.providers import Anthropic, Gemini, OpenAI
-from polars_llmbatch.requests import prepare
-from polars_llmbatch.shards import plan, shard_bytes, write_shards
 
 
 @pytest.fixture(scope="module")

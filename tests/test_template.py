@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 from polars_llmbatch import LlmBatchError, Template
-from polars_llmbatch.template import prompt_expr
+from polars_llmbatch.plan.template import prompt_expr
 
 
 def render(frame: pl.DataFrame, prompt: str | pl.Expr) -> list[str | None]:

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 
 from polars_llmbatch import LlmBatchError
+from polars_llmbatch.plan.tokens import counting, encodings
+from polars_llmbatch.plan.tokens.counting import count_texts, sample_count
 from polars_llmbatch.providers.openai import count_chat_tokens
-from polars_llmbatch.tokens import counting, encodings
-from polars_llmbatch.tokens.counting import count_texts, sample_count
 
 JARGON = [
     {

@@ -8,7 +8,7 @@ import pytest
 
 from polars_llmbatch import LlmBatchError
 from polars_llmbatch.emulator import Faults, serve
-from polars_llmbatch.transport import ProviderError, Transport, credentials
+from polars_llmbatch.run.transport import ProviderError, Transport, credentials
 
 KEY = "sk-secret-test-key-0123456789abcdef"
 

@@ -180,8 +180,8 @@ def test_finished_emulator_batches_keep_only_their_results(tmp_path: Path, provi
 def test_every_provider_retries_the_same_transient_statuses(provider: str, status: int) -> None:
     import json as _json
 
+    from polars_llmbatch.plan.spec import RequestSpec
     from polars_llmbatch.providers import get_provider
-    from polars_llmbatch.spec import RequestSpec
 
     prov = get_provider(provider)
     spec = RequestSpec(provider, "m", options={"max_output_tokens": 5})
@@ -203,7 +203,7 @@ def tmp_line(line: bytes) -> Path:
 def test_concurrent_writability_probes_do_not_trip_each_other(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from polars_llmbatch.checkpoint import Checkpoint
+    from polars_llmbatch.run.checkpoint import Checkpoint
 
     def probe(_: int) -> None:
         Checkpoint(tmp_path).check_writable()  # two creators probing one parent folder

@@ -147,7 +147,7 @@ def test_cli_status_of_a_finished_batch_exits_0(tmp_path: Path) -> None:
 
 
 def test_an_error_in_the_background_is_raised_by_wait(tmp_path: Path) -> None:
-    from polars_llmbatch.transport import ProviderError
+    from polars_llmbatch.run.transport import ProviderError
 
     with serve(batch_seconds=60) as emu:
         job = batch(DF, emu, tmp_path / "j", output="answer", wait=False)

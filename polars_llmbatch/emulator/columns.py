@@ -18,7 +18,7 @@ import polars as pl
 
 from polars_llmbatch.emulator import model
 from polars_llmbatch.emulator.faults import Faults
-from polars_llmbatch.tokens.encodings import get_encoding
+from polars_llmbatch.plan.tokens.encodings import get_encoding
 
 __all__ = [
     "answers",

@@ -25,7 +25,7 @@ from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import outcomes
 from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Timeline
-from polars_llmbatch.tokens.encodings import get_encoding
+from polars_llmbatch.plan.tokens.encodings import get_encoding
 
 __all__ = ["GeminiEmulator"]
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from polars_llmbatch.tokens.encodings import get_encoding
+from polars_llmbatch.plan.tokens.encodings import get_encoding
 
 __all__ = [
     "answer",

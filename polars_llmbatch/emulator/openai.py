@@ -23,8 +23,8 @@ from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router, multipart
 from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Phase, Timeline
+from polars_llmbatch.plan.tokens.encodings import get_encoding
 from polars_llmbatch.providers.openai import _schema_tokens, count_chat_tokens, encoding_for
-from polars_llmbatch.tokens.encodings import get_encoding
 
 __all__ = ["OpenAIEmulator"]
 

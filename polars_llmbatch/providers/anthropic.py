@@ -13,6 +13,7 @@ import polars as pl
 
 from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import anthropic_remote
 from polars_llmbatch.providers.base import (
     AmbiguousBatch,
@@ -22,10 +23,9 @@ from polars_llmbatch.providers.base import (
     RemoteState,
     TokenRule,
 )
-from polars_llmbatch.spec import RequestSpec
 
 if TYPE_CHECKING:
-    from polars_llmbatch.transport import Transport
+    from polars_llmbatch.run.transport import Transport
 
 __all__ = ["Anthropic"]
 
@@ -40,7 +40,7 @@ class Anthropic(Provider):
     """Anthropic's wire format: one ``{"custom_id", "params"}`` entry per request.
 
     Example:
-        >>> from polars_llmbatch.spec import RequestSpec
+        >>> from polars_llmbatch.plan.spec import RequestSpec
         >>> spec = RequestSpec("anthropic", "claude-haiku-4-5", options={"max_output_tokens": 64})
         >>> Anthropic().body(spec, ("user",))["max_tokens"]
         64
@@ -267,7 +267,7 @@ WHERE custom_id IS NOT NULL
 
 def parse_results(files: Sequence[str]) -> pl.DataFrame:
     """One row per request from Message Batches results files (see
-    :data:`~polars_llmbatch.results.RESULT_SCHEMA`); text is the concatenated text blocks.
+    :data:`~polars_llmbatch.collect.results.RESULT_SCHEMA`); text is the concatenated text blocks.
 
     Example:
         >>> import tempfile, pathlib
@@ -281,7 +281,7 @@ def parse_results(files: Sequence[str]) -> pl.DataFrame:
     """
     import duckdb
 
-    from polars_llmbatch.results import finish_parse
+    from polars_llmbatch.collect.results import finish_parse
 
     sql = _PARSE_SQL.format(columns=_LINE_COLUMNS, types=RETRYABLE_TYPES)
     with duckdb.connect() as con:

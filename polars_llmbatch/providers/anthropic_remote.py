@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from polars_llmbatch.providers.base import RemoteState
 
 if TYPE_CHECKING:
-    from polars_llmbatch.transport import Transport
+    from polars_llmbatch.run.transport import Transport
 
 __all__ = ["cancel", "candidates", "download", "poll", "submit"]
 

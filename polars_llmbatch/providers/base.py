@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.spec import RequestSpec
+from polars_llmbatch.plan.spec import RequestSpec
 
 if TYPE_CHECKING:
     import polars as pl
 
-    from polars_llmbatch.transport import Transport
+    from polars_llmbatch.run.transport import Transport
 
 __all__ = [
     "AmbiguousBatch",
@@ -279,7 +279,7 @@ class Provider(ABC):
         raise NotImplementedError(f"{self.name}: fetching results is not implemented")
 
     def parse(self, files: Sequence[Path], spec: RequestSpec) -> pl.DataFrame:
-        """Result files → rows in :data:`polars_llmbatch.results.RESULT_SCHEMA`."""
+        """Result files → rows in :data:`polars_llmbatch.collect.results.RESULT_SCHEMA`."""
         raise NotImplementedError(f"{self.name}: parsing results is not implemented")
 
     def cancel(self, t: Transport, remote_id: str) -> None:

@@ -13,14 +13,14 @@ import polars as pl
 
 from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import gemini_remote
 from polars_llmbatch.providers.base import Framing, Limits, Provider, RemoteState, TokenRule
-from polars_llmbatch.spec import RequestSpec
 
 if TYPE_CHECKING:
     import datetime as dt
 
-    from polars_llmbatch.transport import Transport
+    from polars_llmbatch.run.transport import Transport
 
 __all__ = ["INLINE_MAX_BYTES", "Gemini"]
 
@@ -38,7 +38,7 @@ class Gemini(Provider):
     ``{"metadata": {"key"}, "request"}`` entries in the create body.
 
     Example:
-        >>> from polars_llmbatch.spec import RequestSpec
+        >>> from polars_llmbatch.plan.spec import RequestSpec
         >>> spec = RequestSpec("gemini", "gemini-2.5-flash", options={"max_output_tokens": 64})
         >>> Gemini().body(spec, ("user",))["generationConfig"]
         {'maxOutputTokens': 64}
@@ -263,7 +263,7 @@ WHERE key IS NOT NULL
 def parse_results(files: Sequence[str]) -> pl.DataFrame:
     """One row per request from Gemini batch results as JSONL ``{"key", "response" | "error"}``
     lines (the responses file as downloaded, or the inline responses written out the same
-    way); see :data:`~polars_llmbatch.results.RESULT_SCHEMA`. Thought parts are left out of
+    way); see :data:`~polars_llmbatch.collect.results.RESULT_SCHEMA`. Thought parts are left out of
     the text and thought tokens are counted as output (they are billed as output).
 
     Example:
@@ -278,7 +278,7 @@ def parse_results(files: Sequence[str]) -> pl.DataFrame:
     """
     import duckdb
 
-    from polars_llmbatch.results import finish_parse
+    from polars_llmbatch.collect.results import finish_parse
 
     sql = _PARSE_SQL.format(
         columns=_LINE_COLUMNS,

@@ -1,6 +1,6 @@
 """Gemini Batch Mode calls: submit a shard (inline or as an uploaded file, tagged by its
 ``displayName``), find it again by its tag, poll, fetch results, cancel. Over
-:class:`~polars_llmbatch.transport.Transport`; paths are under ``/v1beta``.
+:class:`~polars_llmbatch.run.transport.Transport`; paths are under ``/v1beta``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import orjson
 from polars_llmbatch.providers.base import RemoteState
 
 if TYPE_CHECKING:
-    from polars_llmbatch.transport import Transport
+    from polars_llmbatch.run.transport import Transport
 
 __all__ = ["INLINE", "cancel", "download", "find", "inline_results", "poll", "submit"]
 

@@ -14,13 +14,13 @@ import polars as pl
 
 from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.plan.spec import RequestSpec
+from polars_llmbatch.plan.tokens.encodings import get_encoding
 from polars_llmbatch.providers import openai_remote
 from polars_llmbatch.providers.base import Framing, Limits, Provider, RemoteState, TokenRule
-from polars_llmbatch.spec import RequestSpec
-from polars_llmbatch.tokens.encodings import get_encoding
 
 if TYPE_CHECKING:
-    from polars_llmbatch.transport import Transport
+    from polars_llmbatch.run.transport import Transport
 
 __all__ = ["OpenAI", "count_chat_tokens", "encoding_for"]
 
@@ -43,7 +43,7 @@ class OpenAI(Provider):
     """OpenAI's wire format. ``api="chat"`` (default) or ``"responses"`` for text; embeddings.
 
     Example:
-        >>> from polars_llmbatch.spec import RequestSpec
+        >>> from polars_llmbatch.plan.spec import RequestSpec
         >>> OpenAI().endpoint(RequestSpec("openai", "gpt-4o-mini"))
         '/v1/chat/completions'
     """
@@ -413,7 +413,7 @@ def parse_results(files: Sequence[str], *, embeddings: bool = False) -> pl.DataF
     """One row per request from OpenAI batch output and error files (chat, responses and
     embeddings).
 
-    Columns are :data:`~polars_llmbatch.results.RESULT_SCHEMA`: ``custom_id``, ``status``
+    Columns are :data:`~polars_llmbatch.collect.results.RESULT_SCHEMA`: ``custom_id``, ``status``
     (``succeeded``, ``errored``, ``expired``, ``canceled``), ``text``, ``embedding``, ``error``
     (the provider's message), ``retryable``, ``input_tokens``, ``output_tokens``, ``finish``.
     Malformed lines are skipped and a duplicated line never replaces a success; requests absent
@@ -431,7 +431,7 @@ def parse_results(files: Sequence[str], *, embeddings: bool = False) -> pl.DataF
     """
     import duckdb
 
-    from polars_llmbatch.results import finish_parse
+    from polars_llmbatch.collect.results import finish_parse
 
     if not files:
         raise ValueError("parse_results needs at least one file")

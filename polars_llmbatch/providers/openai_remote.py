@@ -1,5 +1,5 @@
 """OpenAI Batch API calls: submit a shard (tagged), find it again by its tag, poll, download the
-result files, cancel. Everything goes through :class:`~polars_llmbatch.transport.Transport`.
+result files, cancel. Everything goes through :class:`~polars_llmbatch.run.transport.Transport`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from polars_llmbatch.providers.base import RemoteState
 
 if TYPE_CHECKING:
-    from polars_llmbatch.transport import Transport
+    from polars_llmbatch.run.transport import Transport
 
 __all__ = ["TAG_KEY", "cancel", "download", "find", "poll", "submit"]
 

@@ -24,12 +24,7 @@ import duckdb
 import polars as pl
 
 from polars_llmbatch._checks import check_checkpoint, check_seconds
-from polars_llmbatch.checkpoint import Checkpoint, LockedError, default_root
-from polars_llmbatch.engine import Engine, Settings, plan_round
-from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.estimate import Estimate, estimate
-from polars_llmbatch.providers import Provider, get_provider
-from polars_llmbatch.reconcile import (
+from polars_llmbatch.collect.reconcile import (
     CID,
     IN_JOB,
     SKIPPED,
@@ -39,10 +34,15 @@ from polars_llmbatch.reconcile import (
     request_outputs,
     spent,
 )
-from polars_llmbatch.requests import Prepared, RowIds
-from polars_llmbatch.results import STATUSES
-from polars_llmbatch.spec import RequestSpec
-from polars_llmbatch.transport import Transport, credentials
+from polars_llmbatch.collect.results import STATUSES
+from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.plan.estimate import Estimate, estimate
+from polars_llmbatch.plan.requests import Prepared, RowIds
+from polars_llmbatch.plan.spec import RequestSpec
+from polars_llmbatch.providers import Provider, get_provider
+from polars_llmbatch.run.checkpoint import Checkpoint, LockedError, default_root
+from polars_llmbatch.run.engine import Engine, Settings, plan_round
+from polars_llmbatch.run.transport import Transport, credentials
 
 __all__ = ["AUTO_SYNC_MAX_REQUESTS", "Job", "JobStatus"]
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from polars_llmbatch.tokens.encodings import get_encoding
-from polars_llmbatch.tokens.worker import read_frame, write_frame
+from polars_llmbatch.plan.tokens.encodings import get_encoding
+from polars_llmbatch.plan.tokens.worker import read_frame, write_frame
 
 __all__ = ["SampleCount", "count_texts", "sample_count"]
 
@@ -78,9 +78,7 @@ def _count_in_workers(texts: pl.Series, encoding: str, workers: int, chunk: int)
         finally:
             proc.stdin.close()
 
-    entry = (
-        "import sys; from polars_llmbatch.tokens.worker import main; sys.exit(main(sys.argv[1:]))"
-    )
+    entry = "import sys; from polars_llmbatch.plan.tokens.worker import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", entry, encoding]
     procs = [
         subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(workers)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
+from polars_llmbatch.collect.results import RESULT_SCHEMA, all_distinct
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.prices import cost_expr
-from polars_llmbatch.results import RESULT_SCHEMA, all_distinct
-from polars_llmbatch.spec import RequestSpec
+from polars_llmbatch.plan.prices import cost_expr
+from polars_llmbatch.plan.spec import RequestSpec
 
 if TYPE_CHECKING:
-    from polars_llmbatch.checkpoint import Checkpoint
+    from polars_llmbatch.run.checkpoint import Checkpoint
 
 __all__ = [
     "STATUS_COLUMN",

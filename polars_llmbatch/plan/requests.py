@@ -16,10 +16,10 @@ import polars as pl
 
 from polars_llmbatch import _json
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.outputs import OutputSpec, parse_output
+from polars_llmbatch.plan.outputs import OutputSpec, parse_output
+from polars_llmbatch.plan.spec import RequestSpec, Task
+from polars_llmbatch.plan.template import Template, prompt_expr
 from polars_llmbatch.providers import Provider, get_provider
-from polars_llmbatch.spec import RequestSpec, Task
-from polars_llmbatch.template import Template, prompt_expr
 
 __all__ = ["ROW_NR", "Prepared", "prepare"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.outputs import OutputSpec
+from polars_llmbatch.plan.outputs import OutputSpec
 
 __all__ = ["GENERATION_OPTIONS", "RequestSpec"]
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import polars as pl
 
-from polars_llmbatch.checkpoint import Checkpoint, default_root
+from polars_llmbatch.collect.reconcile import cost_of, read_results
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.reconcile import cost_of, read_results
+from polars_llmbatch.run.checkpoint import Checkpoint, default_root
 
 __all__ = ["BY", "spend"]
 

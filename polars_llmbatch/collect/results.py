@@ -10,7 +10,7 @@ input, always) served from, or written to, the provider's prompt cache, each bil
 
 ``status`` is ``succeeded``, ``errored``, ``expired``, ``canceled`` or ``missing`` here;
 ``invalid_output`` and ``skipped`` are decided later, when results meet the input rows
-(:mod:`polars_llmbatch.reconcile`).
+(:mod:`polars_llmbatch.collect.reconcile`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A token-counting worker process: Arrow IPC chunks of texts in on stdin, counts out on stdout.
 
-Started by :func:`polars_llmbatch.tokens.counting.count_texts` (``main(["o200k_base"])`` in a
+Started by :func:`polars_llmbatch.plan.tokens.counting.count_texts` (``main(["o200k_base"])`` in a
 fresh interpreter). It is a plain subprocess rather than a
 ``multiprocessing`` pool: spawn would re-import the caller's ``__main__`` script (and fail in
 scripts without an ``if __name__ == "__main__"`` guard), and fork is unsafe under polars'
@@ -44,7 +44,7 @@ def write_frame(stream: BinaryIO, data: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
 
-    from polars_llmbatch.tokens.encodings import get_encoding
+    from polars_llmbatch.plan.tokens.encodings import get_encoding
 
     (encoding,) = argv if argv is not None else sys.argv[1:]
     encode = get_encoding(encoding).encode_ordinary

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from polars_llmbatch.checkpoint import Checkpoint, ShardRecord
 from polars_llmbatch.providers.base import RemoteState
+from polars_llmbatch.run.checkpoint import Checkpoint, ShardRecord
 
 __all__ = ["Progress"]
 

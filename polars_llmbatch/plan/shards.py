@@ -16,8 +16,8 @@ import polars as pl
 from polars_llmbatch import _json
 from polars_llmbatch._fs import fsync
 from polars_llmbatch.errors import LlmBatchError, RequestTooLargeError
+from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.providers import Framing, Provider
-from polars_llmbatch.requests import Prepared
 
 __all__ = ["Shard", "plan", "shard_bytes", "write_shard_files", "write_shards"]
 

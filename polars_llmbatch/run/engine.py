@@ -26,18 +26,18 @@ from pathlib import Path
 import polars as pl
 
 from polars_llmbatch._fs import fsync
-from polars_llmbatch.checkpoint import Checkpoint, ShardRecord
+from polars_llmbatch.collect.reconcile import best_results, read_results, spent
+from polars_llmbatch.collect.results import RESULT_SCHEMA, missing_results
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.prices import cost_expr
-from polars_llmbatch.progress import Progress
+from polars_llmbatch.plan.prices import cost_expr
+from polars_llmbatch.plan.requests import Prepared
+from polars_llmbatch.plan.shards import plan, write_shard_files
+from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import Provider
 from polars_llmbatch.providers.base import AmbiguousBatch, RemoteState
-from polars_llmbatch.reconcile import best_results, read_results, spent
-from polars_llmbatch.requests import Prepared
-from polars_llmbatch.results import RESULT_SCHEMA, missing_results
-from polars_llmbatch.shards import plan, write_shard_files
-from polars_llmbatch.spec import RequestSpec
-from polars_llmbatch.transport import ProviderError, Transport, UncertainError
+from polars_llmbatch.run.checkpoint import Checkpoint, ShardRecord
+from polars_llmbatch.run.progress import Progress
+from polars_llmbatch.run.transport import ProviderError, Transport, UncertainError
 
 __all__ = ["Engine", "Settings", "plan_round"]
 

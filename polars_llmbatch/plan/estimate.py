@@ -11,12 +11,12 @@ import polars as pl
 
 from polars_llmbatch._json import dumps
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
-from polars_llmbatch.prices import Price, lookup_price, model_hint, tiers_of
+from polars_llmbatch.plan.prices import Price, lookup_price, model_hint, tiers_of
+from polars_llmbatch.plan.requests import Prepared
+from polars_llmbatch.plan.shards import Shard, plan
+from polars_llmbatch.plan.tokens.counting import count_texts, sample_count
+from polars_llmbatch.plan.tokens.encodings import encoding_source, get_encoding
 from polars_llmbatch.providers import TokenRule
-from polars_llmbatch.requests import Prepared
-from polars_llmbatch.shards import Shard, plan
-from polars_llmbatch.tokens.counting import count_texts, sample_count
-from polars_llmbatch.tokens.encodings import encoding_source, get_encoding
 
 __all__ = ["EXACT_THRESHOLD", "Estimate", "estimate"]
 
