@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> None:
     from polars_llmbatch.providers.anthropic import Anthropic
     from polars_llmbatch.providers.gemini import Gemini
     from polars_llmbatch.providers.openai import OpenAI
-    from polars_llmbatch.run import job
+    from polars_llmbatch.run import job, start
     from polars_llmbatch.run.engine import Engine
 
     cls = {"openai": OpenAI, "anthropic": Anthropic, "gemini": Gemini}[args.provider]
 
     timed(namespace, "_prepare", "render, bodies, ids (prepare)")
-    timed(job, "start", "estimate + shard files (start)")
+    timed(start, "start", "estimate + shard files (start)")
     timed(cls, "submit", "upload + create")
     timed(cls, "poll", "poll")
     timed(cls, "fetch", "download")

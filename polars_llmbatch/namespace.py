@@ -201,7 +201,7 @@ class LlmNamespace:
         ``max_cost`` (USD) is checked on the worst case before anything is sent, and again
         before retries. ``mode="sync"`` sends the same requests to the sync endpoints
         (``concurrency`` at a time); ``mode="auto"`` picks sync for small jobs
-        (:data:`~polars_llmbatch.run.job.AUTO_SYNC_MAX_REQUESTS`). A ``LazyFrame`` is collected
+        (:data:`~polars_llmbatch.run.start.AUTO_SYNC_MAX_REQUESTS`). A ``LazyFrame`` is collected
         for the prompt's columns; the result is the LazyFrame with the new columns (the
         input plan is evaluated again, so it must give its rows in a stable order).
 
@@ -290,7 +290,8 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     """``batch`` and ``embed``: every check that needs no data, then prepare, checkpoint, run."""
     from polars_llmbatch.collect.reconcile import check_output_names, output_names
     from polars_llmbatch.run.engine import Settings
-    from polars_llmbatch.run.job import Job, start
+    from polars_llmbatch.run.job import Job
+    from polars_llmbatch.run.start import start
     from polars_llmbatch.run.transport import Transport, credentials
 
     prov = get_provider(args["provider"])

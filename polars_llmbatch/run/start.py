@@ -1,0 +1,225 @@
+"""Starting a job from a frame, or reattaching to the one already on its checkpoint: the mode,
+the estimate and budget check, the plan and the first events; then the :class:`Job` handle."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import secrets
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.plan.estimate import Estimate, estimate
+from polars_llmbatch.plan.requests import Prepared
+from polars_llmbatch.run.cache import cached_results, subset
+from polars_llmbatch.run.checkpoint import Checkpoint, default_root
+from polars_llmbatch.run.engine import Settings, plan_round
+from polars_llmbatch.run.transport import Transport
+
+__all__ = ["AUTO_SYNC_MAX_REQUESTS", "AUTO_SYNC_MAX_SAVINGS", "choose_mode", "start"]
+
+# the logger's name is the one users configure, kept from before job.py was split
+log = logging.getLogger("polars_llmbatch.job")
+
+#: ``mode="auto"`` runs a job in sync mode when it sends at most this many requests and batch
+#: would save less than :data:`AUTO_SYNC_MAX_SAVINGS` USD: a few hundred calls finish in
+#: seconds at sync rates, while a batch can take minutes to hours for cents saved.
+AUTO_SYNC_MAX_REQUESTS = 200
+AUTO_SYNC_MAX_SAVINGS = 0.25
+
+
+def start(
+    prepared: Prepared,
+    *,
+    checkpoint: str | Path | None,
+    mode: str,
+    settings: Settings,
+    transport: Transport,
+    tags: dict[str, str] | None,
+    estimate_args: dict[str, Any],
+    max_cost: float | None,
+    output_name: str | None = None,
+) -> tuple[Checkpoint, Estimate | None]:
+    """Create (or reattach to) the checkpoint for ``prepared`` and plan its first round.
+
+    Reattaching needs the same spec and the same requests; anything else is refused. A new
+    job first reuses succeeded results of identical requests from its sibling checkpoints (the
+    result cache), then estimates and budget-checks only what is left to send.
+    """
+    if mode not in ("batch", "sync", "auto"):
+        raise LlmBatchError(f"mode= must be 'batch', 'sync' or 'auto', not {mode!r}")
+    root = Path(checkpoint).parent if checkpoint is not None else default_root() / "jobs"
+    # Creation holds the job folder's lock (waiting for another creator): two processes
+    # starting the same call make one job, and the second reattaches to it.
+    place = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, "batch")
+    with _creating(place):
+        modes = ("batch", "sync") if mode == "auto" else (mode,)
+        places = (
+            [Path(checkpoint)]
+            if checkpoint is not None
+            else [root / _dirname(prepared, m) for m in modes]
+        )
+        for candidate in places:  # reattach: the same call finds its job again
+            found = Checkpoint(candidate)
+            if found.exists():
+                _check_same(found, prepared, found.job()["mode"] if mode == "auto" else mode)
+                return found, None
+        cache = cached_results(
+            prepared,
+            root,
+            exclude=Path(checkpoint) if checkpoint else None,
+            base_url=transport.base_url,
+        )
+        todo = subset(prepared, cache["custom_id"]) if cache.height else prepared
+        # A budget is a promise: every request is counted, so the worst case is a bound.
+        planned = estimate(todo, **{"exact": max_cost is not None, **estimate_args})
+        est = planned.estimate
+        if mode == "auto":
+            mode = choose_mode(est, max_cost)
+            log.info(
+                "mode='auto' runs this job in %s mode (%d requests)", mode, todo.requests.height
+            )
+        path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
+        ckpt = Checkpoint(path)
+        est.check_budget(max_cost, mode)
+        if path.exists() and any(path.iterdir()) and not ckpt.unfinished():
+            raise LlmBatchError(
+                f"checkpoint={str(path)!r} is a folder with other files in it; name a new or empty "
+                "folder (a checkpoint holds one job)"
+            )
+        ckpt.check_writable()
+        price = est.price
+        job = {
+            "job_id": prepared.job_id,
+            # Batches are tagged with the job id and this checkpoint's own nonce: two checkpoints
+            # of the same call never take each other's batches for their own after a crash.
+            "tag_id": f"{prepared.job_id}-{secrets.token_hex(4)}",
+            "base_url": transport.base_url,
+            "spec": prepared.spec.to_dict(),
+            "spec_digest": prepared.spec.digest(),
+            "output_dtypes": prepared.spec.output.dtypes_blob() if prepared.spec.output else None,
+            "output_name": output_name,
+            "prompt": prepared.prompt,
+            "endpoint": prepared.provider.endpoint(prepared.spec),
+            "key": prepared.key,
+            "mode": mode,
+            "tags": dict(tags or {}),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "rows": prepared.rows.height,
+            "requests": prepared.requests.height,
+            "cached": cache.height,
+            "max_attempts": settings.max_attempts,
+            "max_cost": max_cost,
+            "max_shard_requests": settings.max_shard_requests,
+            "max_shard_bytes": settings.max_shard_bytes,
+            "price": price.to_dict(),
+            "estimate": est.to_dict(),
+        }
+        # Data, cached results and the first round's shards first, job.json last: a folder
+        # without job.json was interrupted before anything was sent, and is started afresh.
+        # Each request's worst-case input tokens go with it: retries are budgeted on them.
+        worst = todo.requests.select("custom_id", planned.worst_tokens.alias("worst_input_tokens"))
+        requests = prepared.requests.select("custom_id", "body", "row").join(
+            worst, on="custom_id", how="left", maintain_order="left"
+        )
+        ckpt.begin(prepared.rows, requests)
+        if cache.height:
+            ckpt.write_parquet(ckpt.cached_file, cache)
+        plan_round(
+            ckpt,
+            todo,
+            attempt=1,
+            first_index=0,
+            job_id=job["tag_id"],
+            mode=mode,
+            max_requests=settings.max_shard_requests,
+            max_bytes=settings.max_shard_bytes,
+        )
+        ckpt.commit(job)
+        return ckpt, est
+
+
+@contextlib.contextmanager
+def _creating(place: Path) -> Iterator[None]:
+    """Hold ``place``'s lock, waiting for another creator; a folder this made and left with
+    nothing but the lock (a start refused over budget, say) is removed again."""
+    made = not place.exists()
+    try:
+        Checkpoint(place.parent).check_writable()
+        with Checkpoint(place).lock(blocking=True):
+            yield
+    finally:
+        if made and place.is_dir() and {p.name for p in place.iterdir()} <= {".lock"}:
+            shutil.rmtree(place, ignore_errors=True)
+
+
+def choose_mode(est: Estimate, max_cost: float | None) -> str:
+    """``mode="auto"``: sync for a small job where batch saves little, else batch; never a
+    mode whose worst case is over ``max_cost`` when the other one fits it.
+
+    The saving is the expected one, or, where the output's length is unknown, the saving on
+    the worst case (the whole cost, output included, not the input alone).
+
+    Example:
+        >>> from types import SimpleNamespace as E
+        >>> est = E(unique_requests=100, savings=0.01, output_tokens_expected=None,
+        ...         worst_cost_sync=1.0, worst_cost_batch=0.5)
+        >>> choose_mode(est, None), choose_mode(est, 0.75)
+        ('batch', 'batch')
+    """
+    savings = est.savings if est.output_tokens_expected is not None else None
+    ws, wb = est.worst_cost_sync, est.worst_cost_batch
+    if savings is None and ws is not None and wb is not None and math.isfinite(ws - wb):
+        savings = ws - wb
+    small = est.unique_requests <= AUTO_SYNC_MAX_REQUESTS
+    prefer = "sync" if small and (savings is None or savings < AUTO_SYNC_MAX_SAVINGS) else "batch"
+    if max_cost is None:
+        return prefer
+    fits = {
+        "sync": ws is not None and ws <= max_cost,
+        "batch": wb is not None and wb <= max_cost,
+    }
+    if fits[prefer]:
+        return prefer
+    other = "batch" if prefer == "sync" else "sync"
+    # Neither fits: batch, whose (lower) worst case the budget error then names.
+    return other if fits[other] else "batch"
+
+
+def _dirname(prepared: Prepared, mode: str) -> str:
+    return prepared.job_id if mode == "batch" else f"{prepared.job_id}-{mode}"
+
+
+def _check_same(ckpt: Checkpoint, prepared: Prepared, mode: str) -> None:
+    job = ckpt.job()
+    if job["spec_digest"] != prepared.spec.digest():
+        theirs, ours = job["spec"], prepared.spec.to_dict()
+        diff = [k for k in ours if ours[k] != theirs.get(k)]
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in diff[:3])
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} holds a job with a different spec ({shown}); "
+            "use another checkpoint= for this call (results of identical requests are reused)"
+        )
+    if job["job_id"] != prepared.job_id and job.get("prompt", prepared.prompt) != prepared.prompt:
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} holds a job with another prompt "
+            f"({job['prompt']!r} there, {prepared.prompt!r} now); use another checkpoint= for "
+            "this call (results of identical requests are reused)"
+        )
+    if job["job_id"] != prepared.job_id:
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} holds the same spec over different rows "
+            f"({job['requests']:,} unique requests there, {prepared.requests.height:,} now: "
+            "rows were added, removed or changed); use another checkpoint= in the same folder: "
+            "results already paid for are reused"
+        )
+    if job["mode"] != mode:
+        raise LlmBatchError(
+            f"checkpoint {str(ckpt.path)!r} runs in {job['mode']} mode, not {mode}; pass "
+            f"mode={job['mode']!r} to reattach, or another checkpoint="
+        )
