@@ -138,3 +138,17 @@ def test_gemini_inline_responses_without_metadata_land_on_their_requests(tmp_pat
         assert len(emu.ledger.billed) == 40 and not emu.ledger.billed_twice()
     assert set(out["llm_status"]) == {"succeeded"}
     assert out["answer"].to_list() == [f"Emulated answer to: Classify: {b}" for b in df["body"]]
+
+
+def test_status_counts_rows_as_result_does(tmp_path: Path) -> None:
+    """One definition of a row's status: an answer cut at the token cap is ``invalid_output``
+    in ``status()`` exactly as in ``result()`` (status once counted it as succeeded)."""
+    df = pl.DataFrame({"body": ["a refund please", "the app crashes", None, "a refund please"]})
+    with serve(batch_seconds=0.05) as emu:
+        out = batch(df, emu, tmp_path / "j", output=["billing", "bug"], max_output_tokens=2)
+        job = polars_llmbatch.Job.open(tmp_path / "j")
+        counts = job.status(refresh=False).rows
+    from_result = out["llm_status"].value_counts()
+    expected = dict(from_result.iter_rows())
+    assert expected == {"invalid_output": 3, "skipped": 1}
+    assert {k: v for k, v in counts.items() if v} == expected

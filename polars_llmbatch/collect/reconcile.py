@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import polars as pl
 
-from polars_llmbatch.collect.results import RESULT_SCHEMA, all_distinct
+from polars_llmbatch.collect.results import RESULT_SCHEMA, STATUSES, all_distinct
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.prices import cost_expr
 from polars_llmbatch.plan.spec import RequestSpec
@@ -32,7 +32,9 @@ __all__ = [
     "join_rows",
     "read_results",
     "request_outputs",
+    "row_status",
     "spent",
+    "status_counts",
 ]
 
 STATUS_COLUMN = "llm_status"
@@ -285,6 +287,43 @@ def request_outputs(
     )
 
 
+def row_status() -> pl.Expr:
+    """A row's ``llm_status``: the one definition (``result()``, ``status()`` and the CLI all
+    count with it), over :data:`SKIPPED`, :data:`IN_JOB` and the request's :data:`STATUS` and
+    :data:`INVALID`: ``skipped`` (never sent), ``pending`` (no result yet), ``invalid_output``
+    (an answer that is not what the schema asked for), else the result's status; null for a
+    row that is not part of the job."""
+    return (
+        pl.when(pl.col(SKIPPED))
+        .then(pl.lit("skipped"))
+        .when(pl.col(STATUS).is_null() & pl.col(IN_JOB))
+        .then(pl.lit("pending"))
+        .when(pl.col(STATUS).is_null())
+        .then(pl.lit(None, pl.String))
+        .when(pl.col(INVALID).is_not_null())
+        .then(pl.lit("invalid_output"))
+        .otherwise(pl.col(STATUS))
+    )
+
+
+def status_counts(rows: pl.DataFrame, results: pl.DataFrame, spec: RequestSpec) -> dict[str, int]:
+    """Rows per ``llm_status`` (every status, zeros included) for the checkpoint's row map and
+    result rows, by :func:`row_status`: the counts ``result()`` would show."""
+    outputs = request_outputs(results, spec).select(CID, STATUS, INVALID)
+    mapped = _row_map(rows)
+    joined = mapped.join(outputs, on=CID, how="left")
+    counts = {s: 0 for s in STATUSES}
+    counts.update(dict(joined.select(row_status()).to_series().value_counts().iter_rows()))
+    return counts
+
+
+def _row_map(rows: pl.DataFrame) -> pl.DataFrame:
+    """The checkpoint's row map (custom_id, skipped) under our internal names."""
+    return rows.select(
+        pl.col("custom_id").alias(CID), pl.col("skipped").alias(SKIPPED), pl.lit(True).alias(IN_JOB)
+    )
+
+
 def finish_rows(
     frame: pl.DataFrame | pl.LazyFrame,
     spec: RequestSpec,
@@ -301,17 +340,7 @@ def finish_rows(
     row that uses it and are 0 on the others. A row whose request is not part of the job (a
     LazyFrame that gives other rows when evaluated again) has a null status and says so.
     """
-    status = (
-        pl.when(pl.col(SKIPPED))
-        .then(pl.lit("skipped"))
-        .when(pl.col(STATUS).is_null() & pl.col(IN_JOB))
-        .then(pl.lit("pending"))
-        .when(pl.col(STATUS).is_null())
-        .then(pl.lit(None, pl.String))
-        .when(pl.col(INVALID).is_not_null())
-        .then(pl.lit("invalid_output"))
-        .otherwise(pl.col(STATUS))
-    )
+    status = row_status()
     error = (
         pl.when(~pl.col(SKIPPED) & ~pl.col(IN_JOB).fill_null(False))
         .then(pl.lit(NOT_IN_JOB))
@@ -354,9 +383,7 @@ def join_rows(
     (key, custom_id, skipped); ``results`` every result row of the job.
     """
     outputs = request_outputs(results, spec, price=price, name=name)
-    mapped = rows.select(
-        pl.col("custom_id").alias(CID), pl.col("skipped").alias(SKIPPED), pl.lit(True).alias(IN_JOB)
-    )
+    mapped = _row_map(rows)
     joined = mapped.join(outputs, on=CID, how="left", maintain_order="left")
     return finish_rows(joined, spec, usage=usage, name=name)
 

@@ -25,13 +25,12 @@ from polars_llmbatch.collect.reconcile import (
     CID,
     IN_JOB,
     SKIPPED,
-    best_results,
     finish_rows,
     read_results,
     request_outputs,
     spent,
+    status_counts,
 )
-from polars_llmbatch.collect.results import STATUSES
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.requests import RowIds
 from polars_llmbatch.plan.spec import RequestSpec
@@ -117,6 +116,7 @@ class Job:
         # order); a reopened job uses the checkpoint's.
         self._rows = rows
         self._row_ids = row_ids  # how the frame's rows map to requests (for a LazyFrame)
+        self._counts: tuple[Any, dict[str, int]] | None = None  # see _status_counts
         self._job = ckpt.job()
         self._t = transport
         if transport is not None:  # a dropped Job closes its sockets
@@ -332,19 +332,7 @@ class Job:
         shards = self._ckpt.shards()
         results = read_results(self._ckpt)
         rows = self._rows if self._rows is not None else self._ckpt.rows()
-        counts = Counter({s: 0 for s in STATUSES})
-        best = best_results(results) if results.height else None
-        by_id = (
-            rows.join(best.select("custom_id", "status"), on="custom_id", how="left")
-            if best is not None
-            else rows.with_columns(pl.lit(None, pl.String).alias("status"))
-        )
-        statuses = by_id.select(
-            pl.when(pl.col("skipped"))
-            .then(pl.lit("skipped"))
-            .otherwise(pl.col("status").fill_null("pending"))
-        ).to_series()
-        counts.update(dict(statuses.value_counts().iter_rows()))
+        counts = self._status_counts(rows, results)
         phases = Counter(
             "done" if s.done else (s.phase or ("submitted" if s.submitted else "planned"))
             for s in shards.values()
@@ -378,6 +366,17 @@ class Job:
             state=state,
             retries_due=retries,
         )
+
+    def _status_counts(self, rows: pl.DataFrame, results: pl.DataFrame) -> dict[str, int]:
+        """Rows per status as ``result()`` counts them (the answers decoded and checked against
+        the schema), remembered until a results file changes: a repr asks often."""
+        key = tuple(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in sorted((self._ckpt.path / "results").glob("*.parquet"))
+        )
+        if self._counts is None or self._counts[0] != (key, rows.height):
+            self._counts = ((key, rows.height), status_counts(rows, results, self.spec))
+        return dict(self._counts[1])
 
     def _refresh(self) -> None:
         if self._t is None or (self._thread is not None and self._thread.is_alive()):
