@@ -225,3 +225,83 @@ def test_gemini_embeddings() -> None:
         assert body["outputDimensionality"] == 768
     with pytest.raises(LlmBatchError, match="thinking levels start with Gemini 3"):
         bodies("gemini", "gemini-2.5-flash", options={"reasoning_effort": "low"})
+
+
+# each provider's own words, behind the one interface ------------------------------------------
+ERROR_BODIES = {
+    "openai": {
+        "error": {"message": "Invalid model", "type": "invalid_request_error", "param": None}
+    },
+    "anthropic": {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Invalid model"},
+        "request_id": "req_1",
+    },
+    "gemini": {"error": {"code": 404, "message": "Invalid model", "status": "NOT_FOUND"}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_BODIES))
+def test_each_provider_reads_its_own_error_shape(name: str) -> None:
+    from polars_llmbatch.providers import get_provider
+
+    prov = get_provider(name)
+    assert prov.error_message(ERROR_BODIES[name]) == "Invalid model"
+    assert prov.error_message({"detail": "not an error body"}) is None
+    assert prov.error_message(["a list"]) is None
+    # a call that got no answer is written in the provider's own shape and read back by it
+    body = json.loads(prov.error_body("connection reset"))
+    assert prov.error_message(body) == "connection reset"
+    line = json.loads(prov.sync_line("r1", 503, prov.error_body("connection reset")))
+    assert prov.line_id(line) == "r1"
+
+
+def test_gemini_result_lines_carry_the_id_as_key() -> None:
+    from polars_llmbatch.providers import get_provider
+
+    assert get_provider("gemini").line_id({"key": "abc", "response": {}}) == "abc"
+    assert get_provider("gemini").line_id({"custom_id": "abc"}) is None
+    assert get_provider("openai").line_id({"custom_id": "abc"}) == "abc"
+
+
+def _code_words(path) -> tuple[set[str], set[str]]:
+    """The string literals and the names of a module's code (no docstrings, no comments)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docs = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    literals, names = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            literals.add(node.value.lower())
+        elif isinstance(node, ast.Name):
+            names.add(node.id.lower())
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr.lower())
+        elif isinstance(node, ast.alias):
+            names.update(node.name.lower().split("."))
+    return literals, names
+
+
+def test_the_engine_and_transport_hold_no_provider_words() -> None:
+    """Provider names, status words and wire fields live in the provider modules only."""
+    from pathlib import Path
+
+    import polars_llmbatch.run as run
+
+    wire = {"key", "cancelled", "expire", "cancel", "processing_status", "x-api-key", "message"}
+    providers = {"openai", "anthropic", "gemini", "google"}
+    for module in ("engine.py", "transport.py"):
+        literals, names = _code_words(Path(run.__file__).parent / module)
+        found = sorted(
+            {w for w in literals if w in wire or "batch_state" in w or w in providers}
+            | (names & providers)
+        )
+        assert not found, f"run/{module} names {found}"

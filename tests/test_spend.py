@@ -119,9 +119,7 @@ def test_spend_groupings(tmp_path: Path) -> None:
         "batch",
         "sync",
     ]
-    assert polars_llmbatch.spend(root, by="model")["model"].to_list() == [
-        "openai/gpt-4o-mini"
-    ]
+    assert polars_llmbatch.spend(root, by="model")["model"].to_list() == ["openai/gpt-4o-mini"]
     day = polars_llmbatch.spend(root, by="day")
     assert day.height == 1 and day["jobs"][0] == 2
     total = by_job["cost"].sum()

@@ -210,6 +210,19 @@ class Anthropic(Provider):
             result = {"type": "errored", "error": {"type": "error", "error": error}}
         return dumps({"custom_id": custom_id, "result": result}).encode()
 
+    def error_body(self, message: str) -> bytes:
+        # no error type: sync_line types it by the HTTP status (retryable or not)
+        return dumps({"type": "error", "error": {"message": message}}).encode()
+
+    def line_id(self, record: dict[str, Any]) -> str | None:
+        value = record.get("custom_id")
+        return None if value is None else str(value)
+
+    def error_message(self, body: Any) -> str | None:
+        # {"type": "error", "error": {"type", "message"}, "request_id"}
+        err = body.get("error") if isinstance(body, dict) else None
+        return str(err["message"]) if isinstance(err, dict) and err.get("message") else None
+
 
 def _result_ids(data: bytes) -> set[str]:
     ids = set()

@@ -156,6 +156,9 @@ class RemoteState:
     failed: int = 0
     result_files: tuple[str, ...] = ()
     error: str | None = None
+    #: What the requests of an ended batch that have no result became: ``expired``,
+    #: ``canceled`` or ``errored`` (each provider maps its own words).
+    unanswered: str = "errored"
 
     @property
     def ended(self) -> bool:
@@ -305,6 +308,20 @@ class Provider(ABC):
         """A sync response as one line of this provider's batch result file, so that sync and
         batch results go through the same :meth:`parse`."""
         raise NotImplementedError(f"{self.name}: sync mode is not implemented")
+
+    def error_body(self, message: str) -> bytes:
+        """An error response body in this provider's shape, for a call that got no answer
+        (``sync_line`` then records it like any error the provider gave)."""
+        raise NotImplementedError(f"{self.name}: sync mode is not implemented")
+
+    @abstractmethod
+    def line_id(self, record: dict[str, Any]) -> str | None:
+        """The custom_id of one parsed line of this provider's result file."""
+
+    @abstractmethod
+    def error_message(self, body: Any) -> str | None:
+        """The message of an error response (its parsed JSON body) in this provider's shape,
+        or None when the body is not one."""
 
     # helpers shared by the provider modules ------------------------------------------------
     def _refuse(self, spec: RequestSpec, option: str, why: str) -> LlmBatchError:

@@ -221,6 +221,21 @@ class Gemini(Provider):
             error = {"code": status, "message": f"HTTP {status}"}
         return dumps({"key": custom_id, "error": {"code": status, **error}}).encode()
 
+    def error_body(self, message: str) -> bytes:
+        return dumps({"error": {"message": message}}).encode()
+
+    def line_id(self, record: dict[str, Any]) -> str | None:
+        value = record.get("key")  # Gemini's lines carry our id as "key"
+        return None if value is None else str(value)
+
+    def error_message(self, body: Any) -> str | None:
+        # Google's {"error": {"code", "message", "status", "details"}}
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):
+            return None
+        found = err.get("message") or err.get("status")
+        return str(found) if found else None
+
 
 # results ---------------------------------------------------------------------------------------
 #: Google error statuses worth sending again.

@@ -19,6 +19,8 @@ __all__ = ["INLINE", "cancel", "download", "find", "inline_results", "poll", "su
 VERSION = "v1beta"
 #: ``RemoteState.result_files`` entry for results that live in the batch itself (inline form).
 INLINE = "inline"
+#: What requests of an ended batch with no result became, by the batch's state.
+_UNANSWERED = {"BATCH_STATE_EXPIRED": "expired", "BATCH_STATE_CANCELLED": "canceled"}
 _PHASES = {
     "BATCH_STATE_PENDING": "queued",
     "BATCH_STATE_RUNNING": "running",
@@ -110,6 +112,7 @@ def state(op: dict[str, Any]) -> RemoteState:
         failed=int(stats.get("failedRequestCount", 0)),
         result_files=files,
         error=error,
+        unanswered=_UNANSWERED.get(status, "errored"),
     )
 
 

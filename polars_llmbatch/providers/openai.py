@@ -213,6 +213,18 @@ class OpenAI(Provider):
         }
         return dumps(line).encode()
 
+    def error_body(self, message: str) -> bytes:
+        return dumps({"error": {"message": message}}).encode()
+
+    def line_id(self, record: dict[str, Any]) -> str | None:
+        value = record.get("custom_id")
+        return None if value is None else str(value)
+
+    def error_message(self, body: Any) -> str | None:
+        # {"error": {"message", "type", "param", "code"}}
+        err = body.get("error") if isinstance(body, dict) else None
+        return str(err["message"]) if isinstance(err, dict) and err.get("message") else None
+
     # shards -------------------------------------------------------------------------------
     def framing(self, spec: RequestSpec, tag: str, n_requests: int, payload_bytes: int) -> Framing:
         line = {

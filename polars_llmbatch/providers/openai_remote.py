@@ -15,6 +15,8 @@ __all__ = ["TAG_KEY", "cancel", "download", "find", "poll", "submit"]
 
 #: The metadata key that carries a shard's tag (job id + shard index), for crash recovery.
 TAG_KEY = "llmbatch_tag"
+#: What requests of an ended batch with no result line became, by the batch's status.
+_UNANSWERED = {"expired": "expired", "cancelled": "canceled", "cancelling": "canceled"}
 _PHASES = {
     "validating": "queued",
     "in_progress": "running",
@@ -97,6 +99,7 @@ def state(b: dict[str, Any]) -> RemoteState:
         failed=int(counts.get("failed") or 0),
         result_files=files,
         error=error,
+        unanswered=_UNANSWERED.get(str(b.get("status")), "errored"),
     )
 
 

@@ -332,7 +332,7 @@ class Engine:
             got = self.provider.parse(files, self.spec)
             got = got.filter(pl.col("custom_id").is_in(ids.implode()))  # never a foreign row
             absent = missing_results(ids.filter(~ids.is_in(got["custom_id"].implode())))
-            status = _batch_status(st)
+            status = st.unanswered
             if status != "errored":  # a cancelled (or expired) batch that never ran them
                 absent = absent.with_columns(
                     pl.lit(status).alias("status"),
@@ -343,7 +343,7 @@ class Engine:
             queue_limited = False
         else:
             queue_limited = self.provider.queue_limited(st) and s.requests > 1
-            status = _batch_status(st)
+            status = st.unanswered
             rows = missing_results(ids).with_columns(
                 pl.lit(status).alias("status"),
                 pl.lit(st.error or f"the batch ended {st.status} with no results").alias("error"),
@@ -484,7 +484,7 @@ class Engine:
         part = final.with_suffix(".part")
         if final.exists() and not part.exists():  # renamed, then killed before the event
             os.replace(final, part)
-        done_ids = _part_ids(part)
+        done_ids = _part_ids(part, self.provider)
         if s.intent_at is None:
             self.ckpt.append("intent", shard=s.index, tag=s.tag, sha256=s.sha256, attempt=s.attempt)
         todo = (
@@ -518,7 +518,7 @@ class Engine:
                 if self.provider.stops_job(exc.status, str(exc)):
                     raise
                 status = exc.status or 503  # a connection that never answered: transient
-                payload = _error_body(str(exc))
+                payload = self.provider.error_body(str(exc))
             line = self.provider.sync_line(custom_id, status, payload) + b"\n"
             with lock, open(part, "ab") as f:
                 f.write(line)
@@ -648,15 +648,6 @@ class Engine:
         return float(bounds.select(cost.sum()).collect().item() or 0.0)
 
 
-def _batch_status(st: RemoteState) -> str:
-    word = st.status.lower()
-    if "expire" in word:
-        return "expired"
-    if "cancel" in word:
-        return "canceled"
-    return "errored"
-
-
 def _counts(rows: pl.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in rows["status"].value_counts().iter_rows()}
 
@@ -669,7 +660,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _part_ids(part: Path) -> set[str]:
+def _part_ids(part: Path, provider: Provider) -> set[str]:
     """custom_ids already answered in a sync ``.part`` file (a torn last line is dropped)."""
     import orjson
 
@@ -684,15 +675,9 @@ def _part_ids(part: Path) -> set[str]:
             obj = orjson.loads(line)
         except orjson.JSONDecodeError:
             break
-        ids.add(str(obj.get("custom_id") or obj.get("key")))
+        ids.add(str(provider.line_id(obj)))
         keep += len(line)
     if keep != len(data):  # cut the torn tail so new lines start clean
         with open(part, "r+b") as f:
             f.truncate(keep)
     return ids
-
-
-def _error_body(message: str) -> bytes:
-    import orjson
-
-    return orjson.dumps({"error": {"message": message}})

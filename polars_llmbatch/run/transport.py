@@ -116,7 +116,9 @@ class Transport:
         # What is recorded and shown (job.json, reprs, the result cache's key): no user info
         # or query string, which may carry a secret. Requests still go to the real URL.
         self.base_url = redact_url(creds.base_url)
-        self.retry_status = get_provider(creds.provider).retryable_http
+        provider = get_provider(creds.provider)
+        self.retry_status = provider.retryable_http
+        self._error_message = provider.error_message
         self._origin = _origin(httpx.URL(creds.base_url))
         self._auth = tuple(creds.headers())
         self.max_retries = max_retries
@@ -181,11 +183,17 @@ class Transport:
                 if response.status_code < 400:
                     return response
                 if not idempotent and response.status_code != 429 and response.status_code >= 500:
-                    raise UncertainError(self.provider, response.status_code, _message(response))
+                    raise UncertainError(
+                        self.provider, response.status_code, _message(response, self._error_message)
+                    )
                 if response.status_code not in self.retry_status or attempt >= self.max_retries:
-                    raise ProviderError(self.provider, response.status_code, _message(response))
+                    raise ProviderError(
+                        self.provider, response.status_code, _message(response, self._error_message)
+                    )
                 if not idempotent and response.status_code != 429:
-                    raise UncertainError(self.provider, response.status_code, _message(response))
+                    raise UncertainError(
+                        self.provider, response.status_code, _message(response, self._error_message)
+                    )
                 delay = self._delay(attempt, response)
                 log.info(
                     "%s %s: HTTP %d, retrying in %.1f s", method, path, response.status_code, delay
@@ -218,13 +226,12 @@ def _sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def _message(response: httpx.Response) -> str:
-    """The provider's own error message (OpenAI, Anthropic and Google shapes), else the status."""
+def _message(response: httpx.Response, read: Callable[[Any], str | None]) -> str:
+    """The provider's own error message (``read``: its :meth:`Provider.error_message`), else
+    the start of the body, else the status."""
     try:
         body = response.json()
     except ValueError:
         return response.reason_phrase or "error"
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        return str(err.get("message") or err.get("status") or err)
-    return str(err or body)[:500]
+    found = read(body)
+    return found if found is not None else str(body)[:500]
