@@ -20,6 +20,7 @@ from typing import Any
 
 import polars as pl
 
+from polars_llmbatch import options
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError
 
 __all__ = ["main"]
@@ -120,40 +121,29 @@ def _parser() -> argparse.ArgumentParser:
         )
         c.add_argument("input", help=".parquet, .csv, .ndjson file or a Parquet glob")
         c.add_argument("--prompt", required=True, help="template, e.g. 'Classify: {body}'")
-        c.add_argument("--provider", required=True, help="openai, anthropic or gemini")
-        c.add_argument("--model", required=True)
-        c.add_argument("--system", help="system prompt (may reference columns)")
-        c.add_argument("--id", help="unique key column (default: row position)")
         out = c.add_mutually_exclusive_group()
-        out.add_argument("--column", help="output column name for free text (default 'label')")
-        out.add_argument("--categories", help="comma-separated labels: a strict enum output")
+        out.add_argument(
+            "--column", help="output column name for free text (default 'label'), or --embed's"
+        )
+        out.add_argument(
+            "--categories", type=options.parse_categories, help="comma-separated labels: an enum"
+        )
         c.add_argument("--embed", action="store_true", help="embeddings instead of generation")
-        c.add_argument("--dimensions", type=int)
-        c.add_argument("--max-output-tokens", type=int)
-        c.add_argument("--temperature", type=float)
-        c.add_argument("--on-null", choices=["skip", "empty", "error"], default="skip")
-        c.add_argument("--max-shard-requests", type=int)
+        # every option of the verb, from the options table (run: batch's and embed's)
+        verbs = {"estimate": ["estimate"], "requests": ["requests"], "run": ["batch", "embed"]}
+        seen: set[str] = set()
+        for verb in verbs[name]:
+            options.add_flags(c, verb, skip=seen | {"wait", "progress", "poll_interval"})
+            seen |= {o.name for o in options.for_verb(verb)}
         if name == "estimate":
-            c.add_argument("--exact", action="store_true", help="count every request exactly")
-            c.add_argument("--expected-output-tokens", type=float)
-            c.add_argument("--max-cost", type=float, help="refuse if the worst case is over USD")
             c.add_argument("--json", action="store_true", help="print the estimate as JSON")
         elif name == "run":
             c.add_argument(
                 "--output",
                 help="write the input rows with the results here (.parquet/.csv/.ndjson)",
             )
-            c.add_argument("--checkpoint", help="job folder (default: the user cache folder)")
-            c.add_argument("--max-cost", type=float, help="refuse if the worst case is over USD")
-            c.add_argument("--mode", choices=["batch", "sync", "auto"], default="batch")
-            c.add_argument(
-                "--tag", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
-            )
-            c.add_argument("--max-attempts", type=int, default=3)
-            c.add_argument("--usage", action="store_true", help="add token and cost columns")
             _waiting(c)
         else:
-            c.add_argument("--write-to", help="folder for the shard files")
             c.add_argument("--out", help="write the request table here (.parquet)")
     for name, text, example in (
         ("status", "where a job stands (exit 4 while it runs)", "llmbatch status runs/tickets"),
@@ -213,30 +203,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _waiting(c: argparse.ArgumentParser) -> None:
+    """The waiting flags ``run`` and ``resume`` share (``wait``, ``progress`` and
+    ``poll_interval`` of the options table, taken by this process rather than passed on)."""
     c.add_argument("--no-wait", action="store_true", help="submit and exit (code 4); resume later")
     c.add_argument("--timeout", type=float, help="stop waiting after SECONDS (exit 4)")
-    c.add_argument("--poll-interval", type=float, default=5.0, help="seconds (default 5)")
+    c.add_argument(
+        "--poll-interval",
+        type=float,
+        default=options.BY_NAME["poll_interval"].default,
+        help=options.BY_NAME["poll_interval"].help,
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _common(args: argparse.Namespace) -> dict[str, Any]:
-    output: Any = args.column
-    if args.categories:
-        output = [c.strip() for c in args.categories.split(",") if c.strip()]
-    kw: dict[str, Any] = {
-        "provider": args.provider,
-        "model": args.model,
-        "system": args.system,
-        "id": args.id,
-        "task": "embed" if args.embed else "generate",
-        "on_null": args.on_null,
-        "max_output_tokens": args.max_output_tokens,
-        "temperature": args.temperature,
-        "dimensions": args.dimensions,
-        "max_shard_requests": args.max_shard_requests,
-    }
-    if not args.embed:
-        kw["output"] = output
+def _common(args: argparse.Namespace, verb: str) -> dict[str, Any]:
+    """``verb``'s keyword arguments from the flags: the table's options, and the output."""
+    kw = options.from_flags(args, verb)
+    if args.embed:
+        if args.categories:
+            raise LlmBatchError("--categories does not apply to --embed")
+        if verb == "embed" and args.column:
+            kw["name"] = args.column
+        elif verb != "embed":
+            kw["task"] = "embed"
+    else:
+        kw["output"] = args.categories or args.column
     return kw
 
 
@@ -274,16 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(frame, args)
         if args.command == "estimate":
-            est = frame.llm.estimate(
-                args.prompt,
-                exact=args.exact,
-                expected_output_tokens=args.expected_output_tokens,
-                max_cost=args.max_cost,
-                **_common(args),
-            )
+            est = frame.llm.estimate(args.prompt, **_common(args, "estimate"))
             print(json.dumps(est.to_dict(), indent=2, default=str) if args.json else repr(est))
             return 0
-        reqs = frame.llm.requests(args.prompt, write_to=args.write_to, **_common(args))
+        reqs = frame.llm.requests(args.prompt, **_common(args, "requests"))
         if args.out:
             reqs.write_parquet(args.out)
         n = reqs["custom_id"].n_unique() - (1 if reqs["custom_id"].null_count() else 0)
@@ -312,36 +297,23 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
-    tags = {}
-    for item in args.tag:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise LlmBatchError(f"--tag takes KEY=VALUE, e.g. --tag team=support; got {item!r}")
-        tags[key] = value
     if args.output:
         _check_output(args.output)
-    kw = _common(args)
-    task = kw.pop("task")
-    options = dict(
-        checkpoint=args.checkpoint,
-        mode=args.mode,
-        max_cost=args.max_cost,
-        tags=tags or None,
-        usage=args.usage,
-        max_attempts=args.max_attempts,
-        progress=not args.quiet,
-        poll_interval=args.poll_interval,
-        wait=False,
-    )
-    if task == "embed":
-        for name in ("system", "max_output_tokens", "temperature", "output"):
-            if kw.pop(name, None) is not None:
-                raise LlmBatchError(f"--{name.replace('_', '-')} does not apply to --embed")
-        job = frame.llm.embed(args.prompt, **kw, **options)
-    else:
-        if kw.pop("dimensions", None) is not None:
-            raise LlmBatchError("--dimensions applies to --embed only")
-        job = frame.llm.batch(args.prompt, **kw, **options)
+    verb = "embed" if args.embed else "batch"
+    given = {k for k, v in vars(args).items() if v not in (None, False, [])}
+    taken = {o.name for o in options.for_verb(verb)} | {"wait", "progress", "poll_interval"}
+    other = {o.name for o in options.OPTIONS if o.cli} - taken
+    stray = sorted(given & other)
+    if stray:
+        flags = ", ".join(options.BY_NAME[n].cli or n for n in stray)
+        raise LlmBatchError(
+            f"{flags} {'does' if len(stray) == 1 else 'do'} not apply to "
+            f"{'--embed' if args.embed else 'generation (drop them, or add --embed)'}"
+        )
+    kw = _common(args, verb)
+    kw.update(progress=not args.quiet, poll_interval=args.poll_interval, wait=False)
+    method = frame.llm.embed if args.embed else frame.llm.batch
+    job = method(args.prompt, **kw)
     print(f"job {job.id}: checkpoint {job.path}", file=sys.stderr)
     try:
         if not args.no_wait:

@@ -8,9 +8,9 @@ from typing import Any
 
 import polars as pl
 
-from polars_llmbatch._checks import check_bool, check_checkpoint, check_positive_int, check_seconds
+from polars_llmbatch import options
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.plan.estimate import Estimate, check_fits, check_max_cost, estimate
+from polars_llmbatch.plan.estimate import Estimate, check_fits, estimate
 from polars_llmbatch.plan.prices import check_model, check_override
 from polars_llmbatch.plan.requests import OnNull, Prepared, prepare
 from polars_llmbatch.plan.shards import check_caps, check_target, plan, write_shards
@@ -75,19 +75,9 @@ class LlmNamespace:
             >>> est.unique_requests, est.output_tokens_worst, est.cost_batch < est.cost_sync
             (2, 40, True)
         """
+        options.check("estimate", locals())
         check_caps(get_provider(provider), max_shard_requests, max_shard_bytes, max_shard_tokens)
         check_override(prices)
-        check_max_cost(max_cost)
-        check_bool("exact", exact)
-        if expected_output_tokens is not None and (
-            isinstance(expected_output_tokens, bool)
-            or not isinstance(expected_output_tokens, (int, float))
-            or not 0 <= expected_output_tokens < float("inf")
-        ):
-            raise LlmBatchError(
-                "expected_output_tokens= must be a finite, non-negative number, got "
-                f"{expected_output_tokens!r}"
-            )
         prepared = _prepare(self._frame, prompt, locals())
         est = estimate(
             prepared,
@@ -139,6 +129,7 @@ class LlmNamespace:
             >>> reqs.columns, reqs["custom_id"].n_unique()
             (['row_nr', 'custom_id', 'body'], 2)
         """
+        options.check("requests", locals())
         check_caps(get_provider(provider), max_shard_requests, max_shard_bytes)
         if write_to is not None:
             check_target(write_to)
@@ -218,6 +209,7 @@ class LlmNamespace:
             >>> out.columns, out["llm_status"].to_list()
             (['body', 'label', 'llm_status', 'llm_error'], ['succeeded', 'succeeded'])
         """
+        options.check("batch", locals())
         return _run(self._frame, prompt, "generate", locals())
 
     def embed(
@@ -263,6 +255,7 @@ class LlmNamespace:
             >>> out.schema["embedding"]
             Array(Float32, shape=(8,))
         """
+        options.check("embed", locals())
         schema = (
             self._frame.collect_schema()
             if isinstance(self._frame, pl.LazyFrame)
@@ -294,30 +287,13 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     from polars_llmbatch.run.start import start
     from polars_llmbatch.run.transport import Transport, credentials
 
+    # the options' own checks ran in the method (options.check); these span options
     prov = get_provider(args["provider"])
     check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"])
     check_override(args["prices"])
-    check_max_cost(args["max_cost"])
     check_model(prov, args["model"], task, args["prices"])
-    check_checkpoint(args["checkpoint"])
-    check_positive_int("max_attempts", args["max_attempts"])
-    check_positive_int("concurrency", args["concurrency"])
-    check_seconds("poll_interval", args["poll_interval"])
-    for flag in ("wait", "usage", "progress"):
-        check_bool(flag, args[flag])
-    if task == "embed" and not (isinstance(args.get("name"), str) and args["name"]):
-        raise LlmBatchError(f"name= must be a non-empty column name, got {args.get('name')!r}")
-    if args["mode"] not in ("batch", "sync", "auto"):
-        raise LlmBatchError(f"mode= must be 'batch', 'sync' or 'auto', not {args['mode']!r}")
     max_attempts = args["max_attempts"]
     tags = args["tags"]
-    if tags is not None and not (
-        isinstance(tags, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())
-    ):
-        raise LlmBatchError(
-            f"tags= must map strings to strings, e.g. {{'team': 'support'}}; got {tags!r}"
-        )
     # A missing key is an error now, before the frame is read or anything is written.
     creds = credentials(
         prov.name,

@@ -201,7 +201,7 @@ def test_exit_codes_for_errors(workdir: Path) -> None:
         assert nokey.returncode == 1 and "set OPENAI_API_KEY" in nokey.stderr
         assert len(nokey.stderr.strip().splitlines()) == 1
         bad = llmbatch("run", "t.parquet", *RUN, "--tag", "team", cwd=workdir, env=env)
-        assert bad.returncode == 1 and "--tag takes KEY=VALUE" in bad.stderr
+        assert bad.returncode == 2 and "--tag takes KEY=VALUE" in bad.stderr  # a usage error
         out = llmbatch("run", "t.parquet", *RUN, "--output", "x.xlsx", cwd=workdir, env=env)
         assert out.returncode == 1 and ".parquet, .csv or .ndjson" in out.stderr
         missing = llmbatch("status", "nowhere", cwd=workdir, env=env)

@@ -63,35 +63,9 @@ class RequestSpec:
                 raise LlmBatchError(f"embeddings take no generation options; drop {used}")
             if self.system is not None or self.system_per_row:
                 raise LlmBatchError("embeddings have no system prompt; drop system=")
-        for name, top in (("temperature", 2.0), ("top_p", 1.0)):
-            value = self.options.get(name)
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0 <= value <= top  # NaN fails this too
-            ):
-                raise LlmBatchError(f"{name} must be a number from 0 to {top:g}, got {value!r}")
-        seed = self.options.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise LlmBatchError(f"seed must be an integer, got {seed!r}")
-        effort = self.options.get("reasoning_effort")
-        if effort is not None and not isinstance(effort, str):
-            raise LlmBatchError(f"reasoning_effort must be a string like 'low', got {effort!r}")
-        stop = self.options.get("stop")
-        if stop is not None and not (
-            isinstance(stop, str)
-            or (
-                isinstance(stop, (list, tuple))
-                and stop
-                and all(isinstance(x, str) and x for x in stop)
-            )
-        ):
-            raise LlmBatchError(
-                f"stop must be a string or a non-empty list of non-empty strings, got {stop!r}"
-            )
-        mot = self.options.get("max_output_tokens")
-        if mot is not None and (not isinstance(mot, int) or isinstance(mot, bool) or mot < 1):
-            raise LlmBatchError(f"max_output_tokens must be a positive integer, got {mot!r}")
+        from polars_llmbatch.options import check_generation
+
+        check_generation(self.options)  # the options table's checks: one definition
         if self.dimensions is not None and (
             not isinstance(self.dimensions, int) or self.dimensions < 1
         ):
