@@ -32,6 +32,8 @@ __all__ = [
     "for_verb",
     "from_flags",
     "parse_categories",
+    "record",
+    "recorded",
     "reference",
 ]
 
@@ -60,6 +62,8 @@ class Option:
     choices: tuple[str, ...] = ()
     no_flag: str = ""
     required: bool = False
+    #: Kept in the checkpoint's job.json: what a reopened job (any process) runs with.
+    recorded: bool = False
 
     @property
     def cli(self) -> str | None:
@@ -330,6 +334,7 @@ OPTIONS: tuple[Option, ...] = (
         frozenset({"estimate", "batch", "embed"}),
         check=_max_cost,
         parse=float,
+        recorded=True,
     ),
     Option(
         "max_shard_requests",
@@ -338,6 +343,7 @@ OPTIONS: tuple[Option, ...] = (
         "fewer requests per batch than the provider's cap",
         _ALL,
         parse=int,
+        recorded=True,
     ),
     Option(
         "max_shard_bytes",
@@ -346,6 +352,7 @@ OPTIONS: tuple[Option, ...] = (
         "fewer bytes per batch file than the provider's cap",
         _ALL,
         parse=int,
+        recorded=True,
     ),
     Option(
         "max_shard_tokens",
@@ -390,6 +397,7 @@ OPTIONS: tuple[Option, ...] = (
         check=_one_of("batch", "sync", "auto"),
         kind="choice",
         choices=("batch", "sync", "auto"),
+        recorded=True,
     ),
     Option(
         "wait",
@@ -411,6 +419,7 @@ OPTIONS: tuple[Option, ...] = (
         flag="--tag",
         kind="repeat",
         parse=_tag,
+        recorded=True,
     ),
     Option("usage", "bool", False, "add token and cost columns", _RUN, check=_flag, kind="switch"),
     Option(
@@ -421,6 +430,7 @@ OPTIONS: tuple[Option, ...] = (
         _RUN,
         check=_positive_int,
         parse=int,
+        recorded=True,
     ),
     Option(
         "progress",
@@ -449,6 +459,7 @@ OPTIONS: tuple[Option, ...] = (
         _RUN,
         check=_positive_int,
         parse=int,
+        recorded=True,
     ),
     Option(
         "api_key",
@@ -469,6 +480,16 @@ BY_NAME = {o.name: o for o in OPTIONS}
 def for_verb(verb: str) -> list[Option]:
     """The options ``verb`` takes, in table order."""
     return [o for o in OPTIONS if verb in o.verbs]
+
+
+def record(values: dict[str, Any]) -> dict[str, Any]:
+    """The options job.json keeps, from a run's ``values`` (absent ones at their defaults)."""
+    return {o.name: values.get(o.name, o.default) for o in OPTIONS if o.recorded}
+
+
+def recorded(job: dict[str, Any]) -> dict[str, Any]:
+    """The kept options of a job.json, at their defaults where an older checkpoint lacks one."""
+    return {o.name: job.get(o.name, o.default) for o in OPTIONS if o.recorded}
 
 
 def check(verb: str, values: dict[str, Any]) -> None:
@@ -529,11 +550,14 @@ def from_flags(args: argparse.Namespace, verb: str) -> dict[str, Any]:
 # the docs -------------------------------------------------------------------------------------
 def reference() -> str:
     """The README's option reference, as a Markdown table."""
-    rows = ["| option | default | estimate | requests | batch | embed | flag | what it does |"]
-    rows.append("|---|---|:-:|:-:|:-:|:-:|---|---|")
+    rows = [
+        "| option | default | estimate | requests | batch | embed | flag | job.json | what it does |"
+    ]
+    rows.append("|---|---|:-:|:-:|:-:|:-:|---|:-:|---|")
     for o in OPTIONS:
         marks = " | ".join("✓" if v in o.verbs else "" for v in VERBS)
         default = "required" if o.required else f"`{o.default!r}`"
         flag = f"`{o.cli}`" if o.cli else o.no_flag
-        rows.append(f"| `{o.name}` | {default} | {marks} | {flag} | {o.help} |")
+        kept = "✓" if o.recorded else ""
+        rows.append(f"| `{o.name}` | {default} | {marks} | {flag} | {kept} | {o.help} |")
     return "\n".join(rows) + "\n"

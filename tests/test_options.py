@@ -108,3 +108,27 @@ def test_the_readme_reference_is_the_table() -> None:
     start, end = "<!-- options:start -->\n", "<!-- options:end -->"
     block = readme[readme.index(start) + len(start) : readme.index(end)]
     assert block == options.reference(), "README out of date: paste options.reference()"
+
+
+def test_job_json_keeps_the_recorded_options_and_a_reopened_job_runs_with_them(tmp_path) -> None:
+    import json
+
+    import polars as pl
+    from helpers import batch
+
+    import polars_llmbatch
+    from polars_llmbatch.emulator import serve
+
+    df = pl.DataFrame({"body": ["a", "b", "c"]})
+    given = {"mode": "sync", "tags": {"team": "x"}, "max_attempts": 2, "max_cost": 1.0}
+    given |= {"concurrency": 2, "max_shard_requests": 2, "max_shard_bytes": 100_000}
+    with serve(batch_seconds=0.05) as emu:
+        batch(df, emu, tmp_path / "j", **given)
+    job = json.loads((tmp_path / "j" / "job.json").read_text())
+    kept = {o.name for o in options.OPTIONS if o.recorded}
+    assert kept == set(given)  # every recorded option is one a run can set, and the other way
+    assert {k: job[k] for k in kept} == given
+    reopened = polars_llmbatch.Job.open(tmp_path / "j", api_key="k")
+    settings = reopened._settings
+    assert (settings.mode, settings.max_attempts, settings.concurrency) == ("sync", 2, 2)
+    assert (settings.max_shard_requests, settings.max_cost) == (2, 1.0)

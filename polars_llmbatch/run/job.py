@@ -20,6 +20,7 @@ from typing import Any
 
 import polars as pl
 
+from polars_llmbatch import options
 from polars_llmbatch._checks import check_checkpoint, check_seconds
 from polars_llmbatch.collect.reconcile import (
     CID,
@@ -125,13 +126,7 @@ class Job:
         self._usage = usage
         self.spec = RequestSpec.from_dict(self._job["spec"], self._job.get("output_dtypes"))
         self.provider: Provider = get_provider(self.spec.provider)
-        self._settings = settings or Settings(
-            mode=self._job["mode"],
-            max_attempts=self._job.get("max_attempts", 3),
-            max_cost=self._job.get("max_cost"),
-            max_shard_requests=self._job.get("max_shard_requests"),
-            max_shard_bytes=self._job.get("max_shard_bytes"),
-        )
+        self._settings = settings or Settings(**_kept_settings(self._job))
 
     # opening ---------------------------------------------------------------------------------
     @classmethod
@@ -158,11 +153,7 @@ class Job:
         else:
             missing = None
         settings = Settings(
-            mode=job["mode"],
-            max_attempts=job.get("max_attempts", 3),
-            max_cost=job.get("max_cost"),
-            max_shard_requests=job.get("max_shard_requests"),
-            max_shard_bytes=job.get("max_shard_bytes"),
+            **_kept_settings(job),
             poll_interval=poll_interval,
             max_poll_interval=max(poll_interval, Settings.max_poll_interval),
             progress=progress,
@@ -473,3 +464,10 @@ def _stop_runners() -> None:
     for job in list(_RUNNERS):
         if job._thread is not None:
             job._thread.join(timeout=30)  # its current step; the checkpoint stays resumable
+
+
+def _kept_settings(job: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`Settings` a job.json keeps (the options table's recorded options)."""
+    kept = options.recorded(job)
+    kept.pop("tags")  # a label, not a way of running
+    return kept

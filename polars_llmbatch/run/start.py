@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from polars_llmbatch import options
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.estimate import Estimate, estimate
 from polars_llmbatch.plan.requests import Prepared
@@ -107,16 +108,22 @@ def start(
             "prompt": prepared.prompt,
             "endpoint": prepared.provider.endpoint(prepared.spec),
             "key": prepared.key,
-            "mode": mode,
-            "tags": dict(tags or {}),
+            # the run options a reopened job runs with, as the options table marks them
+            **options.record(
+                {
+                    "mode": mode,
+                    "tags": dict(tags or {}),
+                    "max_attempts": settings.max_attempts,
+                    "max_cost": max_cost,
+                    "concurrency": settings.concurrency,
+                    "max_shard_requests": settings.max_shard_requests,
+                    "max_shard_bytes": settings.max_shard_bytes,
+                }
+            ),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "rows": prepared.rows.height,
             "requests": prepared.requests.height,
             "cached": cache.height,
-            "max_attempts": settings.max_attempts,
-            "max_cost": max_cost,
-            "max_shard_requests": settings.max_shard_requests,
-            "max_shard_bytes": settings.max_shard_bytes,
             "price": price.to_dict(),
             "estimate": est.to_dict(),
         }
