@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,13 +165,26 @@ def test_emulator_command_serves_and_stops(tmp_path: Path) -> None:
         assert first.startswith("emulator on http://127.0.0.1:")
         exports = dict(
             line.strip().removeprefix("export ").split("=", 1)
-            for line in (proc.stdout.readline() for _ in range(3))
+            for line in (proc.stdout.readline() for _ in range(6))
         )
-        assert set(exports) == {"OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "GOOGLE_GEMINI_BASE_URL"}
+        urls = {"OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "GOOGLE_GEMINI_BASE_URL"}
+        assert set(exports) == urls | {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"}
         r = httpx.get(
             f"{exports['OPENAI_BASE_URL']}/batches", headers={"Authorization": "Bearer k"}
         )
         assert r.status_code == 200 and r.json()["data"] == []
+        # The README's flow: export what it printed, and nothing else, then run a job.
+        pl.DataFrame({"body": ["a refund", "a crash"]}).write_parquet(tmp_path / "t.parquet")
+        clean = {k: v for k, v in os.environ.items() if "API_KEY" not in k and "BASE_URL" not in k}
+        for provider, model in (("openai", "gpt-4o-mini"), ("gemini", "gemini-2.5-flash")):
+            job = subprocess.run(
+                [sys.executable, "-m", "polars_llmbatch.cli", "run", "t.parquet", "--prompt",
+                 "Classify: {body}", "--provider", provider, "--model", model, "--quiet",
+                 "--poll-interval", "0.05", "--checkpoint", f"runs/{provider}"],
+                cwd=tmp_path, env={**clean, **exports}, capture_output=True, text=True,
+                timeout=120,
+            )  # fmt: skip
+            assert job.returncode == 0, job.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0

@@ -29,6 +29,10 @@ from polars_llmbatch.emulator.openai import OpenAIEmulator
 __all__ = ["Emulator", "Faults", "Ledger", "serve"]
 
 
+#: The key :meth:`Emulator.env` exports: not a secret, any non-empty key is accepted here.
+DUMMY_KEY = "emulator-dummy-key"
+
+
 class Emulator:
     """A running emulator: its base URLs, its ledger, and ``stop()``.
 
@@ -83,11 +87,16 @@ class Emulator:
         return f"{self.server.url}/gemini"
 
     def env(self) -> dict[str, str]:
-        """Environment variables that point the official SDKs (and this library) here."""
+        """Environment variables that point the official SDKs (and this library) here: the
+        base URLs, and dummy keys (the emulator takes any non-empty key; the SDKs and this
+        library refuse to start without one)."""
         return {
             "OPENAI_BASE_URL": self.openai_url,
             "ANTHROPIC_BASE_URL": self.anthropic_url,
             "GOOGLE_GEMINI_BASE_URL": self.gemini_url,
+            "OPENAI_API_KEY": DUMMY_KEY,
+            "ANTHROPIC_API_KEY": DUMMY_KEY,
+            "GEMINI_API_KEY": DUMMY_KEY,
         }
 
     def start(self) -> Emulator:
