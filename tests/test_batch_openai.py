@@ -128,7 +128,9 @@ def test_wait_false_gives_a_job_to_reopen_anywhere(tmp_path: Path) -> None:
         assert again.status().done and again.status().rows["succeeded"] == 20
         assert out.columns == ["row_nr", "label", "llm_status", "llm_error"]
         assert job.result()["label"].to_list() == out["label"].to_list()
-        assert job.estimate["unique_requests"] == 20
+        assert job.estimate.unique_requests == 20 and isinstance(
+            job.estimate, polars_llmbatch.Estimate
+        )
         assert len(emu.ledger.batches) == 1
 
 

@@ -132,3 +132,25 @@ def test_job_json_keeps_the_recorded_options_and_a_reopened_job_runs_with_them(t
     settings = reopened._settings
     assert (settings.mode, settings.max_attempts, settings.concurrency) == ("sync", 2, 2)
     assert (settings.max_shard_requests, settings.max_cost) == (2, 1.0)
+
+
+def test_job_estimate_is_the_estimate_shown_before_sending(tmp_path) -> None:
+    import polars as pl
+    from helpers import batch
+
+    import polars_llmbatch
+    from polars_llmbatch.emulator import serve
+
+    df = pl.DataFrame({"body": ["a refund", "a crash", "a refund"]})
+    args = {"provider": "openai", "model": "gpt-4o-mini", "output": ["billing", "bug"]}
+    before = df.llm.estimate("Classify: {body}", max_output_tokens=200, **args)
+    with serve(batch_seconds=0.05) as emu:
+        job = batch(df, emu, tmp_path / "j", wait=False, output=args["output"])
+        job.wait()
+        job.close()
+    est = polars_llmbatch.Job.open(tmp_path / "j").estimate
+    assert isinstance(est, polars_llmbatch.Estimate)
+    assert est.unique_requests == before.unique_requests == 2
+    assert est.cost_batch == pytest.approx(before.cost_batch)
+    assert est.worst_cost_batch == pytest.approx(before.worst_cost_batch)
+    assert repr(est) == repr(before) and est._repr_html_() == before._repr_html_()

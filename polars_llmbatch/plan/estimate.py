@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 import polars as pl
@@ -178,6 +178,26 @@ class Estimate:
                 f"at {mode} rates) is over "
                 f"max_cost={_usd(max_cost)}; lower max_output_tokens, filter rows or raise max_cost"
             )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Estimate:
+        """The estimate :meth:`to_dict` wrote (a checkpoint's record of it); the costs are
+        computed again from its figures and prices.
+
+        Example:
+            >>> import polars as pl, polars_llmbatch
+            >>> est = pl.DataFrame({"b": ["x"]}).llm.estimate("{b}", provider="openai",
+            ...                                              model="gpt-4o-mini")
+            >>> again = Estimate.from_dict(est.to_dict())
+            >>> again.to_dict() == est.to_dict(), repr(again) == repr(est)
+            (True, True)
+        """
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["price"] = Price.from_dict(d["price"])
+        kw["notes"] = tuple(d.get("notes") or ())
+        kw["tier_use"] = tuple(tuple(t) for t in d.get("tier_use") or ())
+        return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
         """Every figure as plain, strict-JSON data; an unbounded worst case is ``None`` with

@@ -62,6 +62,16 @@ class Price:
     def known(self) -> bool:
         return self.input is not None and self.batch_input is not None
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Price:
+        """The price :meth:`to_dict` wrote (a checkpoint's record of it)."""
+        return cls(
+            **{name: d.get(name) for name in RATES},
+            source=str(d.get("source", "")),
+            as_of=str(d.get("as_of", "")),
+            tiers=tuple(dict(t) for t in d.get("tiers") or ()),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {name: getattr(self, name) for name in RATES}
         d["tiers"] = [dict(t) for t in self.tiers]

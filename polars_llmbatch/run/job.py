@@ -33,6 +33,7 @@ from polars_llmbatch.collect.reconcile import (
     status_counts,
 )
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.plan.estimate import Estimate
 from polars_llmbatch.plan.requests import RowIds
 from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import Provider, get_provider
@@ -194,9 +195,10 @@ class Job:
         return dict(self._job.get("tags") or {})
 
     @property
-    def estimate(self) -> dict[str, Any]:
-        """The estimate made before anything was sent (as :meth:`Estimate.to_dict`)."""
-        return dict(self._job["estimate"])
+    def estimate(self) -> Estimate:
+        """The :class:`~polars_llmbatch.Estimate` made before anything was sent, as
+        ``df.llm.estimate`` shows it (``.to_dict()`` for plain data)."""
+        return Estimate.from_dict(self._job["estimate"])
 
     _missing_key: str | None = None
     _thread: threading.Thread | None = None
