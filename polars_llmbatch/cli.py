@@ -314,6 +314,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
     kw.update(progress=not args.quiet, poll_interval=args.poll_interval, wait=False)
     method = frame.llm.embed if args.embed else frame.llm.batch
     job = method(args.prompt, **kw)
+    job.interface = "cli"  # hints (Ctrl-C, errors) name llmbatch commands, not Python
     print(f"job {job.id}: checkpoint {job.path}", file=sys.stderr)
     try:
         if not args.no_wait:
@@ -358,6 +359,7 @@ def _job_command(args: argparse.Namespace) -> int:
     job = Job.open(
         args.checkpoint, progress=not quiet, poll_interval=getattr(args, "poll_interval", 5.0)
     )
+    job.interface = "cli"
     with job:
         return _on_job(job, args)
 

@@ -4,6 +4,7 @@ message says how to resume or cancel; resuming and cancelling then work from ano
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,3 +60,28 @@ def test_ctrl_c_leaves_the_batch_running_and_says_how_to_resume(tmp_path: Path) 
         out = job.result()
         assert len(emu.ledger.batches) == 1
     assert job.status().done and set(out["llm_status"]) == {"canceled"}
+
+
+def test_ctrl_c_in_the_cli_says_the_llmbatch_commands(tmp_path: Path) -> None:
+    """After Ctrl-C in ``llmbatch run``, the hint names ``llmbatch resume`` / ``cancel``, not
+    Python, and the exit code is 130."""
+    import polars as pl
+
+    pl.DataFrame({"body": [f"ticket {i}" for i in range(30)]}).write_parquet(tmp_path / "t.parquet")
+    ckpt = tmp_path / "it's here"
+    with serve(batch_seconds=60) as emu:
+        cmd = [sys.executable, "-m", "polars_llmbatch.cli", "run", "t.parquet", "--prompt",
+               "Classify: {body}", "--provider", "openai", "--model", "gpt-4o-mini",
+               "--categories", "billing,bug", "--checkpoint", str(ckpt), "--api-key", "k",
+               "--base-url", emu.openai_url, "--quiet", "--poll-interval", "0.05"]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        events = ckpt / "events.jsonl"
+        while not (events.exists() and b'"submitted"' in events.read_bytes()):
+            assert time.monotonic() < deadline and proc.poll() is None, "never submitted"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "llmbatch resume" in err and "llmbatch cancel" in err and "Job.open" not in err
+    assert f"llmbatch resume {shlex.quote(str(ckpt))}" in err  # the path has a quote: quoted

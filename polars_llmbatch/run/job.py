@@ -10,6 +10,7 @@ import contextlib
 import html
 import logging
 import math
+import shlex
 import sys
 import threading
 import weakref
@@ -200,6 +201,20 @@ class Job:
         ``df.llm.estimate`` shows it (``.to_dict()`` for plain data)."""
         return Estimate.from_dict(self._job["estimate"])
 
+    #: Whose words the hints use: "python", or "cli" (the ``llmbatch`` command sets it).
+    interface: str = "python"
+
+    def _next_steps(self) -> str:
+        """How to go on with this job, in the words of the interface the user is in."""
+        if self.interface == "cli":
+            quoted = shlex.quote(str(self.path))
+            return f"Resume: llmbatch resume {quoted}; cancel: llmbatch cancel {quoted}"
+        path = repr(str(self.path))
+        return (
+            f"Resume: polars_llmbatch.Job.open({path}).wait() (or re-run the same call); "
+            f"cancel: polars_llmbatch.Job.open({path}).cancel()"
+        )
+
     _missing_key: str | None = None
     _thread: threading.Thread | None = None
     _stop: threading.Event | None = None
@@ -234,15 +249,13 @@ class Job:
         background again if ``timeout`` comes first."""
         check_seconds("timeout", timeout, zero=True, none=True)
         background = self._thread is not None
-        self._stop_background()
         try:
+            self._stop_background()  # Ctrl-C may come while it finishes its step
             done = self._engine().run(timeout)
         except KeyboardInterrupt:
             print(
-                f"\nInterrupted. The remote batches keep running and the checkpoint is "
-                f"consistent:\n  {self.path}\nResume: polars_llmbatch.Job.open({str(self.path)!r})"
-                ".wait() (or re-run the same call); cancel: "
-                f"polars_llmbatch.Job.open({str(self.path)!r}).cancel()",
+                "\nInterrupted. The remote batches keep running and the checkpoint is "
+                f"consistent:\n  {self.path}\n{self._next_steps()}",
                 file=sys.stderr,
             )
             raise
