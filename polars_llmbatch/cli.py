@@ -179,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "resume":
             _waiting(c)
         if name == "cancel":
-            c.add_argument("--quiet", action="store_true", help="no progress bar")
+            c.add_argument("--quiet", action="store_true", help=_QUIET)
         if name == "results":
             c.add_argument("--usage", action="store_true", help="add token and cost columns")
     c = sub.add_parser(
@@ -199,7 +199,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--rows", type=int, default=20_000)
     d.add_argument("--dir", help="where to keep the demo's files (default: a temporary folder)")
+    for command in sub.choices.values():  # every command takes --quiet
+        if not any("--quiet" in a.option_strings for a in command._actions):
+            command.add_argument("--quiet", action="store_true", help=_QUIET)
     return parser
+
+
+_QUIET = "no progress bar or progress notes on stderr; the output and errors stay"
+
+
+def _say(args: argparse.Namespace, message: str, *, err: bool = False) -> None:
+    """A progress note on stderr (where a job lives, what status could not ask), unless
+    ``--quiet``; stdout, the command's output, is the same either way."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr if err else sys.stdout)
 
 
 def _waiting(c: argparse.ArgumentParser) -> None:
@@ -213,7 +226,7 @@ def _waiting(c: argparse.ArgumentParser) -> None:
         default=options.BY_NAME["poll_interval"].default,
         help=options.BY_NAME["poll_interval"].help,
     )
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--quiet", action="store_true", help=_QUIET)
 
 
 def _common(args: argparse.Namespace, verb: str) -> dict[str, Any]:
@@ -315,7 +328,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
     method = frame.llm.embed if args.embed else frame.llm.batch
     job = method(args.prompt, **kw)
     job.interface = "cli"  # hints (Ctrl-C, errors) name llmbatch commands, not Python
-    print(f"job {job.id}: checkpoint {job.path}", file=sys.stderr)
+    _say(args, f"job {job.id}: checkpoint {job.path}", err=True)
     try:
         if not args.no_wait:
             job.wait(timeout=args.timeout)
@@ -325,7 +338,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
         out = job.result()
         if isinstance(out, pl.LazyFrame):
             out = out.collect()
-        _report(job, out, args.output)
+        _report(job, out, args.output, args)
         return 0
     finally:
         job.close()
@@ -369,9 +382,10 @@ def _on_job(job: Any, args: argparse.Namespace) -> int:
         st = job.status()  # asks the live batches once (read-only) and records it
         print(repr(job))
         if job._t is None:
-            print(
+            _say(
+                args,
                 "(from the checkpoint alone: set the provider's API key to ask the provider)",
-                file=sys.stderr,
+                err=True,
             )
         return 0 if st.done else _still_running(job)
     if args.command == "cancel":
@@ -382,7 +396,7 @@ def _on_job(job: Any, args: argparse.Namespace) -> int:
         job.wait(timeout=0 if args.no_wait else args.timeout)
         if not job.status(refresh=False).done:
             return _still_running(job, submitted_only=args.no_wait)
-        _report(job, job.result(), args.output)
+        _report(job, job.result(), args.output, args)
         return 0
     out = job.result(usage=args.usage)  # results
     _write(out, args.output)
@@ -390,7 +404,7 @@ def _on_job(job: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(job: Any, out: pl.DataFrame, path: str | None) -> None:
+def _report(job: Any, out: pl.DataFrame, path: str | None, args: argparse.Namespace) -> None:
     if path:
         _write(out, path)
     st = job.status(refresh=False)

@@ -193,3 +193,34 @@ def test_emulator_command_serves_and_stops(tmp_path: Path) -> None:
 def test_emulator_command_refuses_unknown_faults(tmp_path: Path) -> None:
     r = run("emulator", "--faults", "bogus=1", cwd=tmp_path)
     assert r.returncode == 1 and "unknown fault 'bogus'" in r.stderr
+
+
+def test_every_command_takes_quiet_and_quiet_keeps_stderr_for_errors(tmp_path: Path) -> None:
+    from polars_llmbatch.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, command in sub.choices.items():
+        assert any("--quiet" in a.option_strings for a in command._actions), name
+    r = run("sample", "t.parquet", "--rows", "50", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("wrote 50") and r.stderr == ""
+    assert pl.read_parquet(tmp_path / "t.parquet").height == 50
+    r = run(
+        "requests", "t.parquet", "--prompt", "Say: {body}", "--provider", "openai",
+        "--model", "gpt-4o-mini", "--out", "r.parquet", "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0 and "unique requests" in r.stdout and r.stderr == ""
+    assert (tmp_path / "r.parquet").exists()
+    r = run(
+        "estimate", "t.parquet", "--prompt", "Say: {body}", "--provider", "openai",
+        "--model", "gpt-4o-mini", "--json", "--quiet", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0 and json.loads(r.stdout)["rows"] == 50  # the output stays
+
+
+def test_empty_categories_are_refused_like_an_empty_output_list(tmp_path: Path) -> None:
+    for value in ("", ",", " , "):
+        r = run(
+            "estimate", "t.parquet", "--prompt", "p", "--provider", "openai", "--model",
+            "gpt-4o-mini", "--categories", value, cwd=tmp_path,
+        )  # fmt: skip
+        assert r.returncode == 2 and "give at least two" in r.stderr, value

@@ -248,3 +248,16 @@ def test_demo_runs_end_to_end(workdir: Path) -> None:
     ):
         assert text in r.stdout
     assert (workdir / "demo" / "runs" / "tickets" / "job.json").exists()
+
+
+def test_quiet_run_writes_nothing_on_stderr_but_errors(workdir: Path) -> None:
+    with serve(batch_seconds=0.05) as emu:
+        env = env_for(emu)
+        loud_args = [a for a in RUN if a != "--quiet"]
+        loud = llmbatch(
+            "run", "t.parquet", *loud_args, "--checkpoint", "runs/a", cwd=workdir, env=env
+        )
+        quiet = llmbatch("run", "t.parquet", *RUN, "--checkpoint", "runs/b", cwd=workdir, env=env)
+    assert loud.returncode == quiet.returncode == 0
+    assert "checkpoint runs/a" in loud.stderr and quiet.stderr == ""
+    assert quiet.stdout.startswith("done: ")
