@@ -445,7 +445,13 @@ def _write(frame: pl.DataFrame, path: str) -> None:
 def _spend(args: argparse.Namespace) -> int:
     from polars_llmbatch.collect.spend import spend
 
-    table = spend(args.root, by=args.by)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table = spend(args.root, by=args.by)
+    for w in caught:  # one line each, as the errors are
+        print(f"llmbatch: warning: {w.message}", file=sys.stderr)
     if args.json:
         print(json.dumps(table.to_dicts(), indent=2, default=str))
     else:

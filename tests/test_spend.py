@@ -131,3 +131,30 @@ def test_spend_errors(tmp_path: Path) -> None:
         polars_llmbatch.spend(tmp_path)
     with pytest.raises(LlmBatchError, match="by= must be one of"):
         polars_llmbatch.spend(tmp_path, by="team")
+
+
+def test_spend_keeps_local_runs_apart_and_warns_on_an_unknown_tag(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    root = tmp_path / "runs"
+    with serve(batch_seconds=0.05) as emu:
+        frame(4).llm.batch(
+            "Classify: {body}", provider="openai", model="gpt-4o-mini", output=CATS,
+            checkpoint=root / "dry", tags={"team": "a"}, api_key="k", base_url=emu.openai_url,
+            progress=False, poll_interval=0.02,
+        )  # fmt: skip
+    # the same job as if it had run at the provider (its results, another base URL)
+    shutil.copytree(root / "dry", root / "real")
+    job_file = root / "real" / "job.json"
+    job = json.loads(job_file.read_text())
+    job_file.write_text(json.dumps({**job, "base_url": "https://api.openai.com/v1"}))
+    by_team = polars_llmbatch.spend(root, by="tag:team")
+    assert by_team.select("team", "billed_by", "requests").rows() == [
+        ("a", "provider", 4),
+        ("a", "local", 4),
+    ]  # never one row of 8: the emulator's "spend" is not the bill
+    assert set(polars_llmbatch.spend(root)["billed_by"]) == {"local", "provider"}
+    with pytest.warns(UserWarning, match=r"no job .* has a tag 'tema'.*\['team'\]"):
+        unknown = polars_llmbatch.spend(root, by="tag:tema")
+    assert unknown.height == 0 and "tema" in unknown.columns

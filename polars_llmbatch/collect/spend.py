@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import polars as pl
 
@@ -34,6 +36,7 @@ _PER_JOB = {
     "mode": pl.String,
     "day": pl.Date,
     "tags": pl.Object,
+    "billed_by": pl.String,
     "requests": pl.Int64,
     "input_tokens": pl.Int64,
     "output_tokens": pl.Int64,
@@ -48,7 +51,8 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
     one row per ``by`` group: ``job`` (default), ``provider``, ``model``, ``mode``, ``day``
     (UTC, of the job's start) or ``tag:NAME`` (jobs without that tag group under null).
 
-    Columns: the group, ``jobs``, ``requests`` (billed results), ``input_tokens``,
+    Columns: the group, ``billed_by`` (``provider``; or ``local`` for a job that ran against
+    a base URL on this machine, such as the emulator: never summed with real spend), ``jobs``, ``requests`` (billed results), ``input_tokens``,
     ``output_tokens``, ``cost`` (USD at the rate paid: each token class, plain input, cache
     reads and writes, output, at its own rate and price tier), ``cost_at_sync`` (the same
     tokens at the sync rate), ``savings`` and ``estimated`` (the estimate made before sending,
@@ -81,6 +85,14 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
     # with quotes (or anything else) in its name is read like any other.
     per_job = pl.DataFrame([_job_row(f) for f in jobs], schema=_PER_JOB, orient="row")
     label = by[4:] if by.startswith("tag:") else by
+    if by.startswith("tag:"):
+        present = sorted({k for t in per_job["tags"] for k in t})
+        if label not in present:
+            warnings.warn(
+                f"no job under {str(folder)!r} has a tag {label!r}; the tags there: {present}",
+                stacklevel=2,
+            )
+            per_job = per_job.clear()
     group: pl.Expr
     if by.startswith("tag:"):
         group = pl.col("tags").map_elements(
@@ -92,7 +104,7 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
         group = pl.col(by)
     return (
         per_job.with_columns(group.alias("__group__"))
-        .group_by("__group__")
+        .group_by("__group__", "billed_by")
         .agg(
             pl.len().cast(pl.Int64).alias("jobs"),
             pl.col("requests").sum(),
@@ -104,7 +116,7 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
             pl.col("estimated").sum(),
         )
         .rename({"__group__": label})
-        .sort(["cost", label], descending=[True, False], nulls_last=True)
+        .sort(["billed_by", "cost", label], descending=[True, True, False], nulls_last=True)
     )
 
 
@@ -130,6 +142,15 @@ def _job_row(job_file: Path) -> dict[str, Any]:
         "mode": job.get("mode"),
         "day": created.date(),
         "tags": dict(job.get("tags") or {}),
+        "billed_by": "local" if _is_local(job.get("base_url")) else "provider",
         **figures,
         "estimated": estimated,
     }
+
+
+def _is_local(base_url: str | None) -> bool:
+    """A base URL on this machine (the emulator, a local proxy): not a provider's bill."""
+    if not base_url:
+        return False
+    host = (urlsplit(base_url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
