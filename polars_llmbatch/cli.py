@@ -443,9 +443,9 @@ def _write(frame: pl.DataFrame, path: str) -> None:
 
 
 def _spend(args: argparse.Namespace) -> int:
-    from polars_llmbatch.collect.spend import spend
-
     import warnings
+
+    from polars_llmbatch.collect.spend import spend
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
