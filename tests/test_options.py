@@ -148,7 +148,12 @@ def test_job_estimate_is_the_estimate_shown_before_sending(tmp_path) -> None:
         job = batch(df, emu, tmp_path / "j", wait=False, output=args["output"])
         job.wait()
         job.close()
-    est = polars_llmbatch.Job.open(tmp_path / "j").estimate
+    reopened = polars_llmbatch.Job.open(tmp_path / "j")
+    page = reopened._repr_html_()  # the notebook view: rows and shards, numbers right-aligned
+    assert "rows by status" in page and "shards by state" in page
+    assert '<td>done</td><td style="text-align:right">1</td>' in page
+    assert '<td>succeeded</td><td style="text-align:right">3</td>' in page
+    est = reopened.estimate
     assert isinstance(est, polars_llmbatch.Estimate)
     assert est.unique_requests == before.unique_requests == 2
     assert est.cost_batch == pytest.approx(before.cost_batch)

@@ -15,7 +15,7 @@ import sys
 import threading
 import weakref
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,6 @@ class JobStatus:
             f"JobStatus({self.state or ('done' if self.done else 'running')}; rows: {rows}; "
             f"shards: {shards}; spent ${self.spent:,.4f})"
         )
-
-
-@dataclass
-class _Options:
-    settings: Settings
-    usage: bool = False
-    name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Job:
@@ -454,14 +446,22 @@ class Job:
 
     def _repr_html_(self) -> str:
         st = self.status(refresh=False)
-        cells = "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{v:,}</td></tr>" for k, v in st.rows.items() if v
-        )
+        right = 'style="text-align:right"'
+
+        def table(title: str, counts: dict[str, int]) -> str:
+            cells = "".join(
+                f"<tr><td>{html.escape(k)}</td><td {right}>{v:,}</td></tr>"
+                for k, v in counts.items()
+                if v
+            )
+            return f"<table><tr><th>{title}</th><th {right}>count</th></tr>{cells}</table>"
+
         return (
             f"<b>Job {html.escape(self.id)}</b> ({html.escape(self.spec.provider)} "
             f"{html.escape(self.spec.model)}, {html.escape(self.mode)}, "
             f"{html.escape(st.state)}) — spent ${st.spent:,.4f}<br>"
-            f"<table><tr><th>status</th><th>rows</th></tr>{cells}</table>"
+            '<div style="display:flex;gap:2em">'
+            f"{table('rows by status', st.rows)}{table('shards by state', st.shards)}</div>"
             f"<small>{html.escape(str(self.path))}</small>"
         )
 
