@@ -14,6 +14,23 @@ from polars_llmbatch.run.checkpoint import Checkpoint, ShardRecord
 
 __all__ = ["Progress"]
 
+_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} req [{elapsed}{postfix}]"
+
+
+def _phase(phases: Counter[str]) -> str:
+    """The job's phase in a word, from its shards' states (the least advanced one wins)."""
+    for state, word in (
+        ("planned", "sending"),
+        ("submitted", "submitted"),
+        ("queued", "queued at the provider"),
+        ("running", "running at the provider"),
+        ("finalizing", "finalizing at the provider"),
+        ("ended", "collecting results"),
+    ):
+        if phases.get(state):
+            return word
+    return "done"
+
 
 class Progress:
     def __init__(self, ckpt: Checkpoint, *, enabled: bool = True) -> None:
@@ -22,6 +39,10 @@ class Progress:
         self._bar: Any = None
 
     def update(self, shards: dict[int, ShardRecord], states: dict[int, RemoteState]) -> None:
+        """Requests whose results are in (collected shards), plus the provider's progress on
+        live ones, held one short of each live shard's size: the bar never reads 100% while a
+        batch is still finalizing or its results are still to be downloaded. The description
+        says which phase the job is in."""
         if not self.enabled or not shards:
             return
         total = sum(s.requests for s in shards.values())
@@ -36,16 +57,21 @@ class Progress:
                 continue
             st = states.get(s.index)
             if st is not None:
-                finished += min(st.done + st.failed, s.requests)
+                finished += min(st.done + st.failed, max(s.requests - 1, 0))
             phases[
                 (st.phase if st else s.phase) or ("submitted" if s.submitted else "planned")
             ] += 1
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total, unit="req", desc="llmbatch", dynamic_ncols=True)
+            # No rate: a resumed job starts with thousands of requests already done, which
+            # tqdm would show as millions per second.
+            self._bar = tqdm(
+                total=total, unit="req", desc="llmbatch", dynamic_ncols=True, bar_format=_FORMAT
+            )
         self._bar.total = total
         self._bar.n = finished
+        self._bar.set_description_str(f"llmbatch: {_phase(phases)}", refresh=False)
         rows = ", ".join(f"{k} {v:,}" for k, v in sorted(statuses.items()))
         shards_by_state = ", ".join(f"{k} {v}" for k, v in sorted(phases.items()))
         self._bar.set_postfix_str(
