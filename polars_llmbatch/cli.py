@@ -328,6 +328,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
     method = frame.llm.embed if args.embed else frame.llm.batch
     job = method(args.prompt, **kw)
     job.interface = "cli"  # hints (Ctrl-C, errors) name llmbatch commands, not Python
+    _remember(job, args.input, args.output)
     _say(args, f"job {job.id}: checkpoint {job.path}", err=True)
     try:
         if not args.no_wait:
@@ -393,15 +394,62 @@ def _on_job(job: Any, args: argparse.Namespace) -> int:
         print(repr(job))
         return 0 if job.status(refresh=False).done else _still_running(job)
     if args.command == "resume":
+        given = _remembered(job)
+        output = args.output or given.get("output")
         job.wait(timeout=0 if args.no_wait else args.timeout)
         if not job.status(refresh=False).done:
             return _still_running(job, submitted_only=args.no_wait)
-        _report(job, job.result(), args.output, args)
+        _report(job, _with_input_rows(job, job.result(), given), output, args)
         return 0
     out = job.result(usage=args.usage)  # results
     _write(out, args.output)
     print(f"wrote {out.height:,} rows to {args.output}")
     return 0
+
+
+_CLI_FILE = "cli.json"  # what `llmbatch run` was given: `resume` writes the same file
+
+
+def _remember(job: Any, input_path: str, output: str | None) -> None:
+    """Keep the input and output files of ``run`` in the checkpoint (absolute paths, and the
+    input's size and time, to know it is the same file later)."""
+    source = Path(input_path)
+    stat = source.stat() if source.is_file() else None
+    record = {
+        "input": str(source.resolve()) if stat else None,
+        "input_size": stat.st_size if stat else None,
+        "input_mtime_ns": stat.st_mtime_ns if stat else None,
+        "output": str(Path(output).resolve()) if output else None,
+    }
+    job._ckpt.write_bytes(job.path / _CLI_FILE, json.dumps(record).encode())
+
+
+def _remembered(job: Any) -> dict[str, Any]:
+    path = job.path / _CLI_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _with_input_rows(job: Any, out: pl.DataFrame, given: dict[str, Any]) -> pl.DataFrame:
+    """The input rows with their results, as ``run`` writes them, when the input file ``run``
+    read is still there unchanged; else the row key with the results (as ``results``)."""
+    source = Path(given["input"]) if given.get("input") else None
+    if source is None or not source.is_file():
+        return out
+    stat = source.stat()
+    if (stat.st_size, stat.st_mtime_ns) != (given["input_size"], given["input_mtime_ns"]):
+        print(
+            f"llmbatch: {str(source)!r} changed since run; writing the row key with the "
+            "results instead of the input rows",
+            file=sys.stderr,
+        )
+        return out
+    key = job._job["key"]
+    rows = read_input(str(source))
+    positional = key not in rows.collect_schema().names()
+    if positional:  # the row's position in a file: files keep their order
+        rows = rows.with_row_index(key)
+    joined = rows.collect().join(out, on=key, how="left", maintain_order="left")
+    return joined.drop(key) if positional else joined
 
 
 def _report(job: Any, out: pl.DataFrame, path: str | None, args: argparse.Namespace) -> None:

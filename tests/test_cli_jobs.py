@@ -261,3 +261,32 @@ def test_quiet_run_writes_nothing_on_stderr_but_errors(workdir: Path) -> None:
     assert loud.returncode == quiet.returncode == 0
     assert "checkpoint runs/a" in loud.stderr and quiet.stderr == ""
     assert quiet.stdout.startswith("done: ")
+
+
+@pytest.mark.parametrize("id_args", [[], ["--id", "ticket_id"]])
+def test_resume_writes_what_run_would_have_to_the_output_run_was_given(
+    workdir: Path, id_args: list[str]
+) -> None:
+    """Ctrl-C (or --no-wait) after `run --output`, then `resume` without --output: the same
+    file, with the input rows and their results, as an uninterrupted run writes."""
+    with serve(batch_seconds=0.3) as emu:
+        env = env_for(emu)
+        first = llmbatch(
+            "run", "t.parquet", *RUN, *id_args, "--output", "out.parquet", "--no-wait",
+            "--checkpoint", "runs/t", cwd=workdir, env=env,
+        )  # fmt: skip
+        assert first.returncode == 4 and not (workdir / "out.parquet").exists()
+        sub = workdir / "elsewhere"
+        sub.mkdir()
+        resumed = llmbatch("resume", str(workdir / "runs" / "t"), cwd=sub, env=env)
+        assert resumed.returncode == 0, resumed.stderr
+        whole = llmbatch(
+            "run", "t.parquet", *RUN, *id_args, "--output", "whole.parquet",
+            "--checkpoint", "runs/w", cwd=workdir, env=env,
+        )  # fmt: skip
+        assert whole.returncode == 0, whole.stderr
+    got = pl.read_parquet(workdir / "out.parquet")
+    expected = pl.read_parquet(workdir / "whole.parquet")
+    assert got.columns == expected.columns == [*pl.read_parquet(workdir / "t.parquet").columns,
+                                               "label", "llm_status", "llm_error"]  # fmt: skip
+    assert got.equals(expected)
