@@ -161,3 +161,35 @@ def test_an_error_in_the_background_is_raised_by_wait(tmp_path: Path) -> None:
     else:
         raise AssertionError("wait() should raise what stopped the background runner")
     job.close()  # closing never raises
+
+
+def test_await_a_job_keeps_the_event_loop_free(tmp_path: Path) -> None:
+    import asyncio
+
+    df = pl.DataFrame({"body": [f"ticket {i}" for i in range(20)]})
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    async def main(url: str) -> list[str]:
+        job = df.llm.batch(
+            "Classify: {body}", provider="openai", model="gpt-4o-mini",
+            output=["billing", "bug"], wait=False, progress=False,
+            checkpoint=tmp_path / "j", poll_interval=0.05, api_key="k", base_url=url,
+        )  # fmt: skip
+        beat = asyncio.create_task(ticker())
+        with job:
+            early = await job.wait_async(timeout=0)  # returns at once, the job still running
+            assert early is job and not job.status(refresh=False).done
+            await job
+            beat.cancel()
+            return job.result()["llm_status"].to_list()
+
+    with serve(batch_seconds=0.5) as emu:
+        statuses = asyncio.run(main(emu.openai_url))
+    assert statuses == ["succeeded"] * 20
+    assert ticks >= 20  # the loop ran other work while the job was awaited

@@ -269,6 +269,48 @@ class Job:
         if not done:
             self._resume_background()
 
+    async def wait_async(self, timeout: float | None = None) -> Job:
+        """``await job.wait_async()`` (or ``await job``): :meth:`wait` for code that runs an
+        event loop (a notebook cell with ``await``, an async service). The job moves on in
+        the background of this process and the loop stays free; with ``timeout`` (seconds)
+        it returns early, the job still running. Cancelling the await leaves the job running.
+
+        Example:
+            >>> import asyncio, polars as pl, polars_llmbatch, tempfile
+            >>> from polars_llmbatch.emulator import serve
+            >>> async def main(url):
+            ...     job = pl.DataFrame({"body": ["refund please"]}).llm.batch(
+            ...         "Classify: {body}", provider="openai", model="gpt-4o-mini",
+            ...         output=["billing", "bug"], wait=False, progress=False,
+            ...         checkpoint=tempfile.mkdtemp() + "/job", poll_interval=0.05,
+            ...         api_key="test", base_url=url)
+            ...     with job:
+            ...         await job
+            ...         return job.result()["llm_status"].to_list()
+            >>> with serve(batch_seconds=0.1) as emu:
+            ...     asyncio.run(main(emu.openai_url))
+            ['succeeded']
+        """
+        import asyncio
+
+        check_seconds("timeout", timeout, zero=True, none=True)
+        self._engine()  # no key: the same clear error as wait()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        if self._thread is None or not self._thread.is_alive():
+            await asyncio.to_thread(self._start_background)  # submitting may take a while
+        while True:
+            if self._thread is None or not self._thread.is_alive():
+                self._raise_background_error()
+                if self.status(refresh=False).done:  # else another process runs it
+                    return self
+            if deadline is not None and loop.time() >= deadline:
+                return self
+            await asyncio.sleep(min(self._settings.poll_interval, 0.5))
+
+    def __await__(self) -> Any:
+        return self.wait_async().__await__()
+
     def _resume_background(self) -> None:
         self._stop = stop = threading.Event()
         # No progress bar from a thread nobody is watching; wait() shows one.
