@@ -1,7 +1,7 @@
 """The ``llmbatch`` command: every step of a batch job from the shell (cron, CI, a terminal).
 
 Commands: ``demo``, ``sample``, ``estimate``, ``requests``, ``run``, ``status``, ``resume``,
-``cancel``, ``results``, ``spend``, ``emulator``.
+``retry``, ``cancel``, ``results``, ``spend``, ``emulator``.
 
 Exit codes: 0 done; 1 an error (one line on stderr says what and how to fix it); 3 over budget
 (``--max-cost``); 4 submitted and still running (``--no-wait``, ``--timeout``, or ``status`` of a
@@ -22,6 +22,7 @@ import polars as pl
 
 from polars_llmbatch import options
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError
+from polars_llmbatch.run.job import RETRY_STATUSES
 
 __all__ = ["main"]
 
@@ -153,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
             "llmbatch resume runs/tickets --output labelled.parquet",
         ),
         (
+            "retry",
+            "send again the rows that ended expired, missing or with a transient error",
+            "llmbatch retry runs/tickets --status expired --output labelled.parquet",
+        ),
+        (
             "cancel",
             "cancel a job's batches; what already ran is kept",
             "llmbatch cancel runs/tickets",
@@ -170,14 +176,21 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         c.add_argument("checkpoint", help="the job's folder")
-        if name in ("resume", "results"):
+        if name in ("resume", "retry", "results"):
             c.add_argument(
                 "--output",
                 required=name == "results",
                 help="file to write (.parquet, .csv or .ndjson)",
             )
-        if name == "resume":
+        if name in ("resume", "retry"):
             _waiting(c)
+        if name == "retry":
+            c.add_argument(
+                "--status",
+                action="append",
+                choices=RETRY_STATUSES,
+                help="which rows to send again (repeatable; default: all three)",
+            )
         if name == "cancel":
             c.add_argument("--quiet", action="store_true", help=_QUIET)
         if name == "results":
@@ -270,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             run_demo(args.rows, args.dir)
             return 0
-        if args.command in ("status", "resume", "cancel", "results"):
+        if args.command in ("status", "resume", "retry", "cancel", "results"):
             return _job_command(args)
         if args.command == "spend":
             return _spend(args)
@@ -393,6 +406,16 @@ def _on_job(job: Any, args: argparse.Namespace) -> int:
         job.cancel(timeout=120)
         print(repr(job))
         return 0 if job.status(refresh=False).done else _still_running(job)
+    if args.command == "retry":
+        given = _remembered(job)
+        output = args.output or given.get("output")
+        job.retry(args.status or RETRY_STATUSES, wait=False)
+        job.wait(timeout=0 if args.no_wait else args.timeout)
+        job._stop_background()
+        if not job.status(refresh=False).done:
+            return _still_running(job, submitted_only=args.no_wait)
+        _report(job, _with_input_rows(job, job.result(), given), output, args)
+        return 0
     if args.command == "resume":
         given = _remembered(job)
         output = args.output or given.get("output")

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 import polars_llmbatch
-from polars_llmbatch.emulator import serve
+from polars_llmbatch.emulator import Faults, serve
+from polars_llmbatch.errors import LlmBatchError
 from tests.helpers import StepClock, batch
 
 DF = pl.DataFrame({"body": [f"ticket {i}" for i in range(12)]})
@@ -193,3 +195,42 @@ def test_await_a_job_keeps_the_event_loop_free(tmp_path: Path) -> None:
         statuses = asyncio.run(main(emu.openai_url))
     assert statuses == ["succeeded"] * 20
     assert ticks >= 20  # the loop ran other work while the job was awaited
+
+
+def test_retry_sends_only_what_ended_unfinished_and_never_a_success(tmp_path: Path) -> None:
+    df = pl.DataFrame({"body": [f"ticket {i}" for i in range(40)]})
+    faults = Faults(expire_at=0.5, fault_batches=1)  # the first batch expires half-way
+    with serve(batch_seconds=0.05, faults=faults) as emu:
+        out = batch(df, emu, tmp_path / "j", max_attempts=1, output=["billing", "bug"])
+        expired = out.filter(pl.col("llm_status") == "expired").height
+        assert 0 < expired < 40
+        job = polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url,
+                                       progress=False, poll_interval=0.02)  # fmt: skip
+        with pytest.raises(LlmBatchError, match="takes some of"):
+            job.retry(["succeeded"])
+        job.retry(["missing"])  # none missing: nothing is sent
+        assert len(emu.ledger.batches) == 1
+        job.retry()  # the expired ones, once more
+        again = job.result()
+        job.close()
+        assert set(again["llm_status"]) == {"succeeded"}
+        assert len(emu.ledger.batches) == 2
+        assert emu.ledger.batches[1]["requests"] == expired  # just those
+        assert not emu.ledger.billed_twice()  # no success was bought again
+
+
+def test_cli_retry_writes_the_output_run_was_given(tmp_path: Path) -> None:
+    pl.DataFrame({"body": [f"ticket {i}" for i in range(30)]}).write_parquet(tmp_path / "t.parquet")
+    faults = Faults(expire_at=0.5, fault_batches=1)
+    with serve(batch_seconds=0.05, faults=faults) as emu:
+        args = ["--prompt", "Classify: {body}", "--provider", "openai", "--model", "gpt-4o-mini",
+                "--categories", "billing,bug", "--max-attempts", "1", "--quiet",
+                "--poll-interval", "0.02", "--checkpoint", "runs/t"]  # fmt: skip
+        first = cli(emu, tmp_path, "run", "t.parquet", *args, "--output", "out.parquet")
+        assert first.returncode == 0, first.stderr
+        assert "expired" in set(pl.read_parquet(tmp_path / "out.parquet")["llm_status"])
+        retried = cli(emu, tmp_path, "retry", "runs/t", "--status", "expired", "--quiet")
+        assert retried.returncode == 0, retried.stderr
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out.columns == ["body", "label", "llm_status", "llm_error"]
+    assert set(out["llm_status"]) == {"succeeded"}

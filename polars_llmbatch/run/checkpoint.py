@@ -268,6 +268,15 @@ class Checkpoint:
             except ValueError:
                 continue
 
+    def retry_grants(self) -> dict[str, int]:
+        """Extra attempts granted by :meth:`Job.retry`, per row status (summed over grants)."""
+        grants: dict[str, int] = {}
+        for e in self.events():
+            if e.get("event") == "retry_granted":
+                for status in e.get("statuses", ()):
+                    grants[status] = grants.get(status, 0) + 1
+        return grants
+
     def shards(self) -> dict[int, ShardRecord]:
         """Every shard's current record, folded from the event log."""
         shards: dict[int, ShardRecord] = {}

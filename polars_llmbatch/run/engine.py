@@ -540,8 +540,8 @@ class Engine:
         self, shards: dict[int, ShardRecord], results: pl.DataFrame | None = None
     ) -> pl.DataFrame:
         """The requests a retry round would send now (expired, missing, transiently errored,
-        under ``max_attempts``; none after a cancel), with their ``attempts`` so far; the
-        budget is not asked here."""
+        under ``max_attempts`` plus the rounds :meth:`Job.retry` granted their status; none
+        after a cancel), with their ``attempts`` so far; the budget is not asked here."""
         if results is None:
             results = read_results(self.ckpt)
         if self.canceled() or results.is_empty():
@@ -559,7 +559,13 @@ class Engine:
                 pl.col("status").is_in(["expired", "missing"])
                 | ((pl.col("status") == "errored") & pl.col("retryable"))
             )
-            .filter(pl.col("attempts").fill_null(0) < self.settings.max_attempts)
+            .filter(
+                pl.col("attempts").fill_null(0)
+                < self.settings.max_attempts
+                + pl.col("status").replace_strict(
+                    self.ckpt.retry_grants(), default=0, return_dtype=pl.UInt32
+                )
+            )
         )
 
     def over_budget(self, due: pl.DataFrame, results: pl.DataFrame) -> tuple[float, float] | None:

@@ -15,6 +15,7 @@ import sys
 import threading
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import polars as pl
 
 from polars_llmbatch import options
-from polars_llmbatch._checks import check_checkpoint, check_seconds
+from polars_llmbatch._checks import check_bool, check_checkpoint, check_seconds
 from polars_llmbatch.collect.reconcile import (
     CID,
     IN_JOB,
@@ -42,7 +43,10 @@ from polars_llmbatch.run.checkpoint import Checkpoint, LockedError
 from polars_llmbatch.run.engine import Engine, Settings
 from polars_llmbatch.run.transport import Transport, credentials
 
-__all__ = ["Job", "JobStatus"]
+__all__ = ["RETRY_STATUSES", "Job", "JobStatus"]
+
+#: The row statuses :meth:`Job.retry` sends again (errored: transient errors only).
+RETRY_STATUSES = ("expired", "missing", "errored")
 
 log = logging.getLogger("polars_llmbatch.job")
 
@@ -343,6 +347,38 @@ class Job:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def retry(
+        self,
+        statuses: Sequence[str] = RETRY_STATUSES,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> Job:
+        """Send again, on this checkpoint, the requests whose rows ended with one of
+        ``statuses`` after ``max_attempts`` (``expired``, ``missing``, or ``errored`` with a
+        transient error): one more round for them, within ``max_cost`` as every round is. A
+        success is never sent again, nor anything after a cancel. ``wait=False`` sends and
+        returns, the job moving on in the background.
+
+        Example: ``job.retry(["expired"])``; from the shell, ``llmbatch retry PATH --status
+        expired``."""
+        chosen = [statuses] if isinstance(statuses, str) else list(statuses)
+        if not chosen or any(s not in RETRY_STATUSES for s in chosen):
+            raise LlmBatchError(
+                f"retry(statuses=...) takes some of {list(RETRY_STATUSES)}, got {statuses!r}"
+            )
+        check_bool("wait", wait)
+        engine = self._engine()
+        if engine.canceled():
+            raise LlmBatchError("this job was cancelled: nothing is sent again after a cancel")
+        self._stop_background()
+        self._ckpt.append("retry_granted", statuses=sorted(set(chosen)))
+        log.info("one more round granted for %s rows", ", ".join(sorted(set(chosen))))
+        if wait:
+            return self.wait(timeout)
+        self._start_background()
+        return self
 
     def cancel(self, *, wait: bool = True, timeout: float | None = None) -> Job:
         """Cancel the live batches. Requests already run are paid for, so their results are
