@@ -105,13 +105,23 @@ def test_ids_in_a_block_are_fresh_and_the_same_shape() -> None:
 # ---- a whole batch through both paths --------------------------------------------------------
 
 
-def shard(n: int, *, output: Any, cap: int, system: str | None = None) -> bytes:
-    df = pl.DataFrame({"body": [f"{i}: {b}" for i, b in enumerate(texts(n, seed=3))]})
+def shard(
+    n: int,
+    *,
+    output: Any,
+    cap: int,
+    system: str | None = None,
+    provider: str = "openai",
+    seed: int = 3,
+) -> bytes:
+    """One shard of ``n`` distinct, hard-to-escape prompts, as the library writes it."""
+    model = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}[provider]
+    df = pl.DataFrame({"body": [f"{i}: {b}" for i, b in enumerate(texts(n, seed=seed))]})
     p = prepare(
         df,
         "Classify: {body}",
-        provider="openai",
-        model="gpt-4o-mini",
+        provider=provider,
+        model=model,
         output=output,
         system=system,
         options={"max_output_tokens": cap},
@@ -208,19 +218,8 @@ def test_a_cancelled_batch_in_columns_equals_the_batch_line_by_line(monkeypatch)
     assert in_columns == by_line
 
 
-def anthropic_shard(n: int, *, output: Any, cap: int, system: str | None = None) -> bytes:
-    df = pl.DataFrame({"body": [f"{i}: {b}" for i, b in enumerate(texts(n, seed=4))]})
-    p = prepare(
-        df,
-        "Classify: {body}",
-        provider="anthropic",
-        model="claude-haiku-4-5",
-        output=output,
-        system=system,
-        options={"max_output_tokens": cap},
-    )
-    (s,) = plan(p)
-    return shard_bytes(p, s)
+def anthropic_shard(n: int, **shape: Any) -> bytes:
+    return shard(n, provider="anthropic", seed=4, **shape)
 
 
 def run_anthropic(

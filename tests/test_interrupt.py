@@ -29,6 +29,15 @@ CHILD = textwrap.dedent(
 )
 
 
+def submitted(ckpt: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait (polling the event log, within a deadline) until the child has submitted."""
+    deadline = time.monotonic() + 60
+    events = ckpt / "events.jsonl"
+    while not (events.exists() and b'"submitted"' in events.read_bytes()):
+        assert time.monotonic() < deadline and proc.poll() is None, "never submitted"
+        time.sleep(0.02)
+
+
 def test_ctrl_c_leaves_the_batch_running_and_says_how_to_resume(tmp_path: Path) -> None:
     ckpt = tmp_path / "job"
     script = tmp_path / "child.py"
@@ -39,11 +48,7 @@ def test_ctrl_c_leaves_the_batch_running_and_says_how_to_resume(tmp_path: Path) 
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 60
-        events = ckpt / "events.jsonl"
-        while not (events.exists() and b'"submitted"' in events.read_bytes()):
-            assert time.monotonic() < deadline and proc.poll() is None, "never submitted"
-            time.sleep(0.02)
+        submitted(ckpt, proc)
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0 and "KeyboardInterrupt" in err
@@ -75,11 +80,7 @@ def test_ctrl_c_in_the_cli_says_the_llmbatch_commands(tmp_path: Path) -> None:
                "--categories", "billing,bug", "--checkpoint", str(ckpt), "--api-key", "k",
                "--base-url", emu.openai_url, "--quiet", "--poll-interval", "0.05"]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        events = ckpt / "events.jsonl"
-        while not (events.exists() and b'"submitted"' in events.read_bytes()):
-            assert time.monotonic() < deadline and proc.poll() is None, "never submitted"
-            time.sleep(0.02)
+        submitted(ckpt, proc)
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -22,6 +22,8 @@ from polars_llmbatch.providers.base import (
     Provider,
     RemoteState,
     TokenRule,
+    field_of,
+    nested_message,
 )
 
 if TYPE_CHECKING:
@@ -215,13 +217,10 @@ class Anthropic(Provider):
         return dumps({"type": "error", "error": {"message": message}}).encode()
 
     def line_id(self, record: dict[str, Any]) -> str | None:
-        value = record.get("custom_id")
-        return None if value is None else str(value)
+        return field_of(record, "custom_id")
 
     def error_message(self, body: Any) -> str | None:
-        # {"type": "error", "error": {"type", "message"}, "request_id"}
-        err = body.get("error") if isinstance(body, dict) else None
-        return str(err["message"]) if isinstance(err, dict) and err.get("message") else None
+        return nested_message(body)  # {"type": "error", "error": {"type", "message"}, "request_id"}
 
 
 def _result_ids(data: bytes) -> set[str]:

@@ -29,6 +29,8 @@ __all__ = [
     "RemoteState",
     "Secret",
     "TokenRule",
+    "field_of",
+    "nested_message",
     "redact_url",
 ]
 
@@ -326,3 +328,19 @@ class Provider(ABC):
     # helpers shared by the provider modules ------------------------------------------------
     def _refuse(self, spec: RequestSpec, option: str, why: str) -> LlmBatchError:
         return LlmBatchError(f"{self.name} model {spec.model!r} does not take {option}: {why}")
+
+
+def field_of(record: dict[str, Any], name: str) -> str | None:
+    """``record[name]`` as text, or None: a result line's id field (each provider names it)."""
+    value = record.get(name)
+    return None if value is None else str(value)
+
+
+def nested_message(body: Any, *fallbacks: str) -> str | None:
+    """``body["error"]["message"]`` (or the first of ``fallbacks`` there): the error shape
+    the providers share, each stating in its own module that it uses it."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        return None
+    found = next((err[k] for k in ("message", *fallbacks) if err.get(k)), None)
+    return str(found) if found else None

@@ -15,7 +15,15 @@ from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import gemini_remote
-from polars_llmbatch.providers.base import Framing, Limits, Provider, RemoteState, TokenRule
+from polars_llmbatch.providers.base import (
+    Framing,
+    Limits,
+    Provider,
+    RemoteState,
+    TokenRule,
+    field_of,
+    nested_message,
+)
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -225,16 +233,11 @@ class Gemini(Provider):
         return dumps({"error": {"message": message}}).encode()
 
     def line_id(self, record: dict[str, Any]) -> str | None:
-        value = record.get("key")  # Gemini's lines carry our id as "key"
-        return None if value is None else str(value)
+        return field_of(record, "key")  # Gemini's lines carry our id as "key"
 
     def error_message(self, body: Any) -> str | None:
         # Google's {"error": {"code", "message", "status", "details"}}
-        err = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(err, dict):
-            return None
-        found = err.get("message") or err.get("status")
-        return str(found) if found else None
+        return nested_message(body, "status")
 
 
 # results ---------------------------------------------------------------------------------------

@@ -17,7 +17,15 @@ from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.plan.tokens.encodings import get_encoding
 from polars_llmbatch.providers import openai_remote
-from polars_llmbatch.providers.base import Framing, Limits, Provider, RemoteState, TokenRule
+from polars_llmbatch.providers.base import (
+    Framing,
+    Limits,
+    Provider,
+    RemoteState,
+    TokenRule,
+    field_of,
+    nested_message,
+)
 
 if TYPE_CHECKING:
     from polars_llmbatch.run.transport import Transport
@@ -217,13 +225,10 @@ class OpenAI(Provider):
         return dumps({"error": {"message": message}}).encode()
 
     def line_id(self, record: dict[str, Any]) -> str | None:
-        value = record.get("custom_id")
-        return None if value is None else str(value)
+        return field_of(record, "custom_id")
 
     def error_message(self, body: Any) -> str | None:
-        # {"error": {"message", "type", "param", "code"}}
-        err = body.get("error") if isinstance(body, dict) else None
-        return str(err["message"]) if isinstance(err, dict) and err.get("message") else None
+        return nested_message(body)  # {"error": {"message", "type", "param", "code"}}
 
     # shards -------------------------------------------------------------------------------
     def framing(self, spec: RequestSpec, tag: str, n_requests: int, payload_bytes: int) -> Framing:
