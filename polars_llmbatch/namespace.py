@@ -177,6 +177,7 @@ class LlmNamespace:
         expected_output_tokens: float | None = None,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
+        max_shard_tokens: int | None = None,
     ) -> Any:
         """Run one request per row through the provider's batch API (half price) and join the
         answers back onto the frame, in the same row order.
@@ -238,6 +239,7 @@ class LlmNamespace:
         prices: dict[str, float] | None = None,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
+        max_shard_tokens: int | None = None,
     ) -> Any:
         """Embed one text per row (a column name, a template or an expression) into a
         ``pl.Array(pl.Float32, dim)`` column ``name``, through the batch API; the same
@@ -289,7 +291,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
 
     # the options' own checks ran in the method (options.check); these span options
     prov = get_provider(args["provider"])
-    check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"])
+    check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"], args["max_shard_tokens"])
     check_override(args["prices"])
     check_model(prov, args["model"], task, args["prices"])
     max_attempts = args["max_attempts"]
@@ -322,6 +324,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         progress=args["progress"],
         max_shard_requests=args["max_shard_requests"],
         max_shard_bytes=args["max_shard_bytes"],
+        max_shard_tokens=args["max_shard_tokens"],
     )
     transport = Transport(creds)
     ckpt, _ = start(
@@ -336,6 +339,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
             "expected_output_tokens": args["expected_output_tokens"],
             "max_shard_requests": args["max_shard_requests"],
             "max_shard_bytes": args["max_shard_bytes"],
+            "max_shard_tokens": args["max_shard_tokens"],
         },
         max_cost=args["max_cost"],
         output_name=name,

@@ -358,9 +358,10 @@ OPTIONS: tuple[Option, ...] = (
         "max_shard_tokens",
         "int | None",
         None,
-        "input tokens per batch (for enqueued-token limits)",
-        frozenset({"estimate"}),
+        "worst-case input tokens per batch (for the providers' enqueued-token limits)",
+        _ALL - {"requests"},
         parse=int,
+        recorded=True,
     ),
     Option(
         "write_to",

@@ -122,6 +122,7 @@ def test_job_json_keeps_the_recorded_options_and_a_reopened_job_runs_with_them(t
     df = pl.DataFrame({"body": ["a", "b", "c"]})
     given = {"mode": "sync", "tags": {"team": "x"}, "max_attempts": 2, "max_cost": 1.0}
     given |= {"concurrency": 2, "max_shard_requests": 2, "max_shard_bytes": 100_000}
+    given |= {"max_shard_tokens": 10_000}
     with serve(batch_seconds=0.05) as emu:
         batch(df, emu, tmp_path / "j", **given)
     job = json.loads((tmp_path / "j" / "job.json").read_text())
@@ -159,3 +160,33 @@ def test_job_estimate_is_the_estimate_shown_before_sending(tmp_path) -> None:
     assert est.cost_batch == pytest.approx(before.cost_batch)
     assert est.worst_cost_batch == pytest.approx(before.worst_cost_batch)
     assert repr(est) == repr(before) and est._repr_html_() == before._repr_html_()
+
+
+def test_batch_takes_max_shard_tokens_and_keeps_each_batch_under_it(tmp_path) -> None:
+    """A documented option that was a TypeError in batch(): each batch's requests' worst-case
+    input tokens (the bounds stored with the requests) sum to at most the cap."""
+    import polars as pl
+    from helpers import batch
+
+    from polars_llmbatch.emulator import Faults, serve
+    from polars_llmbatch.run.checkpoint import Checkpoint
+
+    df = pl.DataFrame({"body": [f"ticket number {i} about a refund" for i in range(40)]})
+    faults = Faults(expire_at=0.5, fault_batches=1)  # a retry round is planned too
+    with serve(batch_seconds=0.05, faults=faults) as emu:
+        out = batch(df, emu, tmp_path / "j", output=["billing", "bug"], max_shard_tokens=400)
+        created = len(emu.ledger.batches)
+    assert set(out["llm_status"]) == {"succeeded"}
+    ckpt = Checkpoint(tmp_path / "j")
+    worst = pl.read_parquet(tmp_path / "j" / "requests.parquet")
+    per_shard = [
+        int(
+            worst.join(pl.read_parquet(ckpt.ids_file(i)), on="custom_id")[
+                "worst_input_tokens"
+            ].sum()
+        )
+        for i in ckpt.shards()
+    ]
+    assert created == len(per_shard) > 1 and max(per_shard) <= 400
+    assert max(s.round for s in ckpt.shards().values()) == 2  # the retry round kept the cap
+    assert ckpt.job()["max_shard_tokens"] == 400

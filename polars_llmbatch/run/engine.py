@@ -60,6 +60,7 @@ class Settings:
     progress: bool = True
     max_shard_requests: int | None = None
     max_shard_bytes: int | None = None
+    max_shard_tokens: int | None = None
 
 
 def plan_round(
@@ -72,10 +73,13 @@ def plan_round(
     mode: str,
     max_requests: int | None = None,
     max_bytes: int | None = None,
+    max_tokens: int | None = None,
+    tokens: pl.Series | None = None,
 ) -> int:
     """Plan ``prepared.requests`` into shards numbered from ``first_index``: write their files,
     then record the whole round in one ``planned`` event (a crash before it re-plans the same
-    bytes). Returns the number of shards."""
+    bytes). With ``max_tokens``, each shard's requests' worst-case input ``tokens`` (in
+    request order) sum to at most it. Returns the number of shards."""
     if mode == "sync":
         max_requests = min(max_requests or SYNC_SHARD_REQUESTS, SYNC_SHARD_REQUESTS)
     round_ = 1 + max((r.round for r in ckpt.shards().values()), default=0)
@@ -83,6 +87,8 @@ def plan_round(
         prepared,
         max_requests=max_requests,
         max_bytes=max_bytes,
+        max_tokens=max_tokens,
+        tokens=tokens if max_tokens is not None else None,
         first_index=first_index,
         job_id=job_id,
     )
@@ -628,6 +634,9 @@ class Engine:
             mode=self.settings.mode,
             max_requests=max_requests,
             max_bytes=self.settings.max_shard_bytes,
+            # the bounds stored with the requests when the job started
+            max_tokens=self.settings.max_shard_tokens,
+            tokens=requests["worst_input_tokens"] if self.settings.max_shard_tokens else None,
         )
         return True
 

@@ -118,6 +118,7 @@ def start(
                     "concurrency": settings.concurrency,
                     "max_shard_requests": settings.max_shard_requests,
                     "max_shard_bytes": settings.max_shard_bytes,
+                    "max_shard_tokens": settings.max_shard_tokens,
                 }
             ),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -146,6 +147,8 @@ def start(
             mode=mode,
             max_requests=settings.max_shard_requests,
             max_bytes=settings.max_shard_bytes,
+            max_tokens=settings.max_shard_tokens,
+            tokens=planned.worst_tokens,
         )
         ckpt.commit(job)
         return ckpt, est
