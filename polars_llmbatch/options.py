@@ -90,6 +90,8 @@ def _number(lo: float, hi: float) -> Callable[[str, Any], None]:
 
 
 def _tokens_cap(name: str, value: Any) -> None:
+    # a cap on tokens or on a shard's size; the provider's own limits are checked with the
+    # provider (shards.check_caps)
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise LlmBatchError(f"{name} must be a positive integer, got {value!r}")
 
@@ -344,6 +346,7 @@ OPTIONS: tuple[Option, ...] = (
         _ALL,
         parse=int,
         recorded=True,
+        check=_tokens_cap,
     ),
     Option(
         "max_shard_bytes",
@@ -353,6 +356,7 @@ OPTIONS: tuple[Option, ...] = (
         _ALL,
         parse=int,
         recorded=True,
+        check=_tokens_cap,
     ),
     Option(
         "max_shard_tokens",
@@ -362,6 +366,7 @@ OPTIONS: tuple[Option, ...] = (
         _ALL - {"requests"},
         parse=int,
         recorded=True,
+        check=_tokens_cap,
     ),
     Option(
         "write_to",
