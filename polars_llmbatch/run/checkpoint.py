@@ -225,8 +225,8 @@ class Checkpoint:
             except OSError:
                 raise LockedError(
                     f"the job in {str(self.path)!r} is being run by another process or Job "
-                    "object; let that one finish (Job.open(path).status() shows progress) or "
-                    "stop it first"
+                    "object; let that one finish (`llmbatch status PATH`, or "
+                    "Job.open(path).status() in Python, shows progress) or stop it first"
                 ) from None
             yield
         finally:
