@@ -221,11 +221,11 @@ def _parser() -> argparse.ArgumentParser:
 _QUIET = "no progress bar or progress notes on stderr; the output and errors stay"
 
 
-def _say(args: argparse.Namespace, message: str, *, err: bool = False) -> None:
+def _say(args: argparse.Namespace, message: str) -> None:
     """A progress note on stderr (where a job lives, what status could not ask), unless
     ``--quiet``; stdout, the command's output, is the same either way."""
     if not getattr(args, "quiet", False):
-        print(message, file=sys.stderr if err else sys.stdout)
+        print(message, file=sys.stderr)
 
 
 def _waiting(c: argparse.ArgumentParser) -> None:
@@ -326,7 +326,8 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
     if args.output:
         _check_output(args.output)
     verb = "embed" if args.embed else "batch"
-    given = {k for k, v in vars(args).items() if v not in (None, False, [])}
+    # given: any value but the flag's absence (0 and 0.0 are given: `--temperature 0`)
+    given = {k for k, v in vars(args).items() if v is not None and v is not False and v != []}
     taken = {o.name for o in options.for_verb(verb)} | {"wait", "progress", "poll_interval"}
     other = {o.name for o in options.OPTIONS if o.cli} - taken
     stray = sorted(given & other)
@@ -342,7 +343,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
     job = method(args.prompt, **kw)
     job.interface = "cli"  # hints (Ctrl-C, errors) name llmbatch commands, not Python
     _remember(job, args.input, args.output)
-    _say(args, f"job {job.id}: checkpoint {job.path}", err=True)
+    _say(args, f"job {job.id}: checkpoint {job.path}")
     try:
         if not args.no_wait:
             job.wait(timeout=args.timeout)
@@ -352,7 +353,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
         out = job.result()
         if isinstance(out, pl.LazyFrame):
             out = out.collect()
-        _report(job, out, args.output, args)
+        _report(job, out, args.output)
         return 0
     finally:
         job.close()
@@ -397,32 +398,23 @@ def _on_job(job: Any, args: argparse.Namespace) -> int:
         print(repr(job))
         if job._t is None:
             _say(
-                args,
-                "(from the checkpoint alone: set the provider's API key to ask the provider)",
-                err=True,
+                args, "(from the checkpoint alone: set the provider's API key to ask the provider)"
             )
         return 0 if st.done else _still_running(job)
     if args.command == "cancel":
         job.cancel(timeout=120)
         print(repr(job))
         return 0 if job.status(refresh=False).done else _still_running(job)
-    if args.command == "retry":
+    if args.command in ("resume", "retry"):
         given = _remembered(job)
-        output = args.output or given.get("output")
-        job.retry(args.status or RETRY_STATUSES, wait=False)
+        if args.command == "retry":
+            job.retry(args.status or RETRY_STATUSES, wait=False)
         job.wait(timeout=0 if args.no_wait else args.timeout)
-        job._stop_background()
+        job._stop_background()  # this process exits: the job waits in its checkpoint
         if not job.status(refresh=False).done:
             return _still_running(job, submitted_only=args.no_wait)
-        _report(job, _with_input_rows(job, job.result(), given), output, args)
-        return 0
-    if args.command == "resume":
-        given = _remembered(job)
-        output = args.output or given.get("output")
-        job.wait(timeout=0 if args.no_wait else args.timeout)
-        if not job.status(refresh=False).done:
-            return _still_running(job, submitted_only=args.no_wait)
-        _report(job, _with_input_rows(job, job.result(), given), output, args)
+        out = _with_input_rows(job, job.result(), given)
+        _report(job, out, args.output or given.get("output"))
         return 0
     out = job.result(usage=args.usage)  # results
     _write(out, args.output)
@@ -475,7 +467,7 @@ def _with_input_rows(job: Any, out: pl.DataFrame, given: dict[str, Any]) -> pl.D
     return joined.drop(key) if positional else joined
 
 
-def _report(job: Any, out: pl.DataFrame, path: str | None, args: argparse.Namespace) -> None:
+def _report(job: Any, out: pl.DataFrame, path: str | None) -> None:
     if path:
         _write(out, path)
     st = job.status(refresh=False)

@@ -32,7 +32,6 @@ __all__ = [
     "for_verb",
     "from_flags",
     "parse_categories",
-    "record",
     "recorded",
     "reference",
 ]
@@ -64,6 +63,10 @@ class Option:
     required: bool = False
     #: Kept in the checkpoint's job.json: what a reopened job (any process) runs with.
     recorded: bool = False
+
+    def __post_init__(self) -> None:
+        if self.choices and self.check is None:  # the choices are the check
+            object.__setattr__(self, "check", _one_of(*self.choices))
 
     @property
     def cli(self) -> str | None:
@@ -231,7 +234,6 @@ OPTIONS: tuple[Option, ...] = (
         "skip",
         "a row whose prompt renders to null: skip it, send it empty, or raise",
         _ALL,
-        check=_one_of("skip", "empty", "error"),
         kind="choice",
         choices=("skip", "empty", "error"),
     ),
@@ -400,7 +402,6 @@ OPTIONS: tuple[Option, ...] = (
         "batch",
         "batch (half price), sync (the sync endpoints) or auto (sync for small jobs)",
         _RUN,
-        check=_one_of("batch", "sync", "auto"),
         kind="choice",
         choices=("batch", "sync", "auto"),
         recorded=True,
@@ -488,14 +489,10 @@ def for_verb(verb: str) -> list[Option]:
     return [o for o in OPTIONS if verb in o.verbs]
 
 
-def record(values: dict[str, Any]) -> dict[str, Any]:
-    """The options job.json keeps, from a run's ``values`` (absent ones at their defaults)."""
+def recorded(values: dict[str, Any]) -> dict[str, Any]:
+    """The options job.json keeps, from a run's ``values`` or a job.json (absent ones, as in
+    an older checkpoint, at their defaults)."""
     return {o.name: values.get(o.name, o.default) for o in OPTIONS if o.recorded}
-
-
-def recorded(job: dict[str, Any]) -> dict[str, Any]:
-    """The kept options of a job.json, at their defaults where an older checkpoint lacks one."""
-    return {o.name: job.get(o.name, o.default) for o in OPTIONS if o.recorded}
 
 
 def check(verb: str, values: dict[str, Any]) -> None:
@@ -541,13 +538,13 @@ def from_flags(args: argparse.Namespace, verb: str) -> dict[str, Any]:
             continue
         value = getattr(args, o.name)
         if o.kind == "switch":
-            inverted = o.cli.startswith("--no-") or o.cli == "--quiet"
-            value = (not value) if inverted else value
+            # a switch turns its option away from the default: --no-wait, --quiet
+            value = (not value) if o.default is True else value
             if value != o.default:
                 kw[o.name] = value
         elif o.kind == "repeat":
             if value:
-                kw[o.name] = dict(value) if o.name == "tags" else list(value)
+                kw[o.name] = dict(value) if o.annotation.startswith("dict") else list(value)
         elif value is not None:
             kw[o.name] = value
     return kw

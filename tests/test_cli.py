@@ -224,3 +224,12 @@ def test_empty_categories_are_refused_like_an_empty_output_list(tmp_path: Path) 
             "gpt-4o-mini", "--categories", value, cwd=tmp_path,
         )  # fmt: skip
         assert r.returncode == 2 and "give at least two" in r.stderr, value
+
+
+def test_a_zero_for_a_generation_flag_with_embed_is_still_refused(tmp_path: Path) -> None:
+    pl.DataFrame({"t": ["a"]}).write_parquet(tmp_path / "t.parquet")
+    r = run(
+        "run", "t.parquet", "--prompt", "{t}", "--provider", "openai", "--model",
+        "text-embedding-3-small", "--embed", "--temperature", "0", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 1 and "--temperature does not apply to --embed" in r.stderr

@@ -148,7 +148,7 @@ def test_spend_keeps_local_runs_apart_and_warns_on_an_unknown_tag(tmp_path: Path
     shutil.copytree(root / "dry", root / "real")
     job_file = root / "real" / "job.json"
     job = json.loads(job_file.read_text())
-    job_file.write_text(json.dumps({**job, "base_url": "https://api.openai.com/v1"}))
+    job_file.write_text(json.dumps({**job, "base_url": "https://provider.invalid/v1"}))
     by_team = polars_llmbatch.spend(root, by="tag:team")
     assert by_team.select("team", "billed_by", "requests").rows() == [
         ("a", "provider", 4),

@@ -446,10 +446,8 @@ class Job:
     def _status_counts(self, rows: pl.DataFrame, results: pl.DataFrame) -> dict[str, int]:
         """Rows per status as ``result()`` counts them (the answers decoded and checked against
         the schema), remembered until a results file changes: a repr asks often."""
-        key = tuple(
-            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
-            for f in sorted((self._ckpt.path / "results").glob("*.parquet"))
-        )
+        files = sorted((self._ckpt.path / "results").glob("*.parquet"))
+        key = tuple((f.name, st.st_size, st.st_mtime_ns) for f in files if (st := f.stat()))
         if self._counts is None or self._counts[0] != (key, rows.height):
             self._counts = ((key, rows.height), status_counts(rows, results, self.spec))
         return dict(self._counts[1])

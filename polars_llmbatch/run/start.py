@@ -109,7 +109,7 @@ def start(
             "endpoint": prepared.provider.endpoint(prepared.spec),
             "key": prepared.key,
             # the run options a reopened job runs with, as the options table marks them
-            **options.record(
+            **options.recorded(
                 {
                     "mode": mode,
                     "tags": dict(tags or {}),
