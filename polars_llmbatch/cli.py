@@ -22,7 +22,7 @@ import polars as pl
 
 from polars_llmbatch import options
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError
-from polars_llmbatch.run.job import RETRY_STATUSES
+from polars_llmbatch.run.job import INTERFACE, RETRY_STATUSES
 
 __all__ = ["main"]
 
@@ -262,6 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import polars_llmbatch  # noqa: F401  (registers .llm)
 
     args = _parser().parse_args(argv)
+    # hints (Ctrl-C, errors) name llmbatch commands, not Python
+    said_as = INTERFACE.set("cli")
+    try:
+        return _main(args)
+    finally:
+        INTERFACE.reset(said_as)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "sample":
             from polars_llmbatch.sample import tickets
@@ -341,10 +350,9 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
     kw.update(progress=not args.quiet, poll_interval=args.poll_interval, wait=False)
     method = frame.llm.embed if args.embed else frame.llm.batch
     job = method(args.prompt, **kw)
-    job.interface = "cli"  # hints (Ctrl-C, errors) name llmbatch commands, not Python
-    _remember(job, args.input, args.output)
-    _say(args, f"job {job.id}: checkpoint {job.path}")
     try:
+        _remember(job, args.input, args.output)
+        _say(args, f"job {job.id}: checkpoint {job.path}")
         if not args.no_wait:
             job.wait(timeout=args.timeout)
         job._stop_background()  # this process exits: the job waits in its checkpoint
@@ -355,6 +363,9 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
             out = out.collect()
         _report(job, out, args.output)
         return 0
+    except KeyboardInterrupt:  # between submitting and waiting: say it all the same
+        job._say_interrupted()
+        raise
     finally:
         job.close()
 
@@ -387,7 +398,6 @@ def _job_command(args: argparse.Namespace) -> int:
     job = Job.open(
         args.checkpoint, progress=not quiet, poll_interval=getattr(args, "poll_interval", 5.0)
     )
-    job.interface = "cli"
     with job:
         return _on_job(job, args)
 

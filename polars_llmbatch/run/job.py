@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import contextvars
 import html
 import logging
 import math
@@ -73,6 +74,10 @@ class JobStatus:
             f"JobStatus({self.state or ('done' if self.done else 'running')}; rows: {rows}; "
             f"shards: {shards}; spent ${self.spent:,.4f})"
         )
+
+
+#: Whose words a job's hints use (see :attr:`Job.interface`).
+INTERFACE: contextvars.ContextVar[str] = contextvars.ContextVar("interface", default="python")
 
 
 class Job:
@@ -197,8 +202,24 @@ class Job:
         ``df.llm.estimate`` shows it (``.to_dict()`` for plain data)."""
         return Estimate.from_dict(self._job["estimate"])
 
-    #: Whose words the hints use: "python", or "cli" (the ``llmbatch`` command sets it).
-    interface: str = "python"
+    @property
+    def interface(self) -> str:
+        """Whose words the hints use: "python", or "cli" (the ``llmbatch`` command sets
+        :data:`INTERFACE` for the jobs it makes and opens)."""
+        return INTERFACE.get()
+
+    _interrupt_said = False
+
+    def _say_interrupted(self) -> None:
+        """Say, once, that an interrupted job keeps running and how to go on with it."""
+        if self._interrupt_said:
+            return
+        self._interrupt_said = True
+        print(
+            "\nInterrupted. The remote batches keep running and the checkpoint is "
+            f"consistent:\n  {self.path}\n{self._next_steps()}",
+            file=sys.stderr,
+        )
 
     def _next_steps(self) -> str:
         """How to go on with this job, in the words of the interface the user is in."""
@@ -249,11 +270,7 @@ class Job:
             self._stop_background()  # Ctrl-C may come while it finishes its step
             done = self._engine().run(timeout)
         except KeyboardInterrupt:
-            print(
-                "\nInterrupted. The remote batches keep running and the checkpoint is "
-                f"consistent:\n  {self.path}\n{self._next_steps()}",
-                file=sys.stderr,
-            )
+            self._say_interrupted()
             raise
         if not done and background:
             self._resume_background()
@@ -265,6 +282,9 @@ class Job:
         A kernel that dies leaves a checkpoint any other process can resume."""
         try:
             done = self._engine().run(0)
+        except KeyboardInterrupt:  # mid-submission: what was sent is recorded
+            self._say_interrupted()
+            raise
         except LockedError:
             # Another process (or Job object) runs this job: it sends and collects; this
             # handle reads what it records.
