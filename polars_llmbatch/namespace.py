@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any
@@ -54,16 +55,22 @@ class LlmNamespace:
         prices: dict[str, float] | None = None,
         expected_output_tokens: float | None = None,
         exact: bool = False,
+        calibrate: bool | int = False,
         max_cost: float | None = None,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
+        api_key: str | None = None,
+        base_url: str | None = None,
     ) -> Estimate:
         """Tokens and cost of sending one request per row, at batch and sync rates; nothing is sent.
 
         Identical prompts share one request (and are paid once). Input tokens are exact for
         OpenAI up to 20,000 unique requests and sampled above that (``exact=True`` counts all);
-        Anthropic and Gemini are approximated with an error band. ``max_cost`` (USD) raises
+        Anthropic and Gemini are approximated with an error band, or, with
+        ``calibrate=True``, measured: a stratified sample of 200 requests (or ``calibrate=N``)
+        is counted by the provider's free token-count endpoint (this needs the key, as
+        ``batch`` does) and the offline count is scaled by it. ``max_cost`` (USD) raises
         :class:`~polars_llmbatch.BudgetExceededError` when the worst case is over it.
 
         Example:
@@ -78,17 +85,27 @@ class LlmNamespace:
         options.check("estimate", locals())
         check_caps(get_provider(provider), max_shard_requests, max_shard_bytes, max_shard_tokens)
         check_override(prices)
+        prov = get_provider(provider)
+        creds = _calibration_credentials(prov, calibrate, api_key, base_url)
         prepared = _prepare(self._frame, prompt, locals())
-        est = estimate(
-            prepared,
-            # A budget is a promise: count every request, so the worst case is a bound.
-            exact=exact or max_cost is not None,
-            prices=prices,
-            expected_output_tokens=expected_output_tokens,
-            max_shard_requests=max_shard_requests,
-            max_shard_bytes=max_shard_bytes,
-            max_shard_tokens=max_shard_tokens,
-        ).estimate
+        with contextlib.ExitStack() as stack:
+            calibration = {}
+            if creds is not None:
+                from polars_llmbatch.run.transport import Transport
+
+                transport = stack.enter_context(Transport(creds))
+                calibration = _calibration(prepared, calibrate, transport)
+            est = estimate(
+                prepared,
+                # A budget is a promise: count every request, so the worst case is a bound.
+                exact=exact or max_cost is not None,
+                prices=prices,
+                expected_output_tokens=expected_output_tokens,
+                max_shard_requests=max_shard_requests,
+                max_shard_bytes=max_shard_bytes,
+                max_shard_tokens=max_shard_tokens,
+                **calibration,
+            ).estimate
         est.check_budget(max_cost)
         return est
 
@@ -175,6 +192,7 @@ class LlmNamespace:
         extra_body: dict[str, Any] | None = None,
         prices: dict[str, float] | None = None,
         expected_output_tokens: float | None = None,
+        calibrate: bool | int = False,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
@@ -237,6 +255,7 @@ class LlmNamespace:
         on_null: OnNull = "skip",
         extra_body: dict[str, Any] | None = None,
         prices: dict[str, float] | None = None,
+        calibrate: bool | int = False,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
@@ -340,6 +359,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
             "max_shard_requests": args["max_shard_requests"],
             "max_shard_bytes": args["max_shard_bytes"],
             "max_shard_tokens": args["max_shard_tokens"],
+            **_calibration(prepared, args["calibrate"], transport),
         },
         max_cost=args["max_cost"],
         output_name=name,
@@ -362,6 +382,32 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         return job
     with job:  # its connections are closed once the result is read
         return job.wait().result()
+
+
+def _calibration_credentials(
+    prov: Provider, calibrate: bool | int, api_key: str | None, base_url: str | None
+) -> Any:
+    """The key calibration needs (``estimate`` sends nothing else), or None without it."""
+    if not calibrate:
+        return None
+    from polars_llmbatch.run.transport import credentials
+
+    return credentials(
+        prov.name, api_key=api_key or prov.api_key, base_url=base_url or prov.base_url
+    )
+
+
+def _calibration(prepared: Prepared, calibrate: bool | int, transport: Any) -> dict[str, Any]:
+    """``estimate``'s calibration arguments for ``calibrate=``: the provider's count
+    endpoint over ``transport``, and the sample size."""
+    if not calibrate:
+        return {}
+    from polars_llmbatch.plan.calibrate import SAMPLE, remote_counter
+
+    return {
+        "count": remote_counter(prepared.provider, prepared.spec, transport),
+        "calibrate_sample": SAMPLE if calibrate is True else int(calibrate),
+    }
 
 
 _REQUEST_ARGS = ("provider", "model", "output", "system", "id", "task", "on_null")

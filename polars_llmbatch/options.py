@@ -57,7 +57,9 @@ class Option:
     check: Callable[[str, Any], None] | None = None
     flag: str | None = ""  # "" → "--" + name with dashes
     parse: Callable[[str], Any] | None = None
-    kind: str = "value"  # "value", "switch" (store_true), "repeat" (append), "choice"
+    #: "value", "switch" (store_true), "repeat" (append), "choice", or "optional" (a flag
+    #: alone means True, with a value that value: ``--calibrate``, ``--calibrate 500``)
+    kind: str = "value"
     choices: tuple[str, ...] = ()
     no_flag: str = ""
     required: bool = False
@@ -169,6 +171,16 @@ def _checkpoint(name: str, value: Any) -> None:
 def _name(name: str, value: Any) -> None:
     if not (isinstance(value, str) and value):
         raise LlmBatchError(f"name= must be a non-empty column name, got {value!r}")
+
+
+def _calibrate(name: str, value: Any) -> None:
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, int) or not 10 <= value <= 100_000:
+        raise LlmBatchError(
+            f"calibrate= takes True (a sample of 200 requests) or a sample size from 10 to "
+            f"100,000, got {value!r}"
+        )
 
 
 def _seed(name: str, value: Any) -> None:
@@ -331,6 +343,18 @@ OPTIONS: tuple[Option, ...] = (
         kind="switch",
     ),
     Option(
+        "calibrate",
+        "bool | int",
+        False,
+        "count a stratified sample of the requests (200, or this many) with the provider's "
+        "free token-count endpoint and scale the input estimate by it (Anthropic, Gemini; "
+        "needs the key)",
+        frozenset({"estimate", "batch", "embed"}),
+        check=_calibrate,
+        parse=int,
+        kind="optional",
+    ),
+    Option(
         "max_cost",
         "float | None",
         None,
@@ -474,10 +498,14 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "the key (default: the SDK's variable, e.g. OPENAI_API_KEY; on a shared machine "
         "prefer the variable: a flag shows in the process list)",
-        _RUN,
+        _RUN | {"estimate"},
     ),
     Option(
-        "base_url", "str | None", None, "another endpoint: a proxy, a gateway, the emulator", _RUN
+        "base_url",
+        "str | None",
+        None,
+        "another endpoint: a proxy, a gateway, the emulator",
+        _RUN | {"estimate"},
     ),
 )
 
@@ -525,6 +553,8 @@ def add_flags(parser: argparse.ArgumentParser, verb: str, *, skip: Iterable[str]
             kw.update(action="append", type=o.parse or str, default=None)
         elif o.kind == "choice":
             kw.update(choices=o.choices, default=o.default)
+        elif o.kind == "optional":
+            kw.update(nargs="?", const=True, type=o.parse or str, default=None)
         else:
             kw.update(type=o.parse or str, required=o.required)
         parser.add_argument(o.cli, **kw)

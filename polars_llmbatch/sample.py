@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import polars as pl
 
-__all__ = ["CATEGORIES", "tickets"]
+__all__ = ["CATEGORIES", "tickets", "varied"]
 
 CATEGORIES = ["billing", "bug", "feature", "other"]
 
@@ -149,3 +149,109 @@ def tickets(
         (pl.date(2026, 1, 1) + pl.duration(days=(pl.col("h") // 5) % 300)).alias("created"),
         "body",
     )
+
+
+_PROSE = [
+    "the",
+    "quick",
+    "report",
+    "shows",
+    "that",
+    "customers",
+    "who",
+    "wait",
+    "longer",
+    "than",
+    "a",
+    "day",
+    "for",
+    "an",
+    "answer",
+    "are",
+    "far",
+    "less",
+    "likely",
+    "to",
+    "renew",
+    "their",
+    "plan",
+    "and",
+    "often",
+    "tell",
+    "their",
+    "colleagues",
+    "about",
+    "it",
+    "while",
+    "teams",
+    "that",
+    "answer",
+    "within",
+    "the",
+    "hour",
+    "keep",
+    "almost",
+    "everyone",
+    "through",
+    "the",
+    "next",
+    "quarter",
+]
+_CODE = [
+    "def total(items):\n    return sum(i.price * i.qty for i in items)\n",
+    "for row in rows:\n    if row['status'] == 'failed':\n        retry(row)\n",
+    "SELECT customer_id, SUM(amount) FROM payments\nWHERE paid_at > NOW() - INTERVAL '7 days'\nGROUP BY 1;\n",
+    "const res = await fetch(url, { method: 'POST', body: JSON.stringify(data) });\n",
+]
+_CJK = [
+    "請求書の金額が間違っています",
+    "应用程序在登录时崩溃",
+    "환불이 아직 도착하지 않았습니다",
+    "配送状況を確認したい",
+]
+
+
+def varied(n: int = 10_000, *, seed: int = 0) -> pl.DataFrame:
+    """``n`` texts of five kinds that tokenizers count very differently: English ``prose``,
+    ``code``, ``numbers`` (transaction lines), ``cjk`` and ``json``; columns ``kind`` and
+    ``text``, lengths from a few words to a few hundred. For calibration tests and benchmarks.
+
+    Example:
+        >>> df = varied(1_000)
+        >>> sorted(df["kind"].unique().to_list())
+        ['cjk', 'code', 'json', 'numbers', 'prose']
+    """
+    import random
+
+    rng = random.Random(seed)
+    kinds, texts = [], []
+    for i in range(n):
+        kind = ("prose", "code", "numbers", "cjk", "json")[rng.randrange(5)]
+        size = rng.choice((1, 2, 4, 8, 16))
+        if kind == "prose":
+            words = [rng.choice(_PROSE) for _ in range(6 * size)]
+            text = " ".join(words).capitalize() + "."
+        elif kind == "code":
+            text = "".join(rng.choice(_CODE) for _ in range(size))
+        elif kind == "numbers":
+            text = "\n".join(
+                f"{rng.randrange(2020, 2027)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d} "
+                f"TXN{rng.randrange(10**8):08d} {rng.choice(['CARD', 'SEPA', 'ACH'])} "
+                f"{rng.randrange(1, 10**6) / 100:.2f} EUR"
+                for _ in range(size)
+            )
+        elif kind == "cjk":
+            text = "。".join(rng.choice(_CJK) for _ in range(2 * size)) + "。"
+        else:
+            text = (
+                "["
+                + ",".join(
+                    f'{{"id":{rng.randrange(10**6)},"sku":"SKU-{rng.randrange(10**4):04d}",'
+                    f'"qty":{rng.randrange(1, 9)},"note":"{rng.choice(_PROSE)} {rng.choice(_PROSE)}"}}'
+                    for _ in range(size)
+                )
+                + "]"
+            )
+        kinds.append(kind)
+        texts.append(f"{text} #{i}")  # every text unique: no request is deduplicated away
+    return pl.DataFrame({"kind": kinds, "text": texts})

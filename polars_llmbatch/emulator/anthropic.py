@@ -16,16 +16,13 @@ from typing import Any
 import orjson
 import polars as pl
 
-from polars_llmbatch.emulator import columns, model
+from polars_llmbatch.emulator import columns, model, tokenizers
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import outcomes
 from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Timeline
-from polars_llmbatch.plan.spec import RequestSpec
-from polars_llmbatch.plan.tokens.encodings import get_encoding
-from polars_llmbatch.providers.anthropic import Anthropic
 
 __all__ = ["AnthropicEmulator"]
 
@@ -76,6 +73,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
         r("DELETE", f"{PREFIX}/messages/batches/{{batch_id}}", self.delete)
         r("GET", f"{PREFIX}/messages/batches/{{batch_id}}/results", self.results)
         r("POST", f"{PREFIX}/messages", self.sync)
+        r("POST", f"{PREFIX}/messages/count_tokens", self.count_tokens)
 
     def guard(self, handler: Any) -> Any:
         def guarded(request: Request) -> Response:
@@ -369,6 +367,48 @@ class AnthropicEmulator(BatchStore[_Batch]):
         self.ctx.ledger.bill("anthropic", None, "", inp, outp)
         return Response.json(message)
 
+    def count_tokens(self, request: Request) -> Response:
+        """``POST /v1/messages/count_tokens``: the input tokens a Messages body would be
+        billed, free (its own rate limit, the ``rate_limit_counts`` fault). It takes the
+        SDK's count parameters only: ``max_tokens`` and the sampling options are refused,
+        as extra inputs."""
+        if (limited := self._throttled("rate_limit_counts")) is not None:
+            return limited
+        params = request.json()
+        if not isinstance(params, dict):
+            return error(400, "invalid_request_error", "body: Input should be an object")
+        for name in ("model", "messages"):
+            if name not in params:
+                return error(400, "invalid_request_error", f"{name}: Field required")
+        extra = sorted(set(params) - _COUNT_PARAMS)
+        if extra:
+            return error(
+                400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted"
+            )
+        problem = model.model_problem("anthropic", str(params.get("model", "")), embed=False)
+        if problem is not None:
+            return error(404, "not_found_error", f"model: {params.get('model')!r} ({problem})")
+        self.ctx.ledger.counted("anthropic")
+        return Response.json({"input_tokens": input_tokens(params)})
+
+
+#: What ``count_tokens`` takes (the SDK's MessageCountTokensParams).
+_COUNT_PARAMS = frozenset(
+    {
+        "messages",
+        "model",
+        "cache_control",
+        "context_management",
+        "mcp_servers",
+        "output_config",
+        "output_format",
+        "speed",
+        "system",
+        "thinking",
+        "tool_choice",
+        "tools",
+    }
+)
 
 _LINES = {"custom_id": pl.String, "line": pl.String}
 
@@ -424,24 +464,23 @@ def _answer_columns(
     )
     parts = []
     for (model_name, key), group in frame.group_by(["model", "schema"], maintain_order=True):
-        rule = Anthropic().token_rule(RequestSpec("anthropic", str(model_name)))
-        system_tokens = columns.count_tokens(group["system"], rule.encoding).to_list()
-        user_tokens = columns.count_tokens(group["user"], rule.encoding, distinct=False).to_list()
-        inputs = [
-            round(
-                rule.per_request + rule.per_message * (2 if sys_text else 1) + rule.ratio * (s + u)
-            )
-            for sys_text, s, u in zip(
-                group["system"].to_list(), system_tokens, user_tokens, strict=True
-            )
-        ]
+        fam = tokenizers.family("anthropic", str(model_name))
+        system_tokens = fam.count_series(group["system"], distinct=True)
+        user_tokens = fam.count_series(group["user"])
+        has_system = group["system"].fill_null("") != ""
+        inputs = (
+            fam.frame
+            + user_tokens
+            + pl.select(pl.when(has_system).then(fam.per_system + system_tokens).otherwise(0))
+            .to_series()
+            .cast(pl.Int64)
+            + (fam.per_schema if key is not None else 0)
+        )
         said = columns.answers(
             group["user"], schemas[key] if key is not None else None, group["cap"]
         )
         parts.append(
-            group.select("i", "model")
-            .hstack(said)
-            .with_columns(inp=pl.Series(inputs, dtype=pl.Int64))
+            group.select("i", "model").hstack(said).with_columns(inp=inputs.cast(pl.Int64))
         )
     done = pl.concat(parts).sort("i")
     inp = done["inp"]
@@ -500,14 +539,16 @@ def _texts(params: dict[str, Any]) -> tuple[str, str]:
 
 
 def input_tokens(params: dict[str, Any]) -> int:
-    """Input tokens by the project's own Claude approximation (o200k × ratio + frame)."""
-    rule = Anthropic().token_rule(RequestSpec("anthropic", str(params.get("model", ""))))
-    enc = get_encoding(rule.encoding)
+    """Input tokens by the emulated Claude tokenizer of the model (:mod:`.tokenizers`): the
+    system prompt and the last user message, the frame, and a structured-output preamble."""
+    fam = tokenizers.family("anthropic", str(params.get("model", "")))
     system, user = _texts(params)
-    n = rule.per_request + rule.per_message * (2 if system else 1)
-    return round(
-        n + rule.ratio * (len(enc.encode_ordinary(system)) + len(enc.encode_ordinary(user)))
-    )
+    n = fam.frame + fam.count(user)
+    if system:
+        n += fam.per_system + fam.count(system)
+    if (((params.get("output_config") or {}).get("format")) or {}).get("schema") is not None:
+        n += fam.per_schema
+    return n
 
 
 def respond(

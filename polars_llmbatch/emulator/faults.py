@@ -22,6 +22,8 @@ class Faults:
       OpenAI and Anthropic; Gemini's quota errors carry none).
     - ``rate_limit_sync``: the first N sync calls (chat, messages, generate, embed) get 429,
       as ``rate_limit_creates`` does for batch creates.
+    - ``rate_limit_counts``: the first N calls of the token-count endpoints (Anthropic
+      ``count_tokens``, Gemini ``countTokens``) get 429, as ``rate_limit_creates`` does.
     - ``read_errors``: the first N reads of a batch's state or results get a server error
       (OpenAI 500/503, Anthropic 529 overloaded or 500, Gemini 503).
     - ``request_errors``: the share of requests that fail individually (4xx in the error file,
@@ -54,6 +56,7 @@ class Faults:
     seed: int = 0
     rate_limit_creates: int = 0
     rate_limit_sync: int = 0
+    rate_limit_counts: int = 0
     read_errors: int = 0
     request_errors: float = 0.0
     expire_at: float | None = None

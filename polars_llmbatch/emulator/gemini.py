@@ -18,14 +18,13 @@ from typing import Any
 import orjson
 import polars as pl
 
-from polars_llmbatch.emulator import columns, model
+from polars_llmbatch.emulator import columns, model, tokenizers
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router
 from polars_llmbatch.emulator.results import outcomes
 from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Timeline
-from polars_llmbatch.plan.tokens.encodings import get_encoding
 
 __all__ = ["GeminiEmulator"]
 
@@ -232,6 +231,8 @@ class GeminiEmulator(BatchStore[_Batch]):
                 "NOT_FOUND",
                 f"models/{model_name} is not found, or is not supported for {verb}. ({problem})",
             )
+        if verb == "countTokens":
+            return self.count_tokens(model_name, body)
         if verb == "generateContent":
             resp, inp, outp = respond(model_name, body, self.ctx.faults)
             self.ctx.ledger.bill("gemini", None, "", inp, outp)
@@ -248,6 +249,35 @@ class GeminiEmulator(BatchStore[_Batch]):
                 model_name, "generate" if verb == "batchGenerateContent" else "embed", body
             )
         return error(404, "NOT_FOUND", f"Unknown method {verb!r}")
+
+    def count_tokens(self, model_name: str, body: dict[str, Any]) -> Response:
+        """``models/{m}:countTokens``: the prompt tokens of ``contents`` or of a whole
+        ``generateContentRequest`` (system instruction and response schema included), free
+        (its own quota, the ``rate_limit_counts`` fault)."""
+        if (limited := self._throttled("rate_limit_counts")) is not None:
+            return limited
+        whole = _get(body, "generateContentRequest", "generate_content_request")
+        contents = _get(body, "contents")
+        if whole is not None and contents is not None:
+            return error(
+                400,
+                "INVALID_ARGUMENT",
+                "contents and generateContentRequest are mutually exclusive.",
+            )
+        if whole is not None:
+            if not isinstance(whole, dict) or not _get(whole, "model"):
+                return error(
+                    400, "INVALID_ARGUMENT", "generateContentRequest.model: field is required."
+                )
+            req = whole
+        elif isinstance(contents, list):
+            req = {"contents": contents}
+        else:
+            return error(400, "INVALID_ARGUMENT", "Either contents or generateContentRequest.")
+        self.ctx.ledger.counted("gemini")
+        n = input_tokens(model_name, req)
+        details = [{"modality": "TEXT", "tokenCount": n}]
+        return Response.json({"totalTokens": n, "promptTokensDetails": details})
 
     # batches ------------------------------------------------------------------------------
     def _throttled(self, budget: str) -> Response | None:
@@ -296,7 +326,10 @@ class GeminiEmulator(BatchStore[_Batch]):
                 key = str((meta or {}).get("key", i))
                 entries.append((key, item.get("request", {}), meta))
         limit = self.ctx.faults.queue_limit_tokens
-        if limit is not None and sum(input_tokens(req) for _, req, _ in entries) > limit:
+        if (
+            limit is not None
+            and sum(input_tokens(model_name, req) for _, req, _ in entries) > limit
+        ):
             return error(
                 429,
                 "RESOURCE_EXHAUSTED",
@@ -590,19 +623,21 @@ def _answer_columns(
         orient="row",
     )
     flat = pl.DataFrame(texts, schema={"i": pl.Int64, "t": pl.String}, orient="row")
-    flat = flat.with_columns(n=columns.count_tokens(flat["t"], "o200k_base", distinct=False))
+    fam = tokenizers.family("gemini", model_name)
+    flat = flat.with_columns(n=fam.count_series(flat["t"]))
     prompt = flat.group_by("i").agg(pl.col("n").sum().alias("inp"))
     parts = []
     for (key,), group in frame.group_by("schema", maintain_order=True):
         said = columns.answers(
             group["user"], schemas[key] if key is not None else None, group["cap"]
         )
-        parts.append(group.select("i").hstack(said))
+        schema_n = fam.count(key) if key is not None else 0
+        parts.append(group.select("i").hstack(said).with_columns(schema_n=pl.lit(schema_n)))
     done = (
         pl.concat(parts)
         .sort("i")
         .join(prompt, on="i", how="left", maintain_order="left")
-        .with_columns(pl.col("inp").fill_null(0))
+        .with_columns(inp=pl.col("inp").fill_null(0) + pl.col("schema_n"))
     )
     inp, n_out = done["inp"], done["output_tokens"]
     cached = (inp * faults.cache_read).floor().cast(pl.Int64)
@@ -647,14 +682,21 @@ def _text(content: Any) -> str:
     return "".join(p.get("text", "") for p in parts if isinstance(p, dict))
 
 
-def input_tokens(req: dict[str, Any]) -> int:
-    """Prompt tokens as the project approximates Gemini's: o200k tokens of the texts."""
-    enc = get_encoding("o200k_base")
+def input_tokens(model_name: str, req: dict[str, Any]) -> int:
+    """Prompt tokens by the model's emulated Gemini tokenizer (:mod:`.tokenizers`): every
+    text of the request, the system instruction's too, and a response schema's JSON (the
+    schema counts toward the input, as Gemini's structured-output docs say)."""
+    fam = tokenizers.family("gemini", model_name)
     contents = _get(req, "contents") or [_get(req, "content")]
     texts = [_text(c) for c in contents] + [
         _text(_get(req, "systemInstruction", "system_instruction"))
     ]
-    return sum(len(enc.encode_ordinary(t)) for t in texts if t)
+    n = sum(fam.count(t) for t in texts if t)
+    config = _get(req, "generationConfig", "generation_config") or {}
+    schema = _get(config, "responseJsonSchema", "response_json_schema")
+    if isinstance(schema, dict):
+        n += fam.count(orjson.dumps(schema).decode())
+    return n
 
 
 def respond(
@@ -666,7 +708,7 @@ def respond(
     schema = _get(config, "responseJsonSchema", "response_json_schema")
     cap = _get(config, "maxOutputTokens", "max_output_tokens")
     text, cut, out_tokens = model.answer(user, schema, cap)
-    inp = input_tokens(req)
+    inp = input_tokens(model_name, req)
     usage: dict[str, Any] = {"promptTokenCount": inp, "totalTokenCount": inp + out_tokens}
     cached = int(inp * faults.cache_read) if faults is not None else 0
     if cached:  # part of promptTokenCount, as the real API reports it
@@ -693,5 +735,5 @@ def embed(model_name: str, req: dict[str, Any]) -> tuple[dict[str, Any], int]:
     dims = model.embedding_dims(
         model_name, _get(req, "outputDimensionality", "output_dimensionality")
     )
-    enc = get_encoding("o200k_base")
-    return {"embedding": {"values": model.embedding(text, dims)}}, len(enc.encode_ordinary(text))
+    tokens = tokenizers.family("gemini", model_name).count(text)
+    return {"embedding": {"values": model.embedding(text, dims)}}, tokens

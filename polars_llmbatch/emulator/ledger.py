@@ -28,6 +28,8 @@ class Ledger:
     """
 
     uploads: list[dict[str, Any]] = field(default_factory=list)
+    #: Calls of the free token-count endpoints, per provider (counted, never billed).
+    counts: Counter[str] = field(default_factory=Counter)
     batches: list[dict[str, Any]] = field(default_factory=list)
     # Bills in order: one dict per sync call, one frame per finished batch (a million-request
     # dry run keeps columns, not a million dicts).
@@ -37,6 +39,10 @@ class Ledger:
     def upload(self, provider: str, file_id: str, size: int) -> None:
         with self._lock:
             self.uploads.append({"provider": provider, "file_id": file_id, "bytes": size})
+
+    def counted(self, provider: str) -> None:
+        with self._lock:
+            self.counts[provider] += 1
 
     def batch(self, provider: str, batch_id: str, requests: int, tag: str | None) -> None:
         with self._lock:

@@ -9,8 +9,8 @@
 - **Embeddings**: a unit vector of the model's dimension (or ``dimensions``), from SHAKE-256 of
   the text: the same text always embeds the same.
 
-Token counts use the project's own counters, so an emulated ``usage`` equals what the estimate
-predicts for OpenAI.
+Output tokens are o200k tokens of the answer (for every provider); input tokens are billed by
+:mod:`.tokenizers`, the emulator's own, never the library's estimator.
 """
 
 from __future__ import annotations

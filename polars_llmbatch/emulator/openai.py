@@ -17,14 +17,13 @@ import duckdb
 import orjson
 import polars as pl
 
-from polars_llmbatch.emulator import columns, model
+from polars_llmbatch.emulator import columns, model, tokenizers
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router, multipart
 from polars_llmbatch.emulator.store import BatchStore
 from polars_llmbatch.emulator.timeline import Phase, Timeline
 from polars_llmbatch.plan.tokens.encodings import get_encoding
-from polars_llmbatch.providers.openai import _schema_tokens, count_chat_tokens, encoding_for
 
 __all__ = ["OpenAIEmulator"]
 
@@ -735,7 +734,7 @@ def answer_chat(chat: pl.DataFrame, ctx: Context) -> pl.DataFrame:
             pl.lit(0, pl.Int64).alias("input_tokens"),
             pl.lit(0, pl.Int64).alias("output_tokens"),
         )
-    encoding = encoding_for(model_name)
+    encoding = tokenizers.openai_encoding(model_name)
     enc = get_encoding(encoding)
     frame = chat.with_row_index("row")
     # Input tokens: 3 to prime the reply, and per message 3 + its role + its content.
@@ -764,7 +763,7 @@ def answer_chat(chat: pl.DataFrame, ctx: Context) -> pl.DataFrame:
     parts = []
     for (schema_text,), group in frame.group_by("schema", maintain_order=True):
         schema = orjson.loads(schema_text) if schema_text is not None else None
-        overhead = _schema_overhead(schema, encoding) if schema is not None else 0
+        overhead = tokenizers.schema_tokens(schema, encoding) if schema is not None else 0
         said = columns.answers(group["prompt"], schema, group["cap"])
         parts.append(
             group.select("row", "custom_id", (pl.col("input_tokens") + overhead)).hstack(said)
@@ -956,7 +955,7 @@ def input_tokens(endpoint: str, body: dict[str, Any]) -> int:
     if endpoint == "/v1/embeddings":
         inp = body.get("input", "")
         texts = inp if isinstance(inp, list) else [inp]
-        enc = get_encoding(encoding_for(model_name))
+        enc = get_encoding(tokenizers.openai_encoding(model_name))
         return sum(len(enc.encode_ordinary(t)) for t in texts if isinstance(t, str))
     if endpoint == "/v1/responses":
         messages = (
@@ -972,22 +971,10 @@ def input_tokens(endpoint: str, body: dict[str, Any]) -> int:
     else:
         _, messages = _prompt(body)
         schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
-    total = count_chat_tokens(messages, model_name)
+    total = tokenizers.chat_tokens(messages, model_name)
     if schema is not None:
-        total += _schema_overhead(schema, encoding_for(model_name))
+        total += tokenizers.schema_tokens(schema, tokenizers.openai_encoding(model_name))
     return total
-
-
-# (schema, encoding, tokens) of the last schema seen: the lines of a batch share one schema.
-_last_schema: list[tuple[Any, str, int] | None] = [None]
-
-
-def _schema_overhead(schema: dict[str, Any], encoding: str) -> int:
-    last = _last_schema[0]  # one read: threads may swap the tuple, never tear it
-    if last is None or last[1] != encoding or last[0] != schema:  # dict ==, in C: cheap
-        last = (schema, encoding, _schema_tokens(schema, encoding))
-        _last_schema[0] = last
-    return last[2]
 
 
 def respond(

@@ -11,6 +11,8 @@ import polars as pl
 
 from polars_llmbatch._json import dumps
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
+from polars_llmbatch.plan.calibrate import SAMPLE as CALIBRATE_SAMPLE
+from polars_llmbatch.plan.calibrate import Counter, calibrate
 from polars_llmbatch.plan.prices import Price, lookup_price, model_hint, tiers_of
 from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.plan.shards import Shard, plan
@@ -68,6 +70,8 @@ class Estimate:
     #: How requests fall into the price's long-context tiers: per tier (from the base up),
     #: ``(above, requests, input tokens)`` by expected size, then the same by worst-case size.
     tier_use: tuple[tuple[float, int, float, int, float], ...] = ()
+    #: What calibration measured (:class:`.calibrate.Calibration` as a dict), or None.
+    calibration: dict[str, Any] | None = None
 
     # costs --------------------------------------------------------------------------------
     def _cost(self, out_per_request: float | None, batch: bool, *, worst: bool) -> float | None:
@@ -348,8 +352,12 @@ def estimate(
     max_shard_tokens: int | None = None,
     sample_size: int = SAMPLE_SIZE,
     seed: int = 0,
+    count: Counter | None = None,
+    calibrate_sample: int = CALIBRATE_SAMPLE,
 ) -> Planned:
-    """Count tokens, price them and plan the shards of ``prepared``."""
+    """Count tokens, price them and plan the shards of ``prepared``; with ``count`` (the
+    provider's count endpoint, :func:`.calibrate.remote_counter`), calibrate the input tokens
+    on ``calibrate_sample`` requests (:mod:`.calibrate`)."""
     spec, prov = prepared.spec, prepared.provider
     rule = prov.token_rule(spec)
     enc = get_encoding(rule.encoding)
@@ -406,6 +414,38 @@ def estimate(
         expected_each = worst_each = pl.Series([], dtype=pl.Float64)
     worst_each = worst_each.ceil()
 
+    calibration = None
+    method = rule.method
+    if count is not None and n and prov.can_count(spec):
+        cal = calibrate(
+            reqs["body"], expected_each, worst_each, count, sample=calibrate_sample, seed=seed
+        )
+        calibration = cal.to_dict()
+        offline = float(expected_each.sum())
+        expected_each = expected_each * (cal.total / offline if offline else 1.0)
+        if cal.worst_factor > 1.0:
+            worst_each = (worst_each * cal.worst_factor).ceil()
+            notes.append(
+                f"the provider counted a sampled request {cal.worst_factor - 1:.1%} above its "
+                "offline upper bound: every request's bound (the worst case) is raised by that"
+            )
+        input_tokens, error = cal.total, cal.ci95
+        notes = [note for note in notes if "no offline tokenizer" not in note]
+        what = "every request" if cal.exact else f"a stratified sample of {cal.requests:,}"
+        method = (
+            f"calibrated: {what} counted by {spec.provider}'s token-count endpoint, "
+            f"{cal.ratio:.3f}× the offline approximation ({rule.method})"
+        )
+    elif count is not None and n:
+        notes.append(
+            f"calibrate: {spec.provider} has no token-count endpoint for this request"
+            + (
+                " (its tokenizer is public: the offline count is the count)"
+                if not rule.band
+                else ""
+            )
+        )
+
     tokens_per_request = None
     if max_shard_tokens is not None:
         # Queue limits are hard: plan on the top of each request's range, not its midpoint.
@@ -450,7 +490,7 @@ def estimate(
         shards=len(shards),
         input_tokens=float(round(input_tokens)) if counted and not rule.band else input_tokens,
         input_tokens_error=error,
-        input_method=rule.method,
+        input_method=method,
         sampled=None if counted else min(sample_size, n),
         output_tokens_expected=out_expected,
         output_tokens_worst=out_worst,
@@ -461,6 +501,7 @@ def estimate(
         cacheable_prefix_tokens=cacheable,
         input_tokens_worst=float(worst_each.sum()),
         tier_use=tier_use,
+        calibration=calibration,
     )
     return Planned(est, shards, worst_each)
 

@@ -141,6 +141,13 @@ class Anthropic(Provider):
             method=f"approximate: o200k × {ratio} ({family} tokenizer), ±{band:.0%}",
         )
 
+    # token counting: the free count_tokens endpoint -------------------------------------
+    def can_count(self, spec: RequestSpec) -> bool:
+        return True
+
+    def count_tokens(self, t: Transport, spec: RequestSpec, body: dict[str, Any]) -> int:
+        return anthropic_remote.count_tokens(t, body)
+
     # remote batches: the engine's interface -------------------------------------------
     def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
         return anthropic_remote.submit(t, data)

@@ -17,7 +17,7 @@ from polars_llmbatch.providers.base import RemoteState
 if TYPE_CHECKING:
     from polars_llmbatch.run.transport import Transport
 
-__all__ = ["cancel", "candidates", "download", "poll", "submit"]
+__all__ = ["cancel", "candidates", "count_tokens", "download", "poll", "submit"]
 
 
 def submit(t: Transport, data: bytes) -> str:
@@ -30,6 +30,34 @@ def submit(t: Transport, data: bytes) -> str:
         idempotent=False,
     )
     return str(r.json()["id"])
+
+
+#: What ``POST /v1/messages/count_tokens`` takes (the SDK's MessageCountTokensParams): a
+#: Messages body without ``max_tokens`` and the sampling options, which it refuses.
+COUNT_PARAMS = frozenset(
+    {
+        "messages",
+        "model",
+        "cache_control",
+        "context_management",
+        "mcp_servers",
+        "output_config",
+        "output_format",
+        "speed",
+        "system",
+        "thinking",
+        "tool_choice",
+        "tools",
+    }
+)
+
+
+def count_tokens(t: Transport, body: dict[str, Any]) -> int:
+    """The input tokens Anthropic counts for a Messages ``body`` (free, rate-limited on its
+    own; a 429 is retried after its ``retry-after``)."""
+    params = {k: v for k, v in body.items() if k in COUNT_PARAMS}
+    r = t.request("POST", "/v1/messages/count_tokens", json=params)
+    return int(r.json()["input_tokens"])
 
 
 def poll(t: Transport, batch_id: str) -> RemoteState:

@@ -253,6 +253,17 @@ class Provider(ABC):
         """Refuse a spec this provider cannot serve; the default refuses nothing."""
         return None
 
+    # token counting: a provider's free count endpoint, for calibration ------------------
+    def can_count(self, spec: RequestSpec) -> bool:
+        """Whether the provider counts this spec's requests for free (an endpoint that
+        returns the input tokens a request would be billed, without running it)."""
+        return False
+
+    def count_tokens(self, t: Transport, spec: RequestSpec, body: dict[str, Any]) -> int:
+        """The provider's count of the input tokens of one request ``body`` (the wire body
+        as :meth:`body` builds it, texts filled in). Only where :meth:`can_count`."""
+        raise NotImplementedError(f"{self.name}: no token-count endpoint")
+
     # remote batches: the engine's whole view of a provider --------------------------------
     def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
         """Upload and create one batch from a shard's exact bytes, tagged; its remote id.

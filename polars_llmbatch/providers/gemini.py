@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import polars as pl
 from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.spec import RequestSpec
+from polars_llmbatch.plan.tokens.encodings import get_encoding
 from polars_llmbatch.providers import gemini_remote
 from polars_llmbatch.providers.base import (
     Framing,
@@ -152,13 +154,24 @@ class Gemini(Provider):
 
     def token_rule(self, spec: RequestSpec) -> TokenRule:
         # No offline Gemini tokenizer without a seeded Gemma model: o200k ± 15% (tokens.md §5.3).
+        # A response schema counts toward the input (Gemini's structured-output docs).
+        schema = spec.output.schema if spec.output is not None else None
+        per_request = _schema_tokens(dumps(schema)) if schema is not None else 0
         return TokenRule(
             "o200k_base",
-            per_request=0,
+            per_request=per_request,
             per_message=0,
             band=0.15,
             method="approximate: o200k_base count, ±15%",
         )
+
+    # token counting: the free countTokens endpoint ------------------------------------------
+    def can_count(self, spec: RequestSpec) -> bool:
+        # countTokens takes generation models only (python-genai #1541)
+        return spec.task != "embed"
+
+    def count_tokens(self, t: Transport, spec: RequestSpec, body: dict[str, Any]) -> int:
+        return gemini_remote.count_tokens(t, spec.model, body)
 
     # remote batches: the engine's interface -------------------------------------------
     def submit(self, t: Transport, spec: RequestSpec, data: bytes, *, tag: str, kind: str) -> str:
@@ -276,6 +289,11 @@ FROM read_json($files, format = 'newline_delimited', ignore_errors = true,
                columns = {columns})
 WHERE key IS NOT NULL
 """
+
+
+@lru_cache(maxsize=64)
+def _schema_tokens(schema_json: str) -> int:
+    return len(get_encoding("o200k_base").encode_ordinary(schema_json))
 
 
 def parse_results(files: Sequence[str]) -> pl.DataFrame:

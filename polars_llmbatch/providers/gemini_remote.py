@@ -14,7 +14,16 @@ from polars_llmbatch.providers.base import RemoteState
 if TYPE_CHECKING:
     from polars_llmbatch.run.transport import Transport
 
-__all__ = ["INLINE", "cancel", "download", "find", "inline_results", "poll", "submit"]
+__all__ = [
+    "INLINE",
+    "cancel",
+    "count_tokens",
+    "download",
+    "find",
+    "inline_results",
+    "poll",
+    "submit",
+]
 
 VERSION = "v1beta"
 #: ``RemoteState.result_files`` entry for results that live in the batch itself (inline form).
@@ -29,6 +38,16 @@ _PHASES = {
     "BATCH_STATE_CANCELLED": "ended",
     "BATCH_STATE_EXPIRED": "ended",
 }
+
+
+def count_tokens(t: Transport, model: str, body: dict[str, Any]) -> int:
+    """The prompt tokens Gemini counts for a whole GenerateContentRequest ``body`` (system
+    instruction and response schema included), free; ``totalTokens`` of ``countTokens``."""
+    whole = {"model": f"models/{model}", **body}
+    r = t.request(
+        "POST", f"/{VERSION}/models/{model}:countTokens", json={"generateContentRequest": whole}
+    )
+    return int(r.json().get("totalTokens") or 0)
 
 
 def submit(t: Transport, data: bytes, kind: str, *, model: str, embed: bool, tag: str) -> str:

@@ -1,0 +1,34 @@
+"""Stratified random samples of a job's requests, by size: what calibration counts and what a
+pilot sends, so that long and short prompts are both represented."""
+
+from __future__ import annotations
+
+import polars as pl
+
+__all__ = ["STRATA", "stratified"]
+
+#: Strata by size.
+STRATA = 10
+
+
+def stratified(sizes: pl.Series, size: int, *, strata: int = STRATA, seed: int = 0) -> pl.DataFrame:
+    """A sample of about ``size`` positions of ``sizes``: the positions are split into
+    ``strata`` strata of equal count by size, and the same number (two at least) is drawn at
+    random from each; every position when there are no more than ``size``. Columns ``pos``
+    (sorted), ``stratum``, and ``x`` (the size).
+
+    Example:
+        >>> s = stratified(pl.Series([float(i) for i in range(1000)]), 100, seed=1)
+        >>> s.height, s.group_by("stratum").len()["len"].unique().to_list()
+        (100, [10])
+    """
+    n = len(sizes)
+    frame = pl.DataFrame({"x": sizes.cast(pl.Float64)}).with_columns(
+        stratum=((pl.col("x").rank("ordinal") - 1) * strata // max(n, 1)).cast(pl.Int64),
+        pos=pl.int_range(pl.len(), dtype=pl.Int64),
+    )
+    if n > size:
+        per = max(size // strata, 2)  # two at least: a stratum's variance needs them
+        rank = pl.int_range(pl.len()).shuffle(seed=seed).over("stratum")
+        frame = frame.filter(rank < per)
+    return frame.select("pos", "stratum", "x")
