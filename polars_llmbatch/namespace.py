@@ -56,10 +56,12 @@ class LlmNamespace:
         expected_output_tokens: float | None = None,
         exact: bool = False,
         calibrate: bool | int = False,
+        pilot: int | None = None,
         max_cost: float | None = None,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
+        checkpoint: str | Path | None = None,
         api_key: str | None = None,
         base_url: str | None = None,
     ) -> Estimate:
@@ -70,8 +72,12 @@ class LlmNamespace:
         Anthropic and Gemini are approximated with an error band, or, with
         ``calibrate=True``, measured: a stratified sample of 200 requests (or ``calibrate=N``)
         is counted by the provider's free token-count endpoint (this needs the key, as
-        ``batch`` does) and the offline count is scaled by it. ``max_cost`` (USD) raises
-        :class:`~polars_llmbatch.BudgetExceededError` when the worst case is over it.
+        ``batch`` does) and the offline count is scaled by it. ``pilot=N`` sends N sampled
+        requests through the sync endpoints first, at sync prices (the only thing
+        ``estimate`` ever pays for): the expected output, with its interval, comes from their
+        answers, and the pilot is kept next to ``checkpoint=`` for the batch to reuse.
+        ``max_cost`` (USD) raises :class:`~polars_llmbatch.BudgetExceededError` when the worst
+        case is over it (the pilot's included).
 
         Example:
             >>> import polars as pl, polars_llmbatch
@@ -86,27 +92,34 @@ class LlmNamespace:
         check_caps(get_provider(provider), max_shard_requests, max_shard_bytes, max_shard_tokens)
         check_override(prices)
         prov = get_provider(provider)
-        creds = _calibration_credentials(prov, calibrate, api_key, base_url)
+        creds = _credentials_for(prov, bool(calibrate or pilot), api_key, base_url)
         prepared = _prepare(self._frame, prompt, locals())
+        planning = {
+            # A budget is a promise: count every request, so the worst case is a bound.
+            "exact": exact or max_cost is not None,
+            "prices": prices,
+            "expected_output_tokens": expected_output_tokens,
+            "max_shard_requests": max_shard_requests,
+            "max_shard_bytes": max_shard_bytes,
+            "max_shard_tokens": max_shard_tokens,
+        }
         with contextlib.ExitStack() as stack:
-            calibration = {}
-            if creds is not None:
+            calibration: dict[str, Any] = {}
+            if creds is not None and calibrate:
                 from polars_llmbatch.run.transport import Transport
 
                 transport = stack.enter_context(Transport(creds))
                 calibration = _calibration(prepared, calibrate, transport)
-            est = estimate(
-                prepared,
-                # A budget is a promise: count every request, so the worst case is a bound.
-                exact=exact or max_cost is not None,
-                prices=prices,
-                expected_output_tokens=expected_output_tokens,
-                max_shard_requests=max_shard_requests,
-                max_shard_bytes=max_shard_bytes,
-                max_shard_tokens=max_shard_tokens,
-                **calibration,
-            ).estimate
-        est.check_budget(max_cost)
+            report = None
+            if pilot:
+                from polars_llmbatch.run.engine import Settings
+
+                report, _ = _run_pilot(
+                    prepared, pilot, checkpoint, creds, Settings(progress=False), None,
+                    planning, max_cost,
+                )  # fmt: skip
+            est = estimate(prepared, **planning, **calibration, pilot=report).estimate
+        est.check_budget(_left(max_cost, report))
         return est
 
     def requests(
@@ -193,6 +206,7 @@ class LlmNamespace:
         prices: dict[str, float] | None = None,
         expected_output_tokens: float | None = None,
         calibrate: bool | int = False,
+        pilot: int | None = None,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
@@ -256,6 +270,7 @@ class LlmNamespace:
         extra_body: dict[str, Any] | None = None,
         prices: dict[str, float] | None = None,
         calibrate: bool | int = False,
+        pilot: int | None = None,
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
@@ -345,6 +360,21 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         max_shard_bytes=args["max_shard_bytes"],
         max_shard_tokens=args["max_shard_tokens"],
     )
+    max_cost = args["max_cost"]
+    report = None
+    if args["pilot"] and not _job_exists(args["checkpoint"]):
+        planning = {k: args[k] for k in ("prices", "max_shard_requests", "max_shard_bytes")}
+        planning.update(
+            max_shard_tokens=args["max_shard_tokens"],
+            expected_output_tokens=args["expected_output_tokens"],
+            exact=max_cost is not None,
+        )
+        report, _ = _run_pilot(
+            prepared, args["pilot"], args["checkpoint"], creds, settings, tags, planning,
+            max_cost,
+        )  # fmt: skip
+        max_cost = _left(max_cost, report)
+        settings = Settings(**{**settings.__dict__, "max_cost": max_cost})
     transport = Transport(creds)
     ckpt, _ = start(
         prepared,
@@ -360,8 +390,9 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
             "max_shard_bytes": args["max_shard_bytes"],
             "max_shard_tokens": args["max_shard_tokens"],
             **_calibration(prepared, args["calibrate"], transport),
+            "pilot": report,
         },
-        max_cost=args["max_cost"],
+        max_cost=max_cost,
         output_name=name,
     )
     rows = prepared.rows  # this call's rows: a reattached job may list them in another order
@@ -384,11 +415,12 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         return job.wait().result()
 
 
-def _calibration_credentials(
-    prov: Provider, calibrate: bool | int, api_key: str | None, base_url: str | None
+def _credentials_for(
+    prov: Provider, needed: bool, api_key: str | None, base_url: str | None
 ) -> Any:
-    """The key calibration needs (``estimate`` sends nothing else), or None without it."""
-    if not calibrate:
+    """The key ``estimate`` needs for calibration or a pilot (it sends nothing else), or
+    None when it needs none."""
+    if not needed:
         return None
     from polars_llmbatch.run.transport import credentials
 
@@ -408,6 +440,68 @@ def _calibration(prepared: Prepared, calibrate: bool | int, transport: Any) -> d
         "count": remote_counter(prepared.provider, prepared.spec, transport),
         "calibrate_sample": SAMPLE if calibrate is True else int(calibrate),
     }
+
+
+def _job_exists(checkpoint: str | Path | None) -> bool:
+    """Whether ``checkpoint`` already holds a job: a re-run reattaches and pilots nothing."""
+    from polars_llmbatch.run.checkpoint import Checkpoint
+
+    return checkpoint is not None and Checkpoint(Path(checkpoint)).exists()
+
+
+def _left(max_cost: float | None, report: dict[str, Any] | None) -> float | None:
+    """What is left of ``max_cost`` once the pilot's cost is paid."""
+    if max_cost is None or report is None:
+        return max_cost
+    return max(0.0, max_cost - (report.get("cost") or 0.0))
+
+
+def _run_pilot(
+    prepared: Prepared,
+    n: int,
+    checkpoint: str | Path | None,
+    creds: Any,
+    settings: Any,
+    tags: dict[str, str] | None,
+    planning: dict[str, Any],
+    max_cost: float | None,
+) -> tuple[dict[str, Any], Any]:
+    """Pilot ``n`` of ``prepared``'s requests (:mod:`.run.pilot`), after checking that the
+    pilot at sync rates and the whole job at batch rates fit ``max_cost`` together."""
+    from polars_llmbatch.errors import BudgetExceededError
+    from polars_llmbatch.run.checkpoint import default_root
+    from polars_llmbatch.run.pilot import pilot_place, run_pilot, sample
+    from polars_llmbatch.run.start import _dirname
+
+    total = prepared.requests.height
+    if n >= total:
+        raise LlmBatchError(
+            f"pilot={n} is not smaller than the job ({total:,} unique requests): the pilot "
+            "would send all of it at sync prices; pass a smaller pilot= or mode='sync'"
+        )
+    if max_cost is not None:
+        whole = estimate(prepared, **planning).estimate
+        piloted = estimate(sample(prepared, n), **planning).estimate
+        worst = (whole.worst_cost_batch or 0.0) + (piloted.worst_cost_sync or 0.0)
+        if worst > max_cost:
+            raise BudgetExceededError(
+                f"worst-case cost ${worst:,.4f} (the pilot of {n} at sync rates plus the job at "
+                f"batch rates) is over max_cost=${max_cost:,.4f}; lower max_output_tokens, "
+                "pilot fewer requests, or raise max_cost"
+            )
+    root = Path(checkpoint).parent if checkpoint is not None else default_root() / "jobs"
+    place = pilot_place(checkpoint, root, _dirname(prepared, "batch"), n)
+    report = run_pilot(
+        prepared,
+        n,
+        place=place,
+        creds=creds,
+        settings=settings,
+        tags=tags,
+        prices=planning.get("prices"),
+        max_cost=max_cost,
+    )
+    return report.to_dict(), place
 
 
 _REQUEST_ARGS = ("provider", "model", "output", "system", "id", "task", "on_null")

@@ -355,6 +355,16 @@ OPTIONS: tuple[Option, ...] = (
         kind="optional",
     ),
     Option(
+        "pilot",
+        "int | None",
+        None,
+        "first send this many sampled requests through the sync endpoints (at sync prices) "
+        "to measure output length, cut, failed and invalid shares; the batch reuses the answers",
+        frozenset({"estimate", "batch", "embed"}),
+        check=_positive_int,
+        parse=int,
+    ),
+    Option(
         "max_cost",
         "float | None",
         None,
@@ -416,8 +426,9 @@ OPTIONS: tuple[Option, ...] = (
         "checkpoint",
         "str | Path | None",
         None,
-        "the job's folder (default: one named by the job under the user cache folder)",
-        _RUN,
+        "the job's folder (default: one named by the job under the user cache folder); a "
+        "pilot is kept next to it",
+        _RUN | {"estimate"},
         check=_checkpoint,
     ),
     Option(

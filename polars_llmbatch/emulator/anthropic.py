@@ -292,7 +292,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 else None
             )
             lines: list[str] = []
-            bills: list[tuple[str, int, int]] = []
+            bills: list[tuple[str, int, int, str]] = []
             k = 0
             for i, (cid, ok) in enumerate(zip(cids, ran, strict=True)):
                 answer: Any = None
@@ -310,7 +310,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
                     k += 1
                 if isinstance(answer, tuple):
                     message_json, inp, outp = answer
-                    bills.append((cid, inp, outp))
+                    bills.append((cid, inp, outp, str(b.requests[i]["params"].get("model", ""))))
                     counts["succeeded"] += 1
                     lines.append(
                         '{"custom_id":'
@@ -339,8 +339,19 @@ class AnthropicEmulator(BatchStore[_Batch]):
                     counts[rest] += 1
                 lines.append(orjson.dumps({"custom_id": cid, "result": result}).decode())
             if bills:
-                billed = pl.DataFrame(bills, schema=["c", "i", "o"], orient="row")
-                self.ctx.ledger.bill_many("anthropic", b.id, billed["c"], billed["i"], billed["o"])
+                billed = pl.DataFrame(bills, schema=["c", "i", "o", "m"], orient="row")
+                f = self.ctx.faults
+                self.ctx.ledger.bill_many(
+                    "anthropic",
+                    b.id,
+                    billed["c"],
+                    billed["i"],
+                    billed["o"],
+                    model=billed["m"],
+                    at=self.ctx.clock(),
+                    cache_read=(billed["i"] * f.cache_read).floor(),
+                    cache_write=(billed["i"] * f.cache_write).floor(),
+                )
             frame = pl.DataFrame({"custom_id": cids, "line": lines}, schema=_LINES)
             b.results = columns.finish_lines(frame, b.faults, shuffle=True)
             o.update(
@@ -360,11 +371,26 @@ class AnthropicEmulator(BatchStore[_Batch]):
         params = request.json()
         if not isinstance(params, dict) or "max_tokens" not in params:
             return error(400, "invalid_request_error", "max_tokens: Field required")
+        if self.ctx.sync_fails(request.body):
+            return error(
+                400, "invalid_request_error", "Emulated invalid request (request_errors fault)."
+            )
         try:
             message, inp, outp = respond(params, self.ctx.new_id, "standard", self.ctx.faults)
         except ValueError as exc:
             return error(404, "not_found_error", str(exc))
-        self.ctx.ledger.bill("anthropic", None, "", inp, outp)
+        f = self.ctx.faults
+        self.ctx.ledger.bill(
+            "anthropic",
+            None,
+            "",
+            inp,
+            outp,
+            model=str(params.get("model", "")),
+            at=self.ctx.clock(),
+            cache_read=int(inp * f.cache_read),
+            cache_write=int(inp * f.cache_write),
+        )
         return Response.json(message)
 
     def count_tokens(self, request: Request) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import secrets
 import threading
@@ -64,6 +65,14 @@ class Context:
                 return False
             self._spent[budget] = used + 1
             return True
+
+    def sync_fails(self, body: bytes) -> bool:
+        """Whether the ``request_errors`` fault fails this sync call (by a stable hash of its
+        body: the same request fails every time, as a malformed one would)."""
+        share = self.faults.request_errors
+        return share > 0 and self.faults.hits(
+            "request_errors", share, hashlib.md5(body).hexdigest()
+        )
 
     _salt: str = field(default_factory=lambda: secrets.token_hex(16))
 

@@ -27,7 +27,7 @@ class Faults:
     - ``read_errors``: the first N reads of a batch's state or results get a server error
       (OpenAI 500/503, Anthropic 529 overloaded or 500, Gemini 503).
     - ``request_errors``: the share of requests that fail individually (4xx in the error file,
-      ``errored`` results).
+      ``errored`` results; a 400 for a sync call, picked by its body).
     - ``expire_at``: the batch expires once this share of its requests has run; the rest are
       ``batch_expired`` / ``expired`` (Gemini: no results at all).
     - ``queue_limit_tokens``: a batch whose own input tokens exceed it fails as over the

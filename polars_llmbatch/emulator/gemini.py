@@ -233,13 +233,28 @@ class GeminiEmulator(BatchStore[_Batch]):
             )
         if verb == "countTokens":
             return self.count_tokens(model_name, body)
+        if sync_call and self.ctx.sync_fails(request.body):
+            return error(
+                400, "INVALID_ARGUMENT", "Emulated invalid request (request_errors fault)."
+            )
         if verb == "generateContent":
             resp, inp, outp = respond(model_name, body, self.ctx.faults)
-            self.ctx.ledger.bill("gemini", None, "", inp, outp)
+            self.ctx.ledger.bill(
+                "gemini",
+                None,
+                "",
+                inp,
+                outp,
+                model=model_name,
+                at=self.ctx.clock(),
+                cache_read=int(inp * self.ctx.faults.cache_read),
+            )
             return Response.json(resp)
         if verb == "embedContent":
             resp, inp = embed(model_name, body)
-            self.ctx.ledger.bill("gemini", None, "", inp, 0)
+            self.ctx.ledger.bill(
+                "gemini", None, "", inp, 0, model=model_name, at=self.ctx.clock(), kind="embedding"
+            )
             return Response.json(resp)
         if verb == "batchEmbedContents":
             out = [embed(model_name, r) for r in body.get("requests", [])]
@@ -515,7 +530,17 @@ class GeminiEmulator(BatchStore[_Batch]):
             if bills:
                 billed = pl.DataFrame(bills, schema=["k", "i", "o"], orient="row")
                 self.ctx.ledger.bill_many(
-                    "gemini", f"batches/{b.id}", billed["k"], billed["i"], billed["o"]
+                    "gemini",
+                    f"batches/{b.id}",
+                    billed["k"],
+                    billed["i"],
+                    billed["o"],
+                    model=b.model,
+                    at=self.ctx.clock(),
+                    cache_read=None
+                    if b.kind == "embed"
+                    else (billed["i"] * self.ctx.faults.cache_read).floor(),
+                    kind="embedding" if b.kind == "embed" else "completion",
                 )
             stats = {"requestCount": str(total)}
             if ok:

@@ -6,6 +6,7 @@ Tests read it to prove that nothing was submitted or billed twice.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,20 @@ from typing import Any
 import polars as pl
 
 __all__ = ["Ledger"]
+
+_BILL = {
+    "provider": pl.String,
+    "batch_id": pl.String,
+    "custom_id": pl.String,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+    "model": pl.String,
+    "tier": pl.String,
+    "at": pl.Float64,
+    "cache_read": pl.Int64,
+    "cache_write": pl.Int64,
+    "kind": pl.String,
+}
 
 
 @dataclass
@@ -57,7 +72,18 @@ class Ledger:
         custom_id: str,
         input_tokens: int,
         output_tokens: int,
+        *,
+        model: str = "",
+        tier: str | None = None,
+        at: float | None = None,
+        cache_read: int = 0,
+        cache_write: int = 0,
+        kind: str = "completion",
     ) -> None:
+        """One billed request: its whole input (cache reads and writes included), output,
+        the model, the tier it ran in (``batch``, ``sync`` or ``flex``; default by
+        ``batch_id``), when (the emulator's clock) and its kind (``completion`` or
+        ``embedding``): what the organisation usage and cost reports are made of."""
         with self._lock:
             self._bills.append(
                 {
@@ -66,6 +92,12 @@ class Ledger:
                     "custom_id": custom_id,
                     "input_tokens": input_tokens,
                     "output_tokens": output_tokens,
+                    "model": model,
+                    "tier": tier or ("batch" if batch_id is not None else "sync"),
+                    "at": time.time() if at is None else at,
+                    "cache_read": cache_read,
+                    "cache_write": cache_write,
+                    "kind": kind,
                 }
             )
 
@@ -76,13 +108,26 @@ class Ledger:
         custom_ids: pl.Series,
         input_tokens: pl.Series,
         output_tokens: pl.Series,
+        *,
+        model: str | pl.Series = "",
+        at: float | None = None,
+        cache_read: pl.Series | None = None,
+        cache_write: pl.Series | None = None,
+        kind: str = "completion",
     ) -> None:
         """Bill every request of a finished batch at once (columns of one length)."""
+        n = len(custom_ids)
+        zeros = pl.Series([0] * n, dtype=pl.Int64)
         frame = pl.DataFrame(
             {
                 "custom_id": custom_ids.cast(pl.String),
                 "input_tokens": input_tokens.cast(pl.Int64),
                 "output_tokens": output_tokens.cast(pl.Int64),
+                "model": model.cast(pl.String)
+                if isinstance(model, pl.Series)
+                else pl.Series([model] * n, dtype=pl.String),
+                "cache_read": (cache_read if cache_read is not None else zeros).cast(pl.Int64),
+                "cache_write": (cache_write if cache_write is not None else zeros).cast(pl.Int64),
             }
         ).select(
             pl.lit(provider).alias("provider"),
@@ -90,9 +135,26 @@ class Ledger:
             "custom_id",
             "input_tokens",
             "output_tokens",
+            "model",
+            pl.lit("batch").alias("tier"),
+            pl.lit(time.time() if at is None else at, pl.Float64).alias("at"),
+            "cache_read",
+            "cache_write",
+            pl.lit(kind).alias("kind"),
         )
         with self._lock:
             self._bills.append(frame)
+
+    def frame(self, provider: str | None = None) -> pl.DataFrame:
+        """Every bill as one frame (of ``provider``, when given)."""
+        with self._lock:
+            bills = list(self._bills)
+        rows = [b for b in bills if isinstance(b, dict)]
+        parts = [b for b in bills if not isinstance(b, dict)]
+        if rows:
+            parts.append(pl.DataFrame(rows, schema=_BILL, orient="row"))
+        out = pl.concat(parts) if parts else pl.DataFrame(schema=_BILL)
+        return out.filter(pl.col("provider") == provider) if provider else out
 
     @property
     def billed(self) -> list[dict[str, Any]]:

@@ -533,7 +533,15 @@ class OpenAIEmulator(BatchStore[_Batch]):
             ok_lines, err_lines = _result_lines(frame, unprocessed)
             billed = frame.filter("ok")
             self.ctx.ledger.bill_many(
-                "openai", b.id, billed["custom_id"], billed["input_tokens"], billed["output_tokens"]
+                "openai",
+                b.id,
+                billed["custom_id"],
+                billed["input_tokens"],
+                billed["output_tokens"],
+                model=b.model or "",
+                at=when,
+                cache_read=(billed["input_tokens"] * self.ctx.faults.cache_read).floor(),
+                kind="embedding" if b.endpoint == "/v1/embeddings" else "completion",
             )
             now_i = int(when)
             for lines, attr in ((ok_lines, "output_file_id"), (err_lines, "error_file_id")):
@@ -581,12 +589,23 @@ class OpenAIEmulator(BatchStore[_Batch]):
                     "invalid_request_error",
                     param="model",
                 )
+            if self.ctx.sync_fails(request.body):
+                return error(400, _FAULT_MESSAGE, "invalid_request_error")
             try:
                 resp, inp, outp = respond(endpoint, body, self.ctx.new_id, self.ctx.faults)
             except ModelError as exc:
                 return error(404, str(exc), "invalid_request_error", code="model_not_found")
             self.ctx.ledger.bill(
-                "openai", None, request.headers.get("x-request-key", ""), inp, outp
+                "openai",
+                None,
+                request.headers.get("x-request-key", ""),
+                inp,
+                outp,
+                model=str(body.get("model", "")),
+                tier="flex" if resp.get("service_tier") == "flex" else "sync",
+                at=self.ctx.clock(),
+                cache_read=int(inp * self.ctx.faults.cache_read),
+                kind="embedding" if endpoint == "/v1/embeddings" else "completion",
             )
             return Response.json(resp)
 

@@ -72,6 +72,10 @@ class Estimate:
     tier_use: tuple[tuple[float, int, float, int, float], ...] = ()
     #: What calibration measured (:class:`.calibrate.Calibration` as a dict), or None.
     calibration: dict[str, Any] | None = None
+    #: The half-width of the expected output's 95% interval (from a pilot; 0 otherwise).
+    output_tokens_error: float = 0.0
+    #: What the pilot showed (:class:`polars_llmbatch.run.pilot.Pilot` as a dict), or None.
+    pilot: dict[str, Any] | None = None
 
     # costs --------------------------------------------------------------------------------
     def _cost(self, out_per_request: float | None, batch: bool, *, worst: bool) -> float | None:
@@ -145,6 +149,17 @@ class Estimate:
         return full - cached * (base - rate) / 1e6
 
     @property
+    def cost_batch_error(self) -> float | None:
+        """The half-width of the expected batch cost's 95% interval, from the input and
+        output intervals at the base tier's rates (0 when both figures are exact)."""
+        rate_in, rate_out = self.price.batch_input, self.price.batch_output
+        if rate_in is None or (self.output_tokens_error and rate_out is None):
+            return None
+        return (
+            self.input_tokens_error * rate_in + self.output_tokens_error * (rate_out or 0.0)
+        ) / 1e6
+
+    @property
     def savings(self) -> float | None:
         """What batch saves over sync on the expected cost (or on input alone if output is unknown)."""
         sync, batch = self.cost_sync, self.cost_batch
@@ -216,6 +231,7 @@ class Estimate:
             "worst_cost_sync",
             "input_cost_batch",
             "cost_batch_cached",
+            "cost_batch_error",
             "savings",
         ):
             value = getattr(self, name)
@@ -236,10 +252,11 @@ class Estimate:
         if self.task == "embed":
             out = "none (embeddings)"
         else:
+            spread = f" ± {self.output_tokens_error:,.0f}" if self.output_tokens_error else ""
             out_exp = (
-                f"{self.output_tokens_expected:,.0f} expected"
+                f"{self.output_tokens_expected:,.0f}{spread} expected"
                 if self.output_tokens_expected is not None
-                else "expected unknown (pass expected_output_tokens=)"
+                else "expected unknown (pass expected_output_tokens= or pilot=)"
             )
             out_worst = (
                 f"{self.output_tokens_worst:,} worst ({self.unique_requests:,} × "
@@ -250,7 +267,9 @@ class Estimate:
             out = f"{out_exp} · {out_worst}"
         if self.cost_batch is not None:
             saves = f" · saves {_usd(self.savings)}" if self.savings else ""
-            expected = f"batch {_usd(self.cost_batch)} · sync {_usd(self.cost_sync)}{saves}"
+            cost_err = self.cost_batch_error
+            within = f" ± {_usd(cost_err)}" if cost_err else ""
+            expected = f"batch {_usd(self.cost_batch)}{within} · sync {_usd(self.cost_sync)}{saves}"
         elif self.input_cost_batch is not None:
             expected = (
                 f"unknown (output length unknown); input alone: batch "
@@ -280,6 +299,7 @@ class Estimate:
                 "cost, worst case",
                 f"batch {_usd(self.worst_cost_batch)} · sync {_usd(self.worst_cost_sync)}",
             ),
+            *([("pilot", _pilot_line(self.pilot))] if self.pilot else []),
             ("prices", f"{self.price.source}, as of {self.price.as_of}"),
             ("tokenizer", self.token_source),
         ]
@@ -298,6 +318,21 @@ class Estimate:
             for k, v in self._rows()
         )
         return f"<table><caption>Estimate</caption>{body}</table>"
+
+
+def _pilot_line(p: dict[str, Any]) -> str:
+    cost = _usd(p.get("cost"))
+    if p.get("output_max") is not None:
+        out = (
+            f"output P50 {p['output_p50']:,.0f} · P95 {p['output_p95']:,.0f} · max "
+            f"{p['output_max']:,} tokens"
+        )
+    else:
+        out = "no answers"
+    return (
+        f"{p['requests']:,} requests at sync rates for {cost}: {out}; cut at max_output_tokens "
+        f"{p['cut']:.0%} · failed {p['failed']:.0%} · invalid output {p['invalid']:.0%}"
+    )
 
 
 def check_max_cost(max_cost: Any) -> None:
@@ -354,6 +389,7 @@ def estimate(
     seed: int = 0,
     count: Counter | None = None,
     calibrate_sample: int = CALIBRATE_SAMPLE,
+    pilot: dict[str, Any] | None = None,
 ) -> Planned:
     """Count tokens, price them and plan the shards of ``prepared``; with ``count`` (the
     provider's count endpoint, :func:`.calibrate.remote_counter`), calibrate the input tokens
@@ -459,6 +495,28 @@ def estimate(
     )
 
     out_expected = _expected_output(prepared, rule.ratio, enc, expected_output_tokens, notes)
+    out_error = 0.0
+    fixed_output = prov.output_tokens(spec) is not None
+    if (
+        pilot is not None
+        and pilot.get("output_mean") is not None
+        and expected_output_tokens is None
+        and not fixed_output
+    ):
+        k = pilot["answered"]
+        out_expected = pilot["output_mean"] * n
+        # the mean's interval, scaled to the job's n requests (finite-population corrected)
+        out_error = (pilot["output_ci95"] or 0.0) * n * math.sqrt(max(0.0, 1 - k / max(n, 1)))
+        notes = [x for x in notes if not x.startswith("expected output:")]
+        notes.append(
+            f"expected output: the pilot's mean of {pilot['output_mean']:,.1f} tokens per "
+            f"request over {k:,} answers (reasoning included)"
+        )
+    if pilot is not None:
+        notes.append(
+            f"the pilot's {pilot['requests']:,} answers are reused by the batch (paid once, at "
+            "sync rates)"
+        )
     cap = spec.max_output_tokens
     out_worst = 0 if spec.task == "embed" else (cap * n if cap is not None else None)
     if out_expected is not None and out_worst is not None:
@@ -502,6 +560,8 @@ def estimate(
         input_tokens_worst=float(worst_each.sum()),
         tier_use=tier_use,
         calibration=calibration,
+        output_tokens_error=out_error,
+        pilot=pilot,
     )
     return Planned(est, shards, worst_each)
 

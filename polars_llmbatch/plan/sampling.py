@@ -12,9 +12,10 @@ STRATA = 10
 
 
 def stratified(sizes: pl.Series, size: int, *, strata: int = STRATA, seed: int = 0) -> pl.DataFrame:
-    """A sample of about ``size`` positions of ``sizes``: the positions are split into
-    ``strata`` strata of equal count by size, and the same number (two at least) is drawn at
-    random from each; every position when there are no more than ``size``. Columns ``pos``
+    """A sample of ``size`` positions of ``sizes``: the positions are split into ``strata``
+    strata of equal count by size (fewer for a small sample: two at least in each), and the
+    same number is drawn at random from each; every position when there are no more than
+    ``size``. Columns ``pos``
     (sorted), ``stratum``, and ``x`` (the size).
 
     Example:
@@ -23,12 +24,14 @@ def stratified(sizes: pl.Series, size: int, *, strata: int = STRATA, seed: int =
         (100, [10])
     """
     n = len(sizes)
+    strata = max(1, min(strata, size // 2))  # two at least per stratum: its variance needs them
     frame = pl.DataFrame({"x": sizes.cast(pl.Float64)}).with_columns(
         stratum=((pl.col("x").rank("ordinal") - 1) * strata // max(n, 1)).cast(pl.Int64),
         pos=pl.int_range(pl.len(), dtype=pl.Int64),
     )
     if n > size:
-        per = max(size // strata, 2)  # two at least: a stratum's variance needs them
+        # ``size`` in all: the remainder goes one each to the first strata
+        per = size // strata + (pl.col("stratum") < size % strata).cast(pl.Int64)
         rank = pl.int_range(pl.len()).shuffle(seed=seed).over("stratum")
         frame = frame.filter(rank < per)
     return frame.select("pos", "stratum", "x")

@@ -54,6 +54,7 @@ class Anthropic(Provider):
     env_base_url = "ANTHROPIC_BASE_URL"
     default_base_url = "https://api.anthropic.com"
     prices_id = "anthropic"
+    truncated = frozenset({"max_tokens"})
 
     def endpoint(self, spec: RequestSpec) -> str:
         return "/v1/messages"

@@ -206,6 +206,8 @@ class Provider(ABC):
     #: transport retries a call that got one, and a request whose result carries one is sent
     #: again in a retry round (sync mode and batch result lines alike).
     retryable_http: frozenset[int] = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+    #: The result ``finish`` words of an answer cut at the output cap.
+    truncated: frozenset[str] = frozenset()
 
     @abstractmethod
     def endpoint(self, spec: RequestSpec) -> str:

@@ -62,6 +62,7 @@ class Gemini(Provider):
     env_base_url = "GOOGLE_GEMINI_BASE_URL"
     default_base_url = "https://generativelanguage.googleapis.com"
     prices_id = "google"
+    truncated = frozenset({"MAX_TOKENS"})
     batch_halves_cache_hits = False  # batch cache hits are billed at the sync cached rate
 
     def auth_headers(self, api_key: str) -> dict[str, str]:

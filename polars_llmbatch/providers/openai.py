@@ -62,6 +62,7 @@ class OpenAI(Provider):
     env_base_url = "OPENAI_BASE_URL"
     default_base_url = "https://api.openai.com/v1"
     prices_id = "openai"
+    truncated = frozenset({"length", "incomplete"})
 
     def endpoint(self, spec: RequestSpec) -> str:
         if spec.task == "embed":
