@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from polars_llmbatch.collect.bill import reconcile_bill
 from polars_llmbatch.collect.spend import spend
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
 from polars_llmbatch.namespace import LlmNamespace, register
@@ -32,6 +33,7 @@ __all__ = [
     "RequestTooLargeError",
     "Template",
     "__version__",
+    "reconcile_bill",
     "spend",
 ]
 

@@ -198,12 +198,23 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "spend",
         help="spend by job, provider, model, mode, day or tag, from the checkpoints",
-        epilog="examples:\n  llmbatch spend runs\n  llmbatch spend runs --by tag:team",
+        epilog="examples:\n  llmbatch spend runs\n  llmbatch spend runs --by tag:team\n"
+        "  OPENAI_ADMIN_KEY=sk-admin-... llmbatch spend runs --reconcile openai "
+        "--start 2026-11-01",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("root", nargs="?", help="folder holding checkpoint folders (default: cache)")
     c.add_argument("--by", default="job", help="job, provider, model, mode, day or tag:NAME")
     c.add_argument("--json", action="store_true", help="print the rows as JSON")
+    c.add_argument(
+        "--reconcile",
+        metavar="PROVIDER",
+        help="compare with the provider's bill (its usage and cost reports; needs an admin "
+        "key in OPENAI_ADMIN_KEY or ANTHROPIC_ADMIN_KEY): day x model x tier",
+    )
+    c.add_argument("--start", help="--reconcile: first day, e.g. 2026-11-01 (required)")
+    c.add_argument("--end", help="--reconcile: the day after the last (default: tomorrow)")
+    c.add_argument("--base-url", help="--reconcile: another endpoint (a proxy, the emulator)")
     d = sub.add_parser(
         "demo",
         help="the whole product on a local emulator in under a minute: no key, no cost",
@@ -520,12 +531,29 @@ def _spend(args: argparse.Namespace) -> int:
 
     from polars_llmbatch.collect.spend import spend
 
+    if args.reconcile:
+        from polars_llmbatch.collect.bill import reconcile_bill
+
+        if not args.start:
+            raise LlmBatchError("--reconcile needs --start DAY (e.g. --start 2026-11-01)")
+        table = reconcile_bill(
+            args.root,
+            provider=args.reconcile,
+            start=args.start,
+            end=args.end,
+            base_url=args.base_url,
+        )
+        return _print_table(table, args.json)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         table = spend(args.root, by=args.by)
     for w in caught:  # one line each, as the errors are
         print(f"llmbatch: warning: {w.message}", file=sys.stderr)
-    if args.json:
+    return _print_table(table, args.json)
+
+
+def _print_table(table: pl.DataFrame, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(table.to_dicts(), indent=2, default=str))
     else:
         with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=60):

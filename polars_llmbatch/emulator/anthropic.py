@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from polars_llmbatch.emulator import columns, model, tokenizers
+from polars_llmbatch.emulator import columns, model, reports, tokenizers
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router
@@ -74,6 +74,30 @@ class AnthropicEmulator(BatchStore[_Batch]):
         r("GET", f"{PREFIX}/messages/batches/{{batch_id}}/results", self.results)
         r("POST", f"{PREFIX}/messages", self.sync)
         r("POST", f"{PREFIX}/messages/count_tokens", self.count_tokens)
+        r(
+            "GET",
+            f"{PREFIX}/organizations/usage_report/messages",
+            self.admin(reports.anthropic_usage),
+        )
+        r("GET", f"{PREFIX}/organizations/cost_report", self.admin(reports.anthropic_costs))
+
+    def admin(self, report: Any) -> Any:
+        """An organisation report (:mod:`.reports`), for admin keys (``sk-ant-admin...``)."""
+
+        def handler(request: Request) -> Response:
+            if not request.headers.get("x-api-key", "").startswith("sk-ant-admin"):
+                return error(
+                    401,
+                    "authentication_error",
+                    "The Admin API requires an admin key (sk-ant-admin...)",
+                )
+            try:
+                body = report(self.ctx.ledger.frame("anthropic"), request.query, self.ctx.clock())
+            except (reports.ReportError, ValueError) as exc:
+                return error(400, "invalid_request_error", str(exc))
+            return Response.json(body)
+
+        return handler
 
     def guard(self, handler: Any) -> Any:
         def guarded(request: Request) -> Response:

@@ -17,7 +17,7 @@ import duckdb
 import orjson
 import polars as pl
 
-from polars_llmbatch.emulator import columns, model, tokenizers
+from polars_llmbatch.emulator import columns, model, reports, tokenizers
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router, multipart
@@ -130,6 +130,34 @@ class OpenAIEmulator(BatchStore[_Batch]):
         r("POST", f"{PREFIX}/chat/completions", self.sync("/v1/chat/completions"))
         r("POST", f"{PREFIX}/responses", self.sync("/v1/responses"))
         r("POST", f"{PREFIX}/embeddings", self.sync("/v1/embeddings"))
+        admin = self.admin
+        r("GET", f"{PREFIX}/organization/usage/completions", admin("completion"))
+        r("GET", f"{PREFIX}/organization/usage/embeddings", admin("embedding"))
+        r("GET", f"{PREFIX}/organization/costs", admin("costs"))
+
+    def admin(self, report: str) -> Any:
+        """The organisation reports (:mod:`.reports`), for admin keys (``sk-admin-...``) only."""
+
+        def handler(request: Request) -> Response:
+            key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not key.startswith("sk-admin-"):
+                return error(
+                    401,
+                    "This endpoint requires an admin API key (sk-admin-...); create one in "
+                    "the organization settings.",
+                    "invalid_request_error",
+                    code="invalid_api_key",
+                )
+            bills = self.ctx.ledger.frame("openai")
+            now = self.ctx.clock()
+            try:
+                if report == "costs":
+                    return Response.json(reports.openai_costs(bills, request.query, now))
+                return Response.json(reports.openai_usage(bills, request.query, report, now))
+            except (reports.ReportError, ValueError) as exc:
+                return error(400, str(exc), "invalid_request_error")
+
+        return handler
 
     def guard(self, handler: Any) -> Any:
         def guarded(request: Request) -> Response:

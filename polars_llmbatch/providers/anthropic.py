@@ -14,7 +14,7 @@ import polars as pl
 from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.spec import RequestSpec
-from polars_llmbatch.providers import anthropic_remote
+from polars_llmbatch.providers import anthropic_admin, anthropic_remote
 from polars_llmbatch.providers.base import (
     AmbiguousBatch,
     Framing,
@@ -55,6 +55,7 @@ class Anthropic(Provider):
     default_base_url = "https://api.anthropic.com"
     prices_id = "anthropic"
     truncated = frozenset({"max_tokens"})
+    admin_env_key = ("ANTHROPIC_ADMIN_KEY",)
 
     def endpoint(self, spec: RequestSpec) -> str:
         return "/v1/messages"
@@ -141,6 +142,13 @@ class Anthropic(Provider):
             band=band,
             method=f"approximate: o200k × {ratio} ({family} tokenizer), ±{band:.0%}",
         )
+
+    # the bill ------------------------------------------------------------------------
+    def billed_usage(self, t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+        return anthropic_admin.usage(t, start, end)
+
+    def billed_costs(self, t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+        return anthropic_admin.costs(t, start, end)
 
     # token counting: the free count_tokens endpoint -------------------------------------
     def can_count(self, spec: RequestSpec) -> bool:

@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import polars as pl
+
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.spec import RequestSpec
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from polars_llmbatch.run.transport import Transport
 
 __all__ = [
+    "COST_SCHEMA",
+    "USAGE_SCHEMA",
     "AmbiguousBatch",
     "Framing",
     "Limits",
@@ -165,6 +167,28 @@ class RemoteState:
     @property
     def ended(self) -> bool:
         return self.phase == "ended"
+
+
+#: The provider's usage report, normalised: tokens per day, model and tier (``batch``,
+#: ``flex``, ``sync``; ``input_tokens`` is the whole input, cache reads and writes included).
+USAGE_SCHEMA: dict[str, Any] = {  # polars dtypes
+    "day": pl.Date,
+    "model": pl.String,
+    "tier": pl.String,
+    "requests": pl.Int64,
+    "input_tokens": pl.Int64,
+    "cached_tokens": pl.Int64,
+    "cache_write_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+}
+#: The provider's cost report, normalised: USD per day, model and tier where it says them.
+COST_SCHEMA: dict[str, Any] = {
+    "day": pl.Date,
+    "model": pl.String,
+    "tier": pl.String,
+    "amount": pl.Float64,
+    "line_item": pl.String,
+}
 
 
 class Provider(ABC):
@@ -313,6 +337,20 @@ class Provider(ABC):
         """Whether an ended batch failed only because the provider's queue was full (a smaller
         batch later will be accepted)."""
         return False
+
+    # the bill: organisation reports read with an admin key ------------------------------
+    #: Where the admin key is looked for (empty: the provider has no such reports).
+    admin_env_key: tuple[str, ...] = ()
+
+    def billed_usage(self, t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+        """Billed tokens per day, model and tier from ``start`` to ``end`` (UTC), in
+        :data:`USAGE_SCHEMA`."""
+        raise NotImplementedError(f"{self.name}: no organisation usage report")
+
+    def billed_costs(self, t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+        """Billed USD per day (and model and tier where the report says), in
+        :data:`COST_SCHEMA`."""
+        raise NotImplementedError(f"{self.name}: no organisation cost report")
 
     # sync mode: the same bodies, one call each ------------------------------------------
     def sync_path(self, spec: RequestSpec) -> str:

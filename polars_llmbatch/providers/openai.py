@@ -16,7 +16,7 @@ from polars_llmbatch._json import dumps, slot
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.plan.tokens.encodings import get_encoding
-from polars_llmbatch.providers import openai_remote
+from polars_llmbatch.providers import openai_admin, openai_remote
 from polars_llmbatch.providers.base import (
     Framing,
     Limits,
@@ -63,6 +63,7 @@ class OpenAI(Provider):
     default_base_url = "https://api.openai.com/v1"
     prices_id = "openai"
     truncated = frozenset({"length", "incomplete"})
+    admin_env_key = ("OPENAI_ADMIN_KEY",)
 
     def endpoint(self, spec: RequestSpec) -> str:
         if spec.task == "embed":
@@ -242,6 +243,13 @@ class OpenAI(Provider):
         return Framing(line=line)
 
     # tokens -------------------------------------------------------------------------------
+    # the bill ------------------------------------------------------------------------
+    def billed_usage(self, t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+        return openai_admin.usage(t, start, end)
+
+    def billed_costs(self, t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+        return openai_admin.costs(t, start, end)
+
     def token_rule(self, spec: RequestSpec) -> TokenRule:
         enc = encoding_for(spec.model)
         if spec.task == "embed":
