@@ -204,7 +204,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     c.add_argument("root", nargs="?", help="folder holding checkpoint folders (default: cache)")
-    c.add_argument("--by", default="job", help="job, provider, model, mode, day or tag:NAME")
+    c.add_argument(
+        "--by",
+        help="job (default), provider, model, mode, day or tag:NAME; with --reconcile, spend "
+        "as billed by that group instead of the bill itself",
+    )
     c.add_argument("--json", action="store_true", help="print the rows as JSON")
     c.add_argument(
         "--reconcile",
@@ -536,17 +540,20 @@ def _spend(args: argparse.Namespace) -> int:
 
         if not args.start:
             raise LlmBatchError("--reconcile needs --start DAY (e.g. --start 2026-11-01)")
-        table = reconcile_bill(
+        bill = reconcile_bill(
             args.root,
             provider=args.reconcile,
             start=args.start,
             end=args.end,
             base_url=args.base_url,
         )
-        return _print_table(table, args.json)
+        if args.by is None:
+            return _print_table(bill, args.json)
+    else:
+        bill = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        table = spend(args.root, by=args.by)
+        table = spend(args.root, by=args.by or "job", bill=bill)
     for w in caught:  # one line each, as the errors are
         print(f"llmbatch: warning: {w.message}", file=sys.stderr)
     return _print_table(table, args.json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,7 @@ class LlmNamespace:
         checkpoint: str | Path | None = None,
         mode: str = "batch",
         max_cost: float | None = None,
+        deadline: str | datetime | float | None = None,
         wait: bool = True,
         tags: dict[str, str] | None = None,
         usage: bool = False,
@@ -257,6 +259,7 @@ class LlmNamespace:
         checkpoint: str | Path | None = None,
         mode: str = "batch",
         max_cost: float | None = None,
+        deadline: str | datetime | float | None = None,
         wait: bool = True,
         tags: dict[str, str] | None = None,
         usage: bool = False,
@@ -339,6 +342,19 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     args = {"dimensions": None, **args, "task": task}
     prepared = _prepare(frame, prompt, args)
     check_fits(prepared, args["prices"])
+    deadline = options.deadline_at(args["deadline"])
+    if deadline is not None and args["mode"] not in ("auto", "batch"):
+        raise LlmBatchError(
+            f"deadline= is for batches (mode='auto' or 'batch'); mode={args['mode']!r} sends "
+            "everything at once"
+        )
+    fallback = "flex" if prov.flex_body(prepared.spec, "{}") is not None else "sync"
+    if args["mode"] == "flex" and prov.flex_body(prepared.spec, "{}") is None:
+        what = "embeddings" if task == "embed" else f"{prov.name} requests"
+        raise LlmBatchError(
+            f"mode='flex': {what} have no flex tier (OpenAI and Gemini chat models do); use "
+            "mode='batch' for half price, or mode='sync'"
+        )
     name = args.get("name") if task == "embed" else None
     check_output_names(prepared.spec, prepared.key, name)
     names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
@@ -394,6 +410,8 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         },
         max_cost=max_cost,
         output_name=name,
+        deadline=deadline,
+        fallback=fallback,
     )
     rows = prepared.rows  # this call's rows: a reattached job may list them in another order
     row_ids = prepared.row_ids

@@ -13,6 +13,7 @@ Verbs: ``estimate``, ``requests``, ``batch`` and ``embed`` (the ``df.llm`` metho
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -181,6 +182,46 @@ def _calibrate(name: str, value: Any) -> None:
             f"calibrate= takes True (a sample of 200 requests) or a sample size from 10 to "
             f"100,000, got {value!r}"
         )
+
+
+def deadline_at(value: Any) -> dt.datetime | None:
+    """A ``deadline=`` as an aware UTC time: an ISO string or datetime (naive ones are local
+    time), or a number of seconds from now; refused when it is not one or has passed."""
+    if value is None:
+        return None
+    now = dt.datetime.now(dt.timezone.utc)
+    when: dt.datetime | None = None
+    if isinstance(value, bool):
+        when = None
+    elif isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        when = now + dt.timedelta(seconds=float(value))
+    elif isinstance(value, dt.datetime):
+        when = value
+    elif isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            when = None
+    if when is None:
+        raise LlmBatchError(
+            f"deadline= takes an ISO time ('2026-12-03T09:00'), a datetime or seconds from now "
+            f"(e.g. 6 * 3600), got {value!r}"
+        )
+    when = when.astimezone(dt.timezone.utc)  # a naive time is this machine's local time
+    if when <= now:
+        raise LlmBatchError(f"deadline={value!r} has passed ({when.isoformat()} UTC)")
+    return when
+
+
+def _deadline(name: str, value: Any) -> None:
+    deadline_at(value)
+
+
+def _deadline_flag(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _seed(name: str, value: Any) -> None:
@@ -435,11 +476,23 @@ OPTIONS: tuple[Option, ...] = (
         "mode",
         "str",
         "batch",
-        "batch (half price), sync (the sync endpoints) or auto (sync for small jobs)",
+        "batch (half price), sync (the sync endpoints), flex (sync calls at batch prices, "
+        "slower; OpenAI, Gemini) or auto (sync for small jobs; with deadline=, batch then "
+        "flex or sync for the rest)",
         _RUN,
         kind="choice",
-        choices=("batch", "sync", "auto"),
+        choices=("batch", "sync", "flex", "auto"),
         recorded=True,
+    ),
+    Option(
+        "deadline",
+        "str | datetime | float | None",
+        None,
+        "when the answers are needed (ISO time, datetime, or seconds from now): batches until "
+        "then; at it, what still runs is cancelled and the rest sent with flex (else sync)",
+        _RUN,
+        check=_deadline,
+        parse=_deadline_flag,
     ),
     Option(
         "wait",

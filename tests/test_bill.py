@@ -24,8 +24,9 @@ YESTERDAY = dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=1)
 TODAY = dt.datetime.now(dt.timezone.utc).date()
 
 
-def frame(n: int) -> pl.DataFrame:
-    return pl.DataFrame({"body": [f"ticket {i}: refund of {i}.50 EUR please" for i in range(n)]})
+def frame(n: int, first: int = 0) -> pl.DataFrame:
+    bodies = [f"ticket {i}: refund of {i}.50 EUR please" for i in range(first, first + n)]
+    return pl.DataFrame({"body": bodies})
 
 
 def bill(root: Path, emu, provider: str, **kw) -> pl.DataFrame:
@@ -160,3 +161,50 @@ def test_the_cli_reconciles(
         "batch": "matches",
         "sync": "spend outside these jobs (sync: a candidate for batch)",
     }
+
+
+def test_spend_as_billed_per_tag(tmp_path: Path) -> None:
+    """The savings a finance owner asks for: paid vs the same tokens at sync rates, as the
+    provider billed them; a call outside the jobs is never put on them."""
+    with serve(batch_seconds=0.1) as emu:
+        batch(frame(30), emu, tmp_path / "a", "openai", output=["billing", "bug"],
+              tags={"team": "support"})  # fmt: skip
+        batch(frame(12, first=100), emu, tmp_path / "b", "openai", output=["billing", "bug"],
+              tags={"team": "growth"}, mode="sync")  # fmt: skip
+        outside_call(emu, "openai")
+        reconciled = bill(tmp_path, emu, "openai")
+    plain = polars_llmbatch.spend(tmp_path, by="tag:team").sort("team")
+    billed = polars_llmbatch.spend(tmp_path, by="tag:team", bill=reconciled).sort("team")
+    assert billed["bill_coverage"].to_list() == pytest.approx([1.0, 1.0])
+    # the emulator's own prices agree with the library's: as billed ≈ as recorded
+    for col, ref in (("billed_cost", "cost"), ("billed_cost_at_sync", "cost_at_sync")):
+        assert billed[col].to_list() == pytest.approx(plain[ref].to_list(), rel=0.01)
+    growth = billed.filter(pl.col("team") == "growth").row(0, named=True)
+    assert growth["billed_savings"] == pytest.approx(0.0, abs=1e-12)  # sync saves nothing
+    support = billed.filter(pl.col("team") == "support").row(0, named=True)
+    assert support["billed_savings"] == pytest.approx(support["billed_cost"], rel=0.01)
+    # a provider that charged twice its list price for the batch cell: that job's billed cost
+    # doubles, the other job's does not move
+    doubled = reconciled.with_columns(
+        pl.when(pl.col("tier") == "batch").then(pl.col("billed_cost") * 2).otherwise(
+            pl.col("billed_cost")).alias("billed_cost")
+    )  # fmt: skip
+    twice = polars_llmbatch.spend(tmp_path, by="tag:team", bill=doubled).sort("team")
+    assert twice["billed_cost"][1] == pytest.approx(2 * billed["billed_cost"][1])
+    assert twice["billed_cost"][0] == pytest.approx(billed["billed_cost"][0])
+
+
+def test_the_cli_gives_savings_as_billed_by_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serve(batch_seconds=0.1) as emu:
+        batch(frame(8), emu, tmp_path / "t", "openai", output=["billing", "bug"],
+              tags={"team": "support"})  # fmt: skip
+        monkeypatch.setenv("OPENAI_ADMIN_KEY", ADMIN["openai"])
+        code = main(["spend", str(tmp_path), "--reconcile", "openai", "--start",
+                     YESTERDAY.isoformat(), "--base-url", emu.openai_url, "--by", "tag:team",
+                     "--json"])  # fmt: skip
+    assert code == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["team"] == "support" and row["bill_coverage"] == pytest.approx(1.0)
+    assert row["billed_savings"] == pytest.approx(row["savings"], rel=0.01)

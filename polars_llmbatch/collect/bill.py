@@ -37,6 +37,8 @@ __all__ = ["BILL_SCHEMA", "reconcile_bill"]
 KEYS = ("day", "model", "tier")
 #: The reconciled frame's columns.
 BILL_SCHEMA: dict[str, pl.DataType] = {
+    "provider": pl.String(),
+    "base_url": pl.String(),
     "day": pl.Date(),
     "model": pl.String(),
     "tier": pl.String(),
@@ -48,6 +50,7 @@ BILL_SCHEMA: dict[str, pl.DataType] = {
     "billed_input_tokens": pl.Int64(),
     "billed_output_tokens": pl.Int64(),
     "billed_cost": pl.Float64(),
+    "billed_list_cost": pl.Float64(),
     "cost_source": pl.String(),
     "diff_input_tokens": pl.Int64(),
     "diff_output_tokens": pl.Int64(),
@@ -140,7 +143,10 @@ def reconcile_bill(
     costs = costs.with_columns(
         pl.col("model").map_elements(names, return_dtype=pl.String, skip_nulls=True)
     )
-    return _compare(ledger, _billed(usage, costs, prov), tolerance)
+    out = _compare(ledger, _billed(usage, costs, prov), tolerance)
+    return out.with_columns(provider=pl.lit(prov.name), base_url=pl.lit(redact_url(url))).select(
+        list(BILL_SCHEMA)
+    )
 
 
 def _day(value: Any, name: str) -> dt.date:
@@ -170,57 +176,69 @@ def _model_names(known: list[str]) -> Any:
     return name
 
 
-def _ledger(folder: Path, prov: Provider, url: str) -> pl.DataFrame:
-    """The provider's billed results under ``folder`` against ``url``: day, model, tier,
-    tokens and cost (the library's own prices, at each result's tier)."""
-    parts = []
-    for job_file in sorted(folder.glob("*/job.json")):
-        try:
-            job = json.loads(job_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if job.get("spec", {}).get("provider") != prov.name or job.get("base_url") != url:
-            continue
-        ckpt = Checkpoint(job_file.parent)
-        results = read_results(ckpt).filter(
-            (pl.col("mode") != "cached") & pl.col("input_tokens").is_not_null()
-        )
-        if results.is_empty():
-            continue
-        created = dt.datetime.fromisoformat(job["created"]).astimezone(dt.timezone.utc).date()
-        days = _shard_days(ckpt)
-        part = results.with_columns(
+_CELLS = {
+    "job": pl.String,
+    "provider": pl.String,
+    "base_url": pl.String,
+    "day": pl.Date,
+    "model": pl.String,
+    "tier": pl.String,
+    "requests": pl.Int64,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+    "cost": pl.Float64,
+    "cost_at_sync": pl.Float64,
+}
+
+
+def job_cells(job_file: Path) -> pl.DataFrame:
+    """A job's billed results (reused ones aside) per day × model × tier: requests, tokens,
+    cost at the rate paid and at the sync rate (the job's recorded prices), with the job's
+    folder name, provider and base URL."""
+    try:
+        job = json.loads(job_file.read_text())
+    except (OSError, ValueError):
+        return pl.DataFrame(schema=_CELLS)
+    ckpt = Checkpoint(job_file.parent)
+    results = read_results(ckpt).filter(
+        (pl.col("mode") != "cached") & pl.col("input_tokens").is_not_null()
+    )
+    if results.is_empty():
+        return pl.DataFrame(schema=_CELLS)
+    created = dt.datetime.fromisoformat(job["created"]).astimezone(dt.timezone.utc).date()
+    days = _shard_days(ckpt)
+    price = job.get("price") or {}
+    cells = (
+        results.with_columns(
             day=pl.col("shard")
             .replace_strict(days, default=None, return_dtype=pl.Date)
             .fill_null(created),
-            model=pl.lit(job["spec"]["model"]),
             tier=pl.col("mode"),
-            cost=cost_of(job.get("price") or {}),
+            cost=cost_of(price),
+            cost_at_sync=cost_of(price, at_sync=True),
         )
-        parts.append(
-            part.select(
-                "day",
-                "model",
-                "tier",
-                pl.lit(1, pl.Int64).alias("requests"),
-                pl.col("input_tokens").cast(pl.Int64),
-                pl.col("output_tokens").fill_null(0).cast(pl.Int64),
-                "cost",
-            )
+        .group_by("day", "tier")
+        .agg(
+            pl.len().cast(pl.Int64).alias("requests"),
+            pl.col("input_tokens").sum().cast(pl.Int64),
+            pl.col("output_tokens").fill_null(0).sum().cast(pl.Int64),
+            pl.col("cost").sum(),
+            pl.col("cost_at_sync").sum(),
         )
-    if not parts:
-        return pl.DataFrame(
-            schema={
-                "day": pl.Date,
-                "model": pl.String,
-                "tier": pl.String,
-                "requests": pl.Int64,
-                "input_tokens": pl.Int64,
-                "output_tokens": pl.Int64,
-                "cost": pl.Float64,
-            }
-        )
-    return pl.concat(parts)
+    )
+    return cells.with_columns(
+        job=pl.lit(job_file.parent.name),
+        provider=pl.lit(job["spec"]["provider"]),
+        base_url=pl.lit(job.get("base_url")),
+        model=pl.lit(job["spec"]["model"]),
+    ).select(list(_CELLS))
+
+
+def _ledger(folder: Path, prov: Provider, url: str) -> pl.DataFrame:
+    """The provider's billed results under ``folder`` against ``url``, per job and cell."""
+    parts = [job_cells(f) for f in sorted(folder.glob("*/job.json"))]
+    cells = pl.concat(parts) if parts else pl.DataFrame(schema=_CELLS)
+    return cells.filter((pl.col("provider") == prov.name) & (pl.col("base_url") == url))
 
 
 def _shard_days(ckpt: Checkpoint) -> dict[int, dt.date]:
@@ -278,6 +296,7 @@ def _billed(usage: pl.DataFrame, costs: pl.DataFrame, prov: Provider) -> pl.Data
         pl.coalesce(
             "amount", pl.col("model_amount") * pl.col("share").fill_nan(0.0), "list_cost"
         ).alias("billed_cost"),
+        pl.col("list_cost").alias("billed_list_cost"),
         pl.when(pl.col("amount").is_not_null())
         .then(pl.lit("cost report"))
         .when(pl.col("model_amount").is_not_null())
@@ -304,7 +323,7 @@ def _compare(ledger: pl.DataFrame, billed: pl.DataFrame, tolerance: float) -> pl
             "billed_input_tokens",
             "billed_output_tokens",
         )
-    ] + [pl.col(c).fill_null(0.0) for c in ("ledger_cost", "billed_cost")]
+    ] + [pl.col(c).fill_null(0.0) for c in ("ledger_cost", "billed_cost", "billed_list_cost")]
     both = both.with_columns(zero).with_columns(
         diff_input_tokens=pl.col("billed_input_tokens") - pl.col("ledger_input_tokens"),
         diff_output_tokens=pl.col("billed_output_tokens") - pl.col("ledger_output_tokens"),
@@ -339,7 +358,7 @@ def _compare(ledger: pl.DataFrame, billed: pl.DataFrame, tolerance: float) -> pl
         both.with_columns(
             note=note, cost_source=pl.col("cost_source").fill_null("no bill for this row")
         )
-        .select(list(BILL_SCHEMA))
-        .cast(BILL_SCHEMA)
+        .select([c for c in BILL_SCHEMA if c not in ("provider", "base_url")])
+        .cast({k: v for k, v in BILL_SCHEMA.items() if k not in ("provider", "base_url")})
         .sort(KEYS)
     )

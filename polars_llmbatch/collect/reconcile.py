@@ -17,7 +17,7 @@ import polars as pl
 
 from polars_llmbatch.collect.results import RESULT_SCHEMA, STATUSES, all_distinct
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.plan.prices import cost_expr
+from polars_llmbatch.plan.prices import HALF_PRICE_MODES, cost_expr
 from polars_llmbatch.plan.spec import RequestSpec
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def cost_of(price: dict[str, Any], *, at_sync: bool = False) -> pl.Expr:
     cache writes, output), in the price tier its input falls in, at the batch or sync rate by
     how its shard ran (``at_sync``: at the sync rate whatever it ran as). Reused (cached)
     results cost nothing."""
-    batch = pl.lit(False) if at_sync else pl.col("mode") == "batch"
+    batch = pl.lit(False) if at_sync else pl.col("mode").is_in(list(HALF_PRICE_MODES))
     cost = cost_expr(
         price,
         batch=batch,

@@ -46,7 +46,9 @@ _PER_JOB = {
 }
 
 
-def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
+def spend(
+    root: str | Path | None = None, *, by: str = "job", bill: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """Spend of every job checkpointed under ``root`` (default: the user cache folder's jobs),
     one row per ``by`` group: ``job`` (default), ``provider``, ``model``, ``mode``, ``day``
     (UTC, of the job's start) or ``tag:NAME`` (jobs without that tag group under null).
@@ -57,6 +59,13 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
     reads and writes, output, at its own rate and price tier), ``cost_at_sync`` (the same
     tokens at the sync rate), ``savings`` and ``estimated`` (the estimate made before sending,
     at the rate of the job's mode).
+
+    With ``bill=`` (a :func:`~polars_llmbatch.reconcile_bill` frame, or several concatenated)
+    the costs are also given *as billed*: each job's cost in a day × model × tier the bill
+    covers is scaled by what the provider charged there over the list price of the same
+    tokens (so spend outside the jobs is never put on them): ``billed_cost``,
+    ``billed_cost_at_sync`` (the same tokens at sync rates, as billed), ``billed_savings`` and
+    ``bill_coverage`` (the share of ``cost`` the bill covers; the rest stays at list price).
 
     Example:
         >>> import polars as pl, polars_llmbatch, tempfile
@@ -84,6 +93,13 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
     # Paths are only ever file names handed to readers, never text in a query: a folder
     # with quotes (or anything else) in its name is read like any other.
     per_job = pl.DataFrame([_job_row(f) for f in jobs], schema=_PER_JOB, orient="row")
+    billed = _as_billed(jobs, bill) if bill is not None else None
+    if billed is not None:
+        per_job = per_job.join(billed, on="job", how="left").with_columns(
+            pl.col("billed_cost").fill_null(pl.col("cost")),
+            pl.col("billed_cost_at_sync").fill_null(pl.col("cost_at_sync")),
+            pl.col("covered").fill_null(0.0),
+        )
     label = by[4:] if by.startswith("tag:") else by
     if by.startswith("tag:"):
         present = sorted({k for t in per_job["tags"] for k in t})
@@ -114,9 +130,41 @@ def spend(root: str | Path | None = None, *, by: str = "job") -> pl.DataFrame:
             pl.col("cost_at_sync").sum(),
             (pl.col("cost_at_sync").sum() - pl.col("cost").sum()).alias("savings"),
             pl.col("estimated").sum(),
+            *(
+                [
+                    pl.col("billed_cost").sum(),
+                    pl.col("billed_cost_at_sync").sum(),
+                    (pl.col("billed_cost_at_sync").sum() - pl.col("billed_cost").sum()).alias(
+                        "billed_savings"
+                    ),
+                    (pl.col("covered").sum() / pl.col("cost").sum())
+                    .fill_nan(None)
+                    .alias("bill_coverage"),
+                ]
+                if billed is not None
+                else []
+            ),
         )
         .rename({"__group__": label})
         .sort(["billed_by", "cost", label], descending=[True, True, False], nulls_last=True)
+    )
+
+
+def _as_billed(jobs: list[Path], bill: pl.DataFrame) -> pl.DataFrame:
+    """Per job: its cost and cost at sync as billed, and the part of its cost the bill covers
+    (see :func:`spend`)."""
+    from polars_llmbatch.collect.bill import KEYS, job_cells
+
+    keys = ["provider", "base_url", *KEYS]
+    factor = bill.filter(pl.col("billed_list_cost") > 0).select(
+        *keys, (pl.col("billed_cost") / pl.col("billed_list_cost")).alias("f")
+    )
+    parts = [job_cells(f) for f in jobs]
+    cells = pl.concat(parts).join(factor, on=keys, how="left")
+    return cells.group_by("job").agg(
+        (pl.col("cost") * pl.col("f").fill_null(1.0)).sum().alias("billed_cost"),
+        (pl.col("cost_at_sync") * pl.col("f").fill_null(1.0)).sum().alias("billed_cost_at_sync"),
+        pl.col("cost").filter(pl.col("f").is_not_null()).sum().alias("covered"),
     )
 
 

@@ -24,6 +24,9 @@ class Faults:
       as ``rate_limit_creates`` does for batch creates.
     - ``rate_limit_counts``: the first N calls of the token-count endpoints (Anthropic
       ``count_tokens``, Gemini ``countTokens``) get 429, as ``rate_limit_creates`` does.
+    - ``flex_unavailable``: the first N flex calls (OpenAI ``service_tier: "flex"``, Gemini
+      ``service_tier: "FLEX"``) get 429 "resource unavailable", unbilled, as flex does when
+      capacity is short.
     - ``read_errors``: the first N reads of a batch's state or results get a server error
       (OpenAI 500/503, Anthropic 529 overloaded or 500, Gemini 503).
     - ``request_errors``: the share of requests that fail individually (4xx in the error file,
@@ -57,6 +60,7 @@ class Faults:
     rate_limit_creates: int = 0
     rate_limit_sync: int = 0
     rate_limit_counts: int = 0
+    flex_unavailable: int = 0
     read_errors: int = 0
     request_errors: float = 0.0
     expire_at: float | None = None

@@ -237,6 +237,13 @@ class GeminiEmulator(BatchStore[_Batch]):
             return error(
                 400, "INVALID_ARGUMENT", "Emulated invalid request (request_errors fault)."
             )
+        flex = str(_get(body, "service_tier", "serviceTier") or "").upper() == "FLEX"
+        if flex and verb == "generateContent" and self.ctx.take("flex_unavailable"):
+            return error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Flex inference is at capacity; retry later or use the standard tier.",
+            )
         if verb == "generateContent":
             resp, inp, outp = respond(model_name, body, self.ctx.faults)
             self.ctx.ledger.bill(
@@ -246,6 +253,7 @@ class GeminiEmulator(BatchStore[_Batch]):
                 inp,
                 outp,
                 model=model_name,
+                tier="flex" if flex else "sync",
                 at=self.ctx.clock(),
                 cache_read=int(inp * self.ctx.faults.cache_read),
             )

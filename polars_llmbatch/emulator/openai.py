@@ -619,10 +619,21 @@ class OpenAIEmulator(BatchStore[_Batch]):
                 )
             if self.ctx.sync_fails(request.body):
                 return error(400, _FAULT_MESSAGE, "invalid_request_error")
+            flex = body.get("service_tier") == "flex"
+            if flex and self.ctx.take("flex_unavailable"):
+                return error(
+                    429,
+                    "Resource Unavailable: flex processing lacks capacity right now; retry "
+                    "later or use another service tier. You were not charged.",
+                    "rate_limit_error",
+                    code="resource_unavailable",
+                )
             try:
                 resp, inp, outp = respond(endpoint, body, self.ctx.new_id, self.ctx.faults)
             except ModelError as exc:
                 return error(404, str(exc), "invalid_request_error", code="model_not_found")
+            if flex and endpoint != "/v1/embeddings":
+                resp["service_tier"] = "flex"  # the tier that served it
             self.ctx.ledger.bill(
                 "openai",
                 None,
@@ -630,7 +641,7 @@ class OpenAIEmulator(BatchStore[_Batch]):
                 inp,
                 outp,
                 model=str(body.get("model", "")),
-                tier="flex" if resp.get("service_tier") == "flex" else "sync",
+                tier="flex" if flex else "sync",
                 at=self.ctx.clock(),
                 cache_read=int(inp * self.ctx.faults.cache_read),
                 kind="embedding" if endpoint == "/v1/embeddings" else "completion",

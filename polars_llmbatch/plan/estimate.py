@@ -13,7 +13,7 @@ from polars_llmbatch._json import dumps
 from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTooLargeError
 from polars_llmbatch.plan.calibrate import SAMPLE as CALIBRATE_SAMPLE
 from polars_llmbatch.plan.calibrate import Counter, calibrate
-from polars_llmbatch.plan.prices import Price, lookup_price, model_hint, tiers_of
+from polars_llmbatch.plan.prices import HALF_PRICE_MODES, Price, lookup_price, model_hint, tiers_of
 from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.plan.shards import Shard, plan
 from polars_llmbatch.plan.tokens.counting import count_texts, sample_count
@@ -174,7 +174,7 @@ class Estimate:
         if max_cost is None:
             return
         check_max_cost(max_cost)
-        worst = self.worst_cost_batch if mode == "batch" else self.worst_cost_sync
+        worst = self.worst_cost_batch if mode in HALF_PRICE_MODES else self.worst_cost_sync
         if worst is None:
             raise LlmBatchError(
                 f"max_cost={_usd(max_cost)} cannot be checked: no price is known for "

@@ -93,6 +93,10 @@ def tiers_of(price: dict[str, Any]) -> list[dict[str, Any]]:
     return levels
 
 
+#: The modes billed at batch rates: batch itself, and flex (sync calls at batch prices).
+HALF_PRICE_MODES = frozenset({"batch", "flex"})
+
+
 def cost_expr(
     price: dict[str, Any],
     *,

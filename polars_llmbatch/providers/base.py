@@ -34,6 +34,7 @@ __all__ = [
     "field_of",
     "nested_message",
     "redact_url",
+    "with_field",
 ]
 
 
@@ -279,6 +280,12 @@ class Provider(ABC):
         """Refuse a spec this provider cannot serve; the default refuses nothing."""
         return None
 
+    # flex: sync calls at batch prices ------------------------------------------------------
+    def flex_body(self, spec: RequestSpec, body: str) -> str | None:
+        """``body`` (a sync request's JSON) asking for the flex tier, or None where the
+        provider (or this kind of request) has none."""
+        return None
+
     # token counting: a provider's free count endpoint, for calibration ------------------
     def can_count(self, spec: RequestSpec) -> bool:
         """Whether the provider counts this spec's requests for free (an endpoint that
@@ -379,6 +386,15 @@ class Provider(ABC):
     # helpers shared by the provider modules ------------------------------------------------
     def _refuse(self, spec: RequestSpec, option: str, why: str) -> LlmBatchError:
         return LlmBatchError(f"{self.name} model {spec.model!r} does not take {option}: {why}")
+
+
+def with_field(body: str, field: str) -> str:
+    """``body`` (a JSON object's text) with ``field`` (``"name":value``) added first: the
+    stored bytes stay as they are, no parse and re-encode per request."""
+    head, brace, rest = body.partition("{")
+    if not brace:  # pragma: no cover - bodies are JSON objects
+        raise ValueError("not a JSON object")
+    return head + "{" + field + ("," if rest.strip() != "}" else "") + rest
 
 
 def field_of(record: dict[str, Any], name: str) -> str | None:

@@ -25,6 +25,7 @@ from polars_llmbatch.providers.base import (
     TokenRule,
     field_of,
     nested_message,
+    with_field,
 )
 
 if TYPE_CHECKING:
@@ -165,6 +166,14 @@ class Gemini(Provider):
             band=0.15,
             method="approximate: o200k_base count, ±15%",
         )
+
+    # flex ------------------------------------------------------------------------------
+    def flex_body(self, spec: RequestSpec, body: str) -> str | None:
+        # A top-level ``service_tier: "FLEX"`` on generateContent (ai.google.dev, flex
+        # inference, preview); embeddings have none.
+        if spec.task == "embed":
+            return None
+        return with_field(body, '"service_tier":"FLEX"')
 
     # token counting: the free countTokens endpoint ------------------------------------------
     def can_count(self, spec: RequestSpec) -> bool:

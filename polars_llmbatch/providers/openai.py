@@ -25,6 +25,7 @@ from polars_llmbatch.providers.base import (
     TokenRule,
     field_of,
     nested_message,
+    with_field,
 )
 
 if TYPE_CHECKING:
@@ -243,6 +244,14 @@ class OpenAI(Provider):
         return Framing(line=line)
 
     # tokens -------------------------------------------------------------------------------
+    # flex ------------------------------------------------------------------------------
+    def flex_body(self, spec: RequestSpec, body: str) -> str | None:
+        # ``service_tier: "flex"`` on chat and responses (developers.openai.com, flex
+        # processing); embeddings have no flex tier.
+        if spec.task == "embed":
+            return None
+        return with_field(body, '"service_tier":"flex"')
+
     # the bill ------------------------------------------------------------------------
     def billed_usage(self, t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
         return openai_admin.usage(t, start, end)

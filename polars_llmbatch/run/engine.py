@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -29,7 +30,7 @@ from polars_llmbatch._fs import fsync
 from polars_llmbatch.collect.reconcile import best_results, read_results, spent
 from polars_llmbatch.collect.results import RESULT_SCHEMA, missing_results
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.plan.prices import cost_expr
+from polars_llmbatch.plan.prices import HALF_PRICE_MODES, cost_expr
 from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.plan.shards import plan, write_shard_files
 from polars_llmbatch.plan.spec import RequestSpec
@@ -43,6 +44,11 @@ __all__ = ["Engine", "Settings", "plan_round"]
 
 log = logging.getLogger("polars_llmbatch.engine")
 
+#: The modes whose shards are sent request by request (sync endpoints; flex is their tier at
+#: batch prices).
+ONE_BY_ONE = ("sync", "flex")
+#: Seconds a flex call may take: OpenAI's guide raises the SDK's timeout to 15 minutes.
+FLEX_TIMEOUT = 900.0
 #: Requests per shard in sync mode: the unit that is checkpointed together.
 SYNC_SHARD_REQUESTS = 1_000
 
@@ -80,7 +86,7 @@ def plan_round(
     then record the whole round in one ``planned`` event (a crash before it re-plans the same
     bytes). With ``max_tokens``, each shard's requests' worst-case input ``tokens`` (in
     request order) sum to at most it. Returns the number of shards."""
-    if mode == "sync":
+    if mode in ONE_BY_ONE:
         max_requests = min(max_requests or SYNC_SHARD_REQUESTS, SYNC_SHARD_REQUESTS)
     round_ = 1 + max((r.round for r in ckpt.shards().values()), default=0)
     shards = plan(
@@ -145,6 +151,14 @@ class Engine:
         self._canceled = False
         self._events_read = 0  # bytes of the event log already searched for a cancel
         self._events_lock = threading.Lock()
+        job = ckpt.job() if ckpt.job_file.exists() else {}
+        # mode="auto" with a deadline: batches until then; at it, what still runs is
+        # cancelled and the rest is sent in ``fallback`` mode (flex, else sync)
+        self._deadline = (
+            dt.datetime.fromisoformat(job["deadline"]).timestamp() if job.get("deadline") else None
+        )
+        self.fallback: str = job.get("fallback") or "sync"
+        self._deadline_said = False
 
     # the loop ------------------------------------------------------------------------------
     def run(
@@ -176,6 +190,8 @@ class Engine:
         try:
             while True:
                 shards = self.ckpt.shards()
+                if self.past_deadline() and self._at_deadline(shards):
+                    shards = self.ckpt.shards()
                 pending = [s for s in shards.values() if not s.done]
                 if not pending:
                     if retry and self._plan_retries(shards):
@@ -188,7 +204,7 @@ class Engine:
                     # Asked before every create: a cancel from another process stops the
                     # submission at once, not after this pass.
                     canceled = not s.submitted and self.canceled()
-                    if s.mode == "sync":
+                    if s.mode in ONE_BY_ONE:
                         if not due():
                             moved |= self._run_sync(s, stop_sending)
                     elif canceled:
@@ -428,6 +444,42 @@ class Engine:
             self._canceled_at = (now, self.canceled())
         return self._canceled_at[1]
 
+    # the deadline ----------------------------------------------------------------------------
+    def past_deadline(self) -> bool:
+        """Whether the job has a deadline and it has passed (by this machine's clock)."""
+        return self._deadline is not None and time.time() >= self._deadline
+
+    def deadline_reached(self) -> bool:
+        """Whether a run (in any process) has recorded the deadline as reached."""
+        if not self._deadline_said:
+            self._deadline_said = any(
+                e.get("event") == "deadline_reached" for e in self.ckpt.events()
+            )
+        return self._deadline_said
+
+    def _at_deadline(self, shards: dict[int, ShardRecord]) -> bool:
+        """Record the deadline once; cancel every batch still running (what ran is kept and
+        collected as usual) and end the batch shards never sent. True if anything moved."""
+        if not self.deadline_reached():
+            log.info("the deadline has passed: cancelling running batches, then %s", self.fallback)
+            self.ckpt.append("deadline_reached", fallback=self.fallback)
+            self._deadline_said = True
+        moved = False
+        for s in shards.values():
+            if s.done or s.mode != "batch" or s.cancel_sent:
+                continue
+            if s.remote_id is not None:
+                self._cancel_remote(s.index, s.remote_id)
+                self.ckpt.append("cancel_sent", shard=s.index, remote_id=s.remote_id)
+                moved = True
+            else:
+                moved |= self._cancel_unsent(s)
+        return moved
+
+    def _round_mode(self) -> str:
+        """The mode a new round is sent in: the job's, or past the deadline its fallback."""
+        return self.fallback if self.deadline_reached() else self.settings.mode
+
     def _cancel_remote(self, index: int, remote_id: str) -> int:
         try:
             if self.provider.poll(self.t, remote_id).ended:
@@ -504,11 +556,15 @@ class Engine:
             todo = todo.clear()
         path = self.provider.sync_path(self.spec)
         lock = threading.Lock()
+        flex = s.mode == "flex"
+        extra: dict[str, Any] = {"timeout": FLEX_TIMEOUT} if flex else {}
 
         skipped = threading.Event()
 
         def send_one(item: tuple[str, str]) -> None:
             custom_id, body = item
+            if flex:
+                body = self.provider.flex_body(self.spec, body) or body
             if due():  # past the deadline (or stopped): leave it for the next run
                 skipped.set()
                 return
@@ -518,6 +574,7 @@ class Engine:
                     path,
                     content=body.encode(),
                     headers={"content-type": "application/json"},
+                    **extra,
                 )
                 status, payload = r.status_code, r.content
             except ProviderError as exc:
@@ -574,24 +631,36 @@ class Engine:
             )
         )
 
-    def over_budget(self, due: pl.DataFrame, results: pl.DataFrame) -> tuple[float, float] | None:
-        """``(spent, retries' worst case)`` when sending ``due`` could take the job past
-        ``max_cost``, else None."""
+    def over_budget(
+        self, due: pl.DataFrame, results: pl.DataFrame, mode: str | None = None
+    ) -> tuple[float, float] | None:
+        """``(spent, retries' worst case)`` when sending ``due`` (in ``mode``, default the
+        job's) could take the job past ``max_cost``, else None."""
         if self.settings.max_cost is None or due.is_empty():
             return None
         # A missing result may still have been billed, unseen: count it at its worst case,
         # so max_cost stays a bound on what the provider can charge.
         unseen = results.filter(pl.col("status") == "missing").select("custom_id")
         paid = spent(self.ckpt, results) + self._worst(unseen)
-        more = self._worst(due.select("custom_id"))
+        more = self._worst(due.select("custom_id"), mode)
         return (paid, more) if paid + more > self.settings.max_cost else None
 
     def _plan_retries(self, shards: dict[int, ShardRecord]) -> bool:
         results = read_results(self.ckpt)
         due = self.due_retries(shards, results)
+        mode = self._round_mode()
+        if self.deadline_reached() and not any(s.mode == mode for s in shards.values()):
+            # the deadline's round: everything without an answer, whatever its attempts
+            best = best_results(results) if results.height else results
+            unanswered = pl.col("status").is_in(["canceled", "expired", "missing"]) | (
+                (pl.col("status") == "errored") & pl.col("retryable")
+            )
+            due = best.filter(unanswered).select(
+                "custom_id", pl.lit(0, pl.UInt32).alias("attempts")
+            )
         if due.is_empty():
             return False
-        over = self.over_budget(due, results)
+        over = self.over_budget(due, results, mode)
         if over is not None:
             paid, more = over
             log.warning(
@@ -631,7 +700,7 @@ class Engine:
             attempt=attempt,
             first_index=max(shards) + 1,
             job_id=job["tag_id"],
-            mode=self.settings.mode,
+            mode=mode,
             max_requests=max_requests,
             max_bytes=self.settings.max_shard_bytes,
             # the bounds stored with the requests when the job started
@@ -640,7 +709,7 @@ class Engine:
         )
         return True
 
-    def _worst(self, sends: pl.DataFrame) -> float:
+    def _worst(self, sends: pl.DataFrame, mode: str | None = None) -> float:
         """The most the provider can bill for ``sends`` (one ``custom_id`` row per send):
         each request's worst-case input tokens (recorded when the job was planned) and every
         output at the cap, in the price tier that size falls in."""
@@ -656,7 +725,7 @@ class Engine:
         )
         cost = cost_expr(
             self.ckpt.job().get("price") or {},
-            batch=self.settings.mode == "batch",
+            batch=(mode or self.settings.mode) in HALF_PRICE_MODES,
             input_tokens=pl.col("worst_input_tokens"),
             output_tokens=pl.lit(cap),
         )

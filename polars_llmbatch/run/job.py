@@ -37,11 +37,12 @@ from polars_llmbatch.collect.reconcile import (
 )
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.estimate import Estimate
+from polars_llmbatch.plan.prices import HALF_PRICE_MODES
 from polars_llmbatch.plan.requests import RowIds
 from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import Provider, get_provider
 from polars_llmbatch.run.checkpoint import Checkpoint, LockedError
-from polars_llmbatch.run.engine import Engine, Settings
+from polars_llmbatch.run.engine import ONE_BY_ONE, Engine, Settings
 from polars_llmbatch.run.transport import Transport, credentials
 
 __all__ = ["RETRY_STATUSES", "Job", "JobStatus"]
@@ -244,7 +245,7 @@ class Job:
         if progress is not None:
             settings = Settings(**{**settings.__dict__, "progress": progress})
         est = self._job["estimate"]
-        worst = est.get("worst_cost_batch" if self.mode == "batch" else "worst_cost_sync")
+        worst = est.get("worst_cost_batch" if self.mode in HALF_PRICE_MODES else "worst_cost_sync")
         n = est.get("unique_requests") or 0
         per_request = worst / n if worst is not None and n and math.isfinite(worst) else None
         return Engine(
@@ -446,7 +447,7 @@ class Job:
             state = "done"
         elif retries:
             state = "retries due"
-        elif any(s.mode == "sync" and s.intent_at for s in open_shards):
+        elif any(s.mode in ONE_BY_ONE and s.intent_at for s in open_shards):
             state = "sending"
         elif any(s.submitted and s.phase != "ended" for s in open_shards):
             state = "running at the provider"

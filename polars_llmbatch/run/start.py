@@ -32,6 +32,9 @@ log = logging.getLogger("polars_llmbatch.job")
 #: seconds at sync rates, while a batch can take minutes to hours for cents saved.
 AUTO_SYNC_MAX_REQUESTS = 200
 AUTO_SYNC_MAX_SAVINGS = 0.25
+#: ``mode="auto"`` with a deadline nearer than this (seconds) skips the batch: most batches
+#: finish within the hour, but a deadline this close would cancel most of them.
+AUTO_MIN_BATCH_SECONDS = 1800
 
 
 def start(
@@ -45,6 +48,8 @@ def start(
     estimate_args: dict[str, Any],
     max_cost: float | None,
     output_name: str | None = None,
+    deadline: dt.datetime | None = None,
+    fallback: str = "sync",
 ) -> tuple[Checkpoint, Estimate | None]:
     """Create (or reattach to) the checkpoint for ``prepared`` and plan its first round.
 
@@ -52,14 +57,14 @@ def start(
     job first reuses succeeded results of identical requests from its sibling checkpoints (the
     result cache), then estimates and budget-checks only what is left to send.
     """
-    if mode not in ("batch", "sync", "auto"):
-        raise LlmBatchError(f"mode= must be 'batch', 'sync' or 'auto', not {mode!r}")
+    if mode not in ("batch", "sync", "flex", "auto"):
+        raise LlmBatchError(f"mode= must be 'batch', 'sync', 'flex' or 'auto', not {mode!r}")
     root = Path(checkpoint).parent if checkpoint is not None else default_root() / "jobs"
     # Creation holds the job folder's lock (waiting for another creator): two processes
     # starting the same call make one job, and the second reattaches to it.
     place = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, "batch")
     with _creating(place):
-        modes = ("batch", "sync") if mode == "auto" else (mode,)
+        modes = ("batch", "sync", "flex") if mode == "auto" else (mode,)
         places = (
             [Path(checkpoint)]
             if checkpoint is not None
@@ -81,7 +86,7 @@ def start(
         planned = estimate(todo, **{"exact": max_cost is not None, **estimate_args})
         est = planned.estimate
         if mode == "auto":
-            mode = choose_mode(est, max_cost)
+            mode = choose_mode(est, max_cost, deadline=deadline, fallback=fallback)
             log.info(
                 "mode='auto' runs this job in %s mode (%d requests)", mode, todo.requests.height
             )
@@ -122,6 +127,9 @@ def start(
                 }
             ),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            # batches until then; at it, the rest in ``fallback`` mode (engine.Engine)
+            "deadline": deadline.isoformat() if deadline is not None and mode == "batch" else None,
+            "fallback": fallback,
             "rows": prepared.rows.height,
             "requests": prepared.requests.height,
             "cached": cache.height,
@@ -168,9 +176,17 @@ def _creating(place: Path) -> Iterator[None]:
             shutil.rmtree(place, ignore_errors=True)
 
 
-def choose_mode(est: Estimate, max_cost: float | None) -> str:
+def choose_mode(
+    est: Estimate,
+    max_cost: float | None,
+    *,
+    deadline: dt.datetime | None = None,
+    fallback: str = "sync",
+) -> str:
     """``mode="auto"``: sync for a small job where batch saves little, else batch; never a
-    mode whose worst case is over ``max_cost`` when the other one fits it.
+    mode whose worst case is over ``max_cost`` when another fits it. With a ``deadline``
+    too near for a batch (:data:`AUTO_MIN_BATCH_SECONDS`), the ``fallback`` (flex where the
+    provider has it, at batch prices; else sync) at once.
 
     The saving is the expected one, or, where the output's length is unknown, the saving on
     the worst case (the whole cost, output included, not the input alone).
@@ -181,6 +197,9 @@ def choose_mode(est: Estimate, max_cost: float | None) -> str:
         ...         worst_cost_sync=1.0, worst_cost_batch=0.5)
         >>> choose_mode(est, None), choose_mode(est, 0.75)
         ('batch', 'batch')
+        >>> soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5)
+        >>> choose_mode(est, None, deadline=soon, fallback="flex")
+        'flex'
     """
     savings = est.savings if est.output_tokens_expected is not None else None
     ws, wb = est.worst_cost_sync, est.worst_cost_batch
@@ -188,17 +207,21 @@ def choose_mode(est: Estimate, max_cost: float | None) -> str:
         savings = ws - wb
     small = est.unique_requests <= AUTO_SYNC_MAX_REQUESTS
     prefer = "sync" if small and (savings is None or savings < AUTO_SYNC_MAX_SAVINGS) else "batch"
+    if deadline is not None:
+        left = (deadline - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        if left < AUTO_MIN_BATCH_SECONDS:
+            prefer = fallback
     if max_cost is None:
         return prefer
-    fits = {
-        "sync": ws is not None and ws <= max_cost,
-        "batch": wb is not None and wb <= max_cost,
-    }
+    worst = {"sync": ws, "batch": wb, "flex": wb}
+    fits = {m: w is not None and w <= max_cost for m, w in worst.items()}
     if fits[prefer]:
         return prefer
-    other = "batch" if prefer == "sync" else "sync"
-    # Neither fits: batch, whose (lower) worst case the budget error then names.
-    return other if fits[other] else "batch"
+    for other in ([fallback] if deadline is not None else []) + ["batch", "sync"]:
+        if fits[other]:
+            return other
+    # Nothing fits: batch, whose (lower) worst case the budget error then names.
+    return "batch"
 
 
 def _dirname(prepared: Prepared, mode: str) -> str:
