@@ -27,9 +27,8 @@ def list_cost(emu, provider: str, half: bool) -> float:
     """What the emulator billed, at its own rates (half for batch and flex)."""
     total = 0.0
     for b in emu.ledger.billed:
-        r = rates(provider, b["model"])
-        usd = b["input_tokens"] * r["input"] + b["output_tokens"] * r["output"]
-        total += usd * (0.5 if half else 1.0)
+        r = rates(provider, b["model"], batch=half)
+        total += b["input_tokens"] * r["input"] + b["output_tokens"] * r["output"]
     return total
 
 

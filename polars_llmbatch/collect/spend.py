@@ -173,6 +173,16 @@ def _job_row(job_file: Path) -> dict[str, Any]:
     job = json.loads(job_file.read_text())
     results = read_results(ckpt).filter(pl.col("mode") != "cached")
     price = job.get("price") or {}
+    unpriced = results.filter(
+        pl.col("input_tokens").is_not_null() & cost_of(price).is_null()
+    ).height
+    if unpriced:
+        warnings.warn(
+            f"{unpriced:,} result(s) of {job_file.parent.name!r} have tokens of a class the "
+            "price list has no rate for (e.g. cache writes): their cost is unknown and left "
+            "out of cost",
+            stacklevel=3,
+        )
     figures = results.select(
         pl.col("input_tokens").is_not_null().sum().cast(pl.Int64).alias("requests"),
         pl.col("input_tokens").sum().cast(pl.Int64),

@@ -3,9 +3,11 @@ reads from OpenAI (``/v1/organization/usage/completions``, ``/usage/embeddings``
 and Anthropic (``/v1/organizations/usage_report/messages``, ``/cost_report``), in their shapes
 (openai-python's admin types; Anthropic's Admin API reference, docs/bill-reports.md).
 
-Costs are the emulator's own: genai-prices' published rates read here (each token class at
-its rate, per request, long-context tiers by genai-prices itself), batch and flex at half, never
-the library's pricing. Every call of the ledger counts, including calls made outside the
+Costs are the emulator's own: genai-prices' published rates read here with ``calc_price``
+(each token class at its rate, per request, long-context tiers by genai-prices itself; batch
+and flex at genai-prices' batch prices, which know that OpenAI's batch cache hits are not
+halved again and Gemini's caching and batch discounts do not stack), never the library's
+pricing. Every call of the ledger counts, including calls made outside the
 library (an SDK pointed at the emulator): that is what a bill reconciliation must find.
 """
 
@@ -31,14 +33,22 @@ class ReportError(ValueError):
 
 
 @functools.lru_cache(maxsize=256)
-def rates(provider: str, model: str) -> dict[str, float]:
+def rates(provider: str, model: str, batch: bool = False) -> dict[str, float]:
     """USD per token of ``model`` at the base tier, by class: ``input`` (uncached), ``cached``
-    (cache reads), ``write`` (cache writes), ``output``; zeros for a model genai-prices lacks."""
+    (cache reads), ``write`` (cache writes), ``output``, at sync or batch prices; zeros for a
+    model genai-prices lacks."""
     from genai_prices import Usage, calc_price
+
+    context = {"processing": "batch"} if batch else None
 
     def price(**usage: int) -> Any:
         try:
-            return calc_price(Usage(**usage), model_ref=model, provider_id=_PROVIDER_IDS[provider])
+            return calc_price(
+                Usage(**usage),
+                model_ref=model,
+                provider_id=_PROVIDER_IDS[provider],
+                price_context=context,
+            )
         except LookupError:
             return None
 
@@ -59,22 +69,26 @@ def rates(provider: str, model: str) -> dict[str, float]:
 
 def _priced(bills: pl.DataFrame, provider: str) -> pl.DataFrame:
     """``bills`` with the USD of each token class: ``usd_input`` (uncached), ``usd_cached``,
-    ``usd_write``, ``usd_output``; batch and flex at half."""
+    ``usd_write``, ``usd_output``; batch and flex at batch prices."""
     if bills.is_empty():
         return bills.with_columns(
             *(pl.lit(0.0).alias(f"usd_{k}") for k in ("input", "cached", "write", "output"))
         )
     table = pl.DataFrame(
-        [{"model": m, **{f"r_{k}": v for k, v in rates(provider, m).items()}}
-         for m in bills["model"].unique().to_list()]
+        [{"model": m, "half": b, **{f"r_{k}": v for k, v in rates(provider, m, b).items()}}
+         for m in bills["model"].unique().to_list() for b in (False, True)]
     )  # fmt: skip
-    half = pl.when(pl.col("tier").is_in(["batch", "flex"])).then(0.5).otherwise(1.0)
     plain = (pl.col("input_tokens") - pl.col("cache_read") - pl.col("cache_write")).clip(0)
-    out = bills.join(table, on="model", how="left").with_columns(
-        usd_input=plain * pl.col("r_input") * half,
-        usd_cached=pl.col("cache_read") * pl.col("r_cached") * half,
-        usd_write=pl.col("cache_write") * pl.col("r_write") * half,
-        usd_output=pl.col("output_tokens") * pl.col("r_output") * half,
+    out = (
+        bills.with_columns(half=pl.col("tier").is_in(["batch", "flex"]))
+        .join(table, on=["model", "half"], how="left")
+        .with_columns(
+            usd_input=plain * pl.col("r_input"),
+            usd_cached=pl.col("cache_read") * pl.col("r_cached"),
+            usd_write=pl.col("cache_write") * pl.col("r_write"),
+            usd_output=pl.col("output_tokens") * pl.col("r_output"),
+        )
+        .drop("half")
     )
     long = out.with_row_index("_i").filter(pl.col("input_tokens") > _LONG)
     if long.height:  # the rare long request: genai-prices prices it, tiers and all
@@ -111,11 +125,11 @@ def _long_prices(long: pl.DataFrame, provider: str) -> pl.DataFrame:
                 ),
                 model_ref=r["model"],
                 provider_id=_PROVIDER_IDS[provider],
+                price_context={"processing": "batch"} if r["tier"] in ("batch", "flex") else None,
             )
         except LookupError:
             continue
-        half = 0.5 if r["tier"] in ("batch", "flex") else 1.0
-        rows.append((r["_i"], float(p.input_price) * half, float(p.output_price) * half))
+        rows.append((r["_i"], float(p.input_price), float(p.output_price)))
     return pl.DataFrame(
         rows,
         schema={"_i": pl.UInt32, "long_input": pl.Float64, "long_output": pl.Float64},

@@ -527,6 +527,17 @@ def estimate(
             f"{model_hint(prov, spec.model)}): costs are unknown; pass "
             "prices={'input': ..., 'output': ...} (USD per 1M tokens)"
         )
+    if price.known and spec.task != "embed":
+        if price.cached_input is None:
+            notes.append(
+                f"the price list has no cached-input rate for {spec.model}: prompt-cache hits "
+                "are priced at the input rate (the most they can cost)"
+            )
+        if price.cache_write is None and spec.provider == "anthropic":
+            notes.append(
+                f"the price list has no cache-write rate for {spec.model}: results with cache "
+                "writes get an unknown cost (llm_cost null), not a guess"
+            )
     rows = prepared.rows.height
     levels = tiers_of(price.to_dict())
     tier_use = tuple(

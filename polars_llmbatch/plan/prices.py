@@ -81,15 +81,16 @@ class Price:
 
 
 def tiers_of(price: dict[str, Any]) -> list[dict[str, Any]]:
-    """The base rates (``above`` 0) and every tier of a price in its ``to_dict`` form, each
-    with every rate filled in (an unknown cache rate is the plain input rate)."""
+    """The base rates (``above`` 0) and every tier of a price in its ``to_dict`` form. An
+    unknown cache-read rate is the plain input rate (a cache hit never costs more); an
+    unknown cache-write rate stays unknown (writes cost more than input, by how much the
+    price list must say)."""
     levels = [{"above": 0, **{k: price.get(k) for k in RATES}}]
     levels += sorted((dict(t) for t in price.get("tiers") or []), key=lambda t: t["above"])
     for level in levels:
         for prefix in ("", "batch_"):
-            for cache in ("cached_input", "cache_write"):
-                if level.get(prefix + cache) is None:
-                    level[prefix + cache] = level.get(prefix + "input")
+            if level.get(prefix + "cached_input") is None:
+                level[prefix + "cached_input"] = level.get(prefix + "input")
     return levels
 
 
@@ -108,7 +109,10 @@ def cost_expr(
 ) -> pl.Expr:
     """USD of one request's tokens at the rate it was paid: ``input_tokens`` is its whole
     input (cache reads and writes included), which also picks its price tier; each token class
-    at its own rate, batch or sync by ``batch``. Unknown rates count as 0.
+    at its own rate, batch or sync by ``batch``. Where the price list lacks a rate it is not
+    guessed: cache reads without a rate are priced at the input rate (they never cost more),
+    cache writes without one make the cost unknown (null), as does a missing input or output
+    rate for tokens of that class.
 
     Example:
         >>> import polars as pl
@@ -127,16 +131,25 @@ def cost_expr(
     plain = (inp - read - write).clip(lower_bound=0)
     is_batch = pl.lit(batch) if isinstance(batch, bool) else batch
 
-    def rate(level: dict[str, Any], name: str) -> pl.Expr:
-        b, s = level.get("batch_" + name), level.get(name)
-        return pl.when(is_batch).then(pl.lit(float(b or 0.0))).otherwise(pl.lit(float(s or 0.0)))
+    def rate(level: dict[str, Any], name: str, instead: str | None = None) -> pl.Expr:
+        def one(key: str) -> pl.Expr:
+            value = level.get(key)
+            if value is None and instead is not None:
+                value = level.get(key.replace(name, instead))
+            return pl.lit(float(value) if value is not None else None, pl.Float64)
+
+        return pl.when(is_batch).then(one("batch_" + name)).otherwise(one(name))
+
+    def part(tokens: pl.Expr, r: pl.Expr) -> pl.Expr:
+        # no tokens of a class cost nothing, whatever its rate; tokens without a rate: unknown
+        return pl.when(tokens == 0).then(pl.lit(0.0)).otherwise(tokens * r)
 
     def at(level: dict[str, Any]) -> pl.Expr:
         return (
-            plain * rate(level, "input")
-            + read * rate(level, "cached_input")
-            + write * rate(level, "cache_write")
-            + out * rate(level, "output")
+            part(plain, rate(level, "input"))
+            + part(read, rate(level, "cached_input", instead="input"))
+            + part(write, rate(level, "cache_write"))
+            + part(out, rate(level, "output"))
         ) / 1e6
 
     levels = tiers_of(price)

@@ -47,7 +47,7 @@ log = logging.getLogger("polars_llmbatch.engine")
 #: The modes whose shards are sent request by request (sync endpoints; flex is their tier at
 #: batch prices).
 ONE_BY_ONE = ("sync", "flex")
-#: Seconds a flex call may take: OpenAI's guide raises the SDK's timeout to 15 minutes.
+#: Seconds a flex call may take: the flex guides raise the SDKs' timeout to 15 minutes.
 FLEX_TIMEOUT = 900.0
 #: Requests per shard in sync mode: the unit that is checkpointed together.
 SYNC_SHARD_REQUESTS = 1_000
