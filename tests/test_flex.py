@@ -121,3 +121,15 @@ def test_a_deadline_needs_a_batch(tmp_path: Path) -> None:
         frame(3).llm.batch("Classify: {body}", provider="openai", model=MODELS["openai"],
                            mode="sync", deadline=60, api_key="k",
                            base_url="http://127.0.0.1:9")  # fmt: skip
+
+
+def test_a_cancel_before_the_deadline_sends_no_fallback_round(tmp_path: Path) -> None:
+    with serve(batch_seconds=20) as emu:
+        job = batch(frame(300), emu, tmp_path / "j", "openai", output=CATS, mode="batch",
+                    deadline=2.0, wait=False)  # fmt: skip
+        job.cancel()
+        out = job.wait().result()
+        assert not [b for b in emu.ledger.billed if b["tier"] != "batch"]  # nothing by flex
+    assert set(out["llm_status"]) <= {"canceled", "succeeded"}
+    events = (tmp_path / "j" / "events.jsonl").read_text()
+    assert '"mode":"flex"' not in events

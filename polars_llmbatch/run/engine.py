@@ -649,7 +649,11 @@ class Engine:
         results = read_results(self.ckpt)
         due = self.due_retries(shards, results)
         mode = self._round_mode()
-        if self.deadline_reached() and not any(s.mode == mode for s in shards.values()):
+        if (
+            self.deadline_reached()
+            and not self.canceled()  # a cancel stops the deadline's round too
+            and not any(s.mode == mode for s in shards.values())
+        ):
             # the deadline's round: everything without an answer, whatever its attempts
             best = best_results(results) if results.height else results
             unanswered = pl.col("status").is_in(["canceled", "expired", "missing"]) | (
