@@ -11,12 +11,11 @@ endpoints "legacy" in favour of a beta analytics API; they are what every admin 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import polars as pl
 
-from polars_llmbatch.providers.base import COST_SCHEMA, USAGE_SCHEMA
+from polars_llmbatch.providers.base import COST_SCHEMA, USAGE_SCHEMA, report_pages
 
 if TYPE_CHECKING:
     from polars_llmbatch.run.transport import Transport
@@ -25,17 +24,6 @@ __all__ = ["costs", "usage"]
 
 #: Service tiers as the reports name them → ours.
 _TIERS = {"standard": "sync", "batch": "batch", "flex": "flex", "flex_discount": "flex"}
-
-
-def _pages(t: Transport, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    page = None
-    while True:
-        query = {**params, **({"page": page} if page else {})}
-        body = t.request("GET", path, params=query).json()
-        yield from body.get("data") or []
-        page = body.get("next_page")
-        if not body.get("has_more") or not page:
-            return
 
 
 def _day(iso: str) -> dt.date:
@@ -56,7 +44,7 @@ def usage(t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
         "limit": 31,
     }
     rows = []
-    for bucket in _pages(t, "/v1/organizations/usage_report/messages", params):
+    for bucket in report_pages(t, "/v1/organizations/usage_report/messages", params):
         day = _day(bucket["starting_at"])
         for r in bucket.get("results") or []:
             creation = r.get("cache_creation") or {}
@@ -90,7 +78,7 @@ def costs(t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
         "limit": 31,
     }
     rows = []
-    for bucket in _pages(t, "/v1/organizations/cost_report", params):
+    for bucket in report_pages(t, "/v1/organizations/cost_report", params):
         day = _day(bucket["starting_at"])
         for r in bucket.get("results") or []:
             if r.get("amount") is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ __all__ = [
     "field_of",
     "nested_message",
     "redact_url",
+    "report_pages",
     "with_field",
 ]
 
@@ -395,6 +396,19 @@ def with_field(body: str, field: str) -> str:
     if not brace:  # pragma: no cover - bodies are JSON objects
         raise ValueError("not a JSON object")
     return head + "{" + field + ("," if rest.strip() != "}" else "") + rest
+
+
+def report_pages(t: Transport, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every bucket of an organisation report, page after page: the shape OpenAI's and
+    Anthropic's admin reports share (``data``, ``has_more``, ``next_page`` as ``page=``)."""
+    page = None
+    while True:
+        query = {**params, **({"page": page} if page else {})}
+        body = t.request("GET", path, params=query).json()
+        yield from body.get("data") or []
+        page = body.get("next_page")
+        if not body.get("has_more") or not page:
+            return
 
 
 def field_of(record: dict[str, Any], name: str) -> str | None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import polars as pl
 
-from polars_llmbatch.providers.base import COST_SCHEMA, USAGE_SCHEMA
+from polars_llmbatch.providers.base import COST_SCHEMA, USAGE_SCHEMA, report_pages
 
 if TYPE_CHECKING:
     from polars_llmbatch.run.transport import Transport
@@ -31,17 +30,6 @@ _LINE_ITEM = re.compile(
     r"(?:, long context)?$",
     re.IGNORECASE,
 )
-
-
-def _pages(t: Transport, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    page = None
-    while True:
-        query = {**params, **({"page": page} if page else {})}
-        body = t.request("GET", path, params=query).json()
-        yield from body.get("data") or []
-        page = body.get("next_page")
-        if not body.get("has_more") or not page:
-            return
 
 
 def _day(seconds: int) -> dt.date:
@@ -62,7 +50,9 @@ def usage(t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
         ("completions", ["model", "batch", "service_tier"]),
         ("embeddings", ["model", "batch"]),
     ):
-        for bucket in _pages(t, f"/organization/usage/{kind}", {**params, "group_by": groups}):
+        for bucket in report_pages(
+            t, f"/organization/usage/{kind}", {**params, "group_by": groups}
+        ):
             day = _day(bucket["start_time"])
             for r in bucket.get("results") or []:
                 tier = (
@@ -95,7 +85,7 @@ def costs(t: Transport, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
         "group_by": ["line_item"],
         "limit": 180,
     }
-    for bucket in _pages(t, "/organization/costs", params):
+    for bucket in report_pages(t, "/organization/costs", params):
         day = _day(bucket["start_time"])
         for r in bucket.get("results") or []:
             amount = (r.get("amount") or {}).get("value")
