@@ -105,3 +105,23 @@ def test_rates_the_price_list_lacks_are_not_guessed(tmp_path: Path) -> None:
         warnings.simplefilter("always")
         polars_llmbatch.spend(tmp_path)
     assert any("price list has no rate" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+def test_reasoning_tokens_are_output_in_the_cap_and_the_cost(tmp_path: Path, provider: str) -> None:
+    df = pl.DataFrame({"body": [f"ticket {i}" for i in range(12)]})
+    with serve(batch_seconds=0.1, faults=Faults(reasoning=7)) as emu:
+        out = batch(df, emu, tmp_path / "j", provider, output=["billing", "bug"], usage=True)
+        bills = {b["custom_id"]: b for b in emu.ledger.billed}
+    # every answer thought 7 tokens: billed as output (OpenAI reasoning_tokens inside
+    # completion_tokens, Gemini thoughtsTokenCount apart, Anthropic inside output_tokens)
+    assert all(b["output_tokens"] > 7 for b in bills.values())
+    assert out["llm_output_tokens"].sum() == sum(b["output_tokens"] for b in bills.values())
+    expected = sum(priced(b, provider, batch_rates=True) for b in bills.values())
+    assert out["llm_cost"].sum() == pytest.approx(expected, rel=1e-6)
+    with serve(batch_seconds=0.1, faults=Faults(reasoning=7)) as emu:
+        capped = batch(df, emu, tmp_path / "cap", provider, output=["billing", "bug"],
+                       usage=True, max_output_tokens=5)  # fmt: skip
+    # the cap bounds thinking too: 5 tokens billed, nothing left to answer with
+    assert capped["llm_output_tokens"].to_list() == [5] * 12
+    assert set(capped["llm_status"]) == {"invalid_output"}

@@ -312,7 +312,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 _answer_columns(
                     [e["params"] for e, r in zip(b.requests, ran, strict=True) if r], self.ctx
                 )
-                if sum(ran) >= COLUMNS_FROM
+                if sum(ran) >= COLUMNS_FROM and not self.ctx.faults.reasoning
                 else None
             )
             lines: list[str] = []
@@ -612,7 +612,9 @@ def respond(
         raise ValueError(f"model: {params.get('model')!r} not found ({problem})")
     _, user = _texts(params)
     schema = (((params.get("output_config") or {}).get("format")) or {}).get("schema")
-    text, cut, out_tokens = model.answer(user, schema, params.get("max_tokens"))
+    text, cut, out_tokens = model.answer(
+        user, schema, params.get("max_tokens"), faults.reasoning if faults is not None else 0
+    )
     inp = input_tokens(params)
     read = int(inp * faults.cache_read) if faults is not None else 0
     write = int(inp * faults.cache_write) if faults is not None else 0

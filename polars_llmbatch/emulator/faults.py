@@ -27,6 +27,9 @@ class Faults:
     - ``flex_unavailable``: the first N flex calls (OpenAI ``service_tier: "flex"``, Gemini
       ``service_tier: "FLEX"``) get 429 "resource unavailable", unbilled, as flex does when
       capacity is short.
+    - ``reasoning``: every answer thinks this many tokens first, reported as OpenAI
+      ``reasoning_tokens`` (inside ``completion_tokens``), Gemini ``thoughtsTokenCount``, Anthropic
+      output tokens; billed as output, and inside the output cap. Not a fault, a billing case.
     - ``read_errors``: the first N reads of a batch's state or results get a server error
       (OpenAI 500/503, Anthropic 529 overloaded or 500, Gemini 503).
     - ``request_errors``: the share of requests that fail individually (4xx in the error file,
@@ -61,6 +64,7 @@ class Faults:
     rate_limit_sync: int = 0
     rate_limit_counts: int = 0
     flex_unavailable: int = 0
+    reasoning: int = 0
     read_errors: int = 0
     request_errors: float = 0.0
     expire_at: float | None = None

@@ -501,7 +501,10 @@ class GeminiEmulator(BatchStore[_Batch]):
             # Enough generate requests are answered in columns (None: answer that one alone).
             answered = (
                 _answer_columns(b.model, ran, faults)
-                if b.kind == "generate" and len(ran) >= COLUMNS_FROM and not expired
+                if b.kind == "generate"
+                and len(ran) >= COLUMNS_FROM
+                and not expired
+                and not faults.reasoning
                 else [None] * len(ran)
             )
             bills: list[tuple[str, int, int]] = []
@@ -740,14 +743,18 @@ def respond(
     config = _get(req, "generationConfig", "generation_config") or {}
     schema = _get(config, "responseJsonSchema", "response_json_schema")
     cap = _get(config, "maxOutputTokens", "max_output_tokens")
-    text, cut, out_tokens = model.answer(user, schema, cap)
+    thinking = faults.reasoning if faults is not None else 0
+    text, cut, out_tokens = model.answer(user, schema, cap, thinking)
     inp = input_tokens(model_name, req)
     usage: dict[str, Any] = {"promptTokenCount": inp, "totalTokenCount": inp + out_tokens}
     cached = int(inp * faults.cache_read) if faults is not None else 0
     if cached:  # part of promptTokenCount, as the real API reports it
         usage["cachedContentTokenCount"] = cached
-    if out_tokens:
-        usage["candidatesTokenCount"] = out_tokens
+    thought = min(thinking, out_tokens)
+    if out_tokens - thought:
+        usage["candidatesTokenCount"] = out_tokens - thought
+    if thought:  # billed as output, reported apart
+        usage["thoughtsTokenCount"] = thought
     resp = {
         "candidates": [
             {

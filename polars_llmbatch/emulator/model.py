@@ -58,9 +58,16 @@ def enum_pick(prompt: str, path: str, values: list[Any]) -> Any:
 
 
 def answer(
-    prompt: str, schema: dict[str, Any] | None, max_tokens: int | None
+    prompt: str, schema: dict[str, Any] | None, max_tokens: int | None, reasoning: int = 0
 ) -> tuple[str, bool, int]:
-    """(text, truncated, output tokens) for ``prompt``; JSON text when ``schema`` is given."""
+    """(text, truncated, output tokens) for ``prompt``; JSON text when ``schema`` is given.
+    With ``reasoning`` thinking tokens first (the ``reasoning`` fault), the cap bounds both,
+    as the real services' caps do, and the output tokens count both."""
+    if reasoning:
+        room = None if max_tokens is None else max(max_tokens - reasoning, 0)
+        used = reasoning if max_tokens is None else min(reasoning, max_tokens)
+        text, cut, n = answer(prompt, schema, room)
+        return text, cut or (max_tokens is not None and reasoning >= max_tokens), n + used
     enc = get_encoding(ANSWER_ENCODING)
     if schema is not None:
         text = orjson.dumps(_instance(schema, prompt, "", schema.get("$defs", {}))).decode()

@@ -336,7 +336,8 @@ class OpenAIEmulator(BatchStore[_Batch]):
         queue_limit = self.ctx.faults.queue_limit_tokens
         work: pl.DataFrame | None = None
         try:
-            chat = parse_chat(b.data, b.endpoint)
+            # thinking is answered request by request (the columns model none)
+            chat = None if self.ctx.faults.reasoning else parse_chat(b.data, b.endpoint)
             if chat is not None:  # a clean chat file: validated and answered in columns
                 b.total, b.model = chat.height, chat["model"][0]
                 work = answer_chat(chat, self.ctx)
@@ -1067,7 +1068,10 @@ def respond(
         inp = body.get("input", "")
         prompt = inp if isinstance(inp, str) else json.dumps(inp)
         schema = ((body.get("text") or {}).get("format") or {}).get("schema")
-        text, cut, out_tokens = model.answer(prompt, schema, body.get("max_output_tokens"))
+        thinking = faults.reasoning if faults is not None else 0
+        text, cut, out_tokens = model.answer(
+            prompt, schema, body.get("max_output_tokens"), thinking
+        )
         resp = {
             "id": new_id("resp_"),
             "object": "response",
@@ -1091,7 +1095,7 @@ def respond(
                 "input_tokens": inp_tokens,
                 "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                 "output_tokens": out_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": min(thinking, out_tokens)},
                 "total_tokens": inp_tokens + out_tokens,
             },
         }
@@ -1099,7 +1103,8 @@ def respond(
     user, _ = _prompt(body)
     schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
     cap = body.get("max_completion_tokens") or body.get("max_tokens")
-    text, cut, out_tokens = model.answer(user, schema, cap)
+    thinking = faults.reasoning if faults is not None else 0
+    text, cut, out_tokens = model.answer(user, schema, cap, thinking)
     resp = {
         "id": new_id("chatcmpl-"),
         "object": "chat.completion",
@@ -1118,7 +1123,7 @@ def respond(
             "completion_tokens": out_tokens,
             "total_tokens": inp_tokens + out_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": min(thinking, out_tokens)},
         },
         "service_tier": "default",
         "system_fingerprint": "fp_emulator",
