@@ -114,13 +114,19 @@ class LlmNamespace:
             report = None
             if pilot:
                 from polars_llmbatch.run.engine import Settings
+                from polars_llmbatch.run.pilot import run_pilot
 
-                report, _ = _run_pilot(
-                    prepared, pilot, checkpoint, creds, Settings(progress=False), None,
-                    planning, max_cost,
+                report = run_pilot(
+                    prepared, pilot, checkpoint=checkpoint, creds=creds,
+                    settings=Settings(progress=False), tags=None, planning=planning,
+                    max_cost=max_cost,
                 )  # fmt: skip
             est = estimate(prepared, **planning, **calibration, pilot=report).estimate
-        est.check_budget(_left(max_cost, report))
+        if report is not None:
+            from polars_llmbatch.run.pilot import budget_left
+
+            max_cost = budget_left(max_cost, report)
+        est.check_budget(max_cost)
         return est
 
     def requests(
@@ -348,8 +354,9 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
             f"deadline= is for batches (mode='auto' or 'batch'); mode={args['mode']!r} sends "
             "everything at once"
         )
-    fallback = "flex" if prov.flex_body(prepared.spec, "{}") is not None else "sync"
-    if args["mode"] == "flex" and prov.flex_body(prepared.spec, "{}") is None:
+    has_flex = prov.flex_body(prepared.spec, "{}") is not None
+    fallback = "flex" if has_flex else "sync"
+    if args["mode"] == "flex" and not has_flex:
         what = "embeddings" if task == "embed" else f"{prov.name} requests"
         raise LlmBatchError(
             f"mode='flex': {what} have no flex tier (OpenAI and Gemini chat models do); use "
@@ -385,11 +392,13 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
             expected_output_tokens=args["expected_output_tokens"],
             exact=max_cost is not None,
         )
-        report, _ = _run_pilot(
-            prepared, args["pilot"], args["checkpoint"], creds, settings, tags, planning,
-            max_cost,
+        from polars_llmbatch.run.pilot import budget_left, run_pilot
+
+        report = run_pilot(
+            prepared, args["pilot"], checkpoint=args["checkpoint"], creds=creds,
+            settings=settings, tags=tags, planning=planning, max_cost=max_cost,
         )  # fmt: skip
-        max_cost = _left(max_cost, report)
+        max_cost = budget_left(max_cost, report)
         settings = Settings(**{**settings.__dict__, "max_cost": max_cost})
     transport = Transport(creds)
     ckpt, _ = start(
@@ -465,61 +474,6 @@ def _job_exists(checkpoint: str | Path | None) -> bool:
     from polars_llmbatch.run.checkpoint import Checkpoint
 
     return checkpoint is not None and Checkpoint(Path(checkpoint)).exists()
-
-
-def _left(max_cost: float | None, report: dict[str, Any] | None) -> float | None:
-    """What is left of ``max_cost`` once the pilot's cost is paid."""
-    if max_cost is None or report is None:
-        return max_cost
-    return max(0.0, max_cost - (report.get("cost") or 0.0))
-
-
-def _run_pilot(
-    prepared: Prepared,
-    n: int,
-    checkpoint: str | Path | None,
-    creds: Any,
-    settings: Any,
-    tags: dict[str, str] | None,
-    planning: dict[str, Any],
-    max_cost: float | None,
-) -> tuple[dict[str, Any], Any]:
-    """Pilot ``n`` of ``prepared``'s requests (:mod:`.run.pilot`), after checking that the
-    pilot at sync rates and the whole job at batch rates fit ``max_cost`` together."""
-    from polars_llmbatch.errors import BudgetExceededError
-    from polars_llmbatch.run.checkpoint import default_root
-    from polars_llmbatch.run.pilot import pilot_place, run_pilot, sample
-    from polars_llmbatch.run.start import _dirname
-
-    total = prepared.requests.height
-    if n >= total:
-        raise LlmBatchError(
-            f"pilot={n} is not smaller than the job ({total:,} unique requests): the pilot "
-            "would send all of it at sync prices; pass a smaller pilot= or mode='sync'"
-        )
-    if max_cost is not None:
-        whole = estimate(prepared, **planning).estimate
-        piloted = estimate(sample(prepared, n), **planning).estimate
-        worst = (whole.worst_cost_batch or 0.0) + (piloted.worst_cost_sync or 0.0)
-        if worst > max_cost:
-            raise BudgetExceededError(
-                f"worst-case cost ${worst:,.4f} (the pilot of {n} at sync rates plus the job at "
-                f"batch rates) is over max_cost=${max_cost:,.4f}; lower max_output_tokens, "
-                "pilot fewer requests, or raise max_cost"
-            )
-    root = Path(checkpoint).parent if checkpoint is not None else default_root() / "jobs"
-    place = pilot_place(checkpoint, root, _dirname(prepared, "batch"), n)
-    report = run_pilot(
-        prepared,
-        n,
-        place=place,
-        creds=creds,
-        settings=settings,
-        tags=tags,
-        prices=planning.get("prices"),
-        max_cost=max_cost,
-    )
-    return report.to_dict(), place
 
 
 _REQUEST_ARGS = ("provider", "model", "output", "system", "id", "task", "on_null")

@@ -191,18 +191,22 @@ _CELLS = {
 }
 
 
-def job_cells(job_file: Path) -> pl.DataFrame:
+def job_cells(
+    job_file: Path, *, job: dict[str, Any] | None = None, results: pl.DataFrame | None = None
+) -> pl.DataFrame:
     """A job's billed results (reused ones aside) per day × model × tier: requests, tokens,
     cost at the rate paid and at the sync rate (the job's recorded prices), with the job's
-    folder name, provider and base URL."""
-    try:
-        job = json.loads(job_file.read_text())
-    except (OSError, ValueError):
-        return pl.DataFrame(schema=_CELLS)
+    folder name, provider and base URL. ``job`` and ``results``: the job.json and results
+    the caller has read already."""
+    if job is None:
+        try:
+            job = json.loads(job_file.read_text())
+        except (OSError, ValueError):
+            return pl.DataFrame(schema=_CELLS)
     ckpt = Checkpoint(job_file.parent)
-    results = read_results(ckpt).filter(
-        (pl.col("mode") != "cached") & pl.col("input_tokens").is_not_null()
-    )
+    if results is None:
+        results = read_results(ckpt)
+    results = results.filter((pl.col("mode") != "cached") & pl.col("input_tokens").is_not_null())
     if results.is_empty():
         return pl.DataFrame(schema=_CELLS)
     created = dt.datetime.fromisoformat(job["created"]).astimezone(dt.timezone.utc).date()

@@ -92,8 +92,13 @@ def spend(
         )
     # Paths are only ever file names handed to readers, never text in a query: a folder
     # with quotes (or anything else) in its name is read like any other.
-    per_job = pl.DataFrame([_job_row(f) for f in jobs], schema=_PER_JOB, orient="row")
-    billed = _as_billed(jobs, bill) if bill is not None else None
+    rows, cells = [], []
+    for f in jobs:
+        row, part = _job_row(f, cells=bill is not None)
+        rows.append(row)
+        cells.append(part)
+    per_job = pl.DataFrame(rows, schema=_PER_JOB, orient="row")
+    billed = _as_billed(pl.concat(cells), bill) if bill is not None else None
     if billed is not None:
         per_job = per_job.join(billed, on="job", how="left").with_columns(
             pl.col("billed_cost").fill_null(pl.col("cost")),
@@ -150,17 +155,16 @@ def spend(
     )
 
 
-def _as_billed(jobs: list[Path], bill: pl.DataFrame) -> pl.DataFrame:
+def _as_billed(cells: pl.DataFrame, bill: pl.DataFrame) -> pl.DataFrame:
     """Per job: its cost and cost at sync as billed, and the part of its cost the bill covers
-    (see :func:`spend`)."""
-    from polars_llmbatch.collect.bill import KEYS, job_cells
+    (see :func:`spend`); ``cells`` are the jobs' :func:`.bill.job_cells`."""
+    from polars_llmbatch.collect.bill import KEYS
 
     keys = ["provider", "base_url", *KEYS]
     factor = bill.filter(pl.col("billed_list_cost") > 0).select(
         *keys, (pl.col("billed_cost") / pl.col("billed_list_cost")).alias("f")
     )
-    parts = [job_cells(f) for f in jobs]
-    cells = pl.concat(parts).join(factor, on=keys, how="left")
+    cells = cells.join(factor, on=keys, how="left")
     return cells.group_by("job").agg(
         (pl.col("cost") * pl.col("f").fill_null(1.0)).sum().alias("billed_cost"),
         (pl.col("cost_at_sync") * pl.col("f").fill_null(1.0)).sum().alias("billed_cost_at_sync"),
@@ -168,10 +172,13 @@ def _as_billed(jobs: list[Path], bill: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _job_row(job_file: Path) -> dict[str, Any]:
+def _job_row(job_file: Path, *, cells: bool = False) -> tuple[dict[str, Any], pl.DataFrame | None]:
+    """A job's spend figures, and with ``cells`` its :func:`.bill.job_cells` from the same
+    read of its results."""
     ckpt = Checkpoint(job_file.parent)
     job = json.loads(job_file.read_text())
-    results = read_results(ckpt).filter(pl.col("mode") != "cached")
+    everything = read_results(ckpt)
+    results = everything.filter(pl.col("mode") != "cached")
     price = job.get("price") or {}
     unpriced = results.filter(
         pl.col("input_tokens").is_not_null() & cost_of(price).is_null()
@@ -193,7 +200,12 @@ def _job_row(job_file: Path) -> dict[str, Any]:
     estimate = job.get("estimate") or {}
     estimated = estimate.get("cost_sync" if job.get("mode") == "sync" else "cost_batch")
     created = dt.datetime.fromisoformat(job["created"]).astimezone(dt.timezone.utc)
-    return {
+    by_cell = None
+    if cells:
+        from polars_llmbatch.collect.bill import job_cells
+
+        by_cell = job_cells(job_file, job=job, results=everything)
+    row = {
         "job": job_file.parent.name,
         "provider": job["spec"]["provider"],
         "model": job["spec"]["model"],
@@ -204,6 +216,7 @@ def _job_row(job_file: Path) -> dict[str, Any]:
         **figures,
         "estimated": estimated,
     }
+    return row, by_cell
 
 
 def _is_local(base_url: str | None) -> bool:

@@ -421,7 +421,8 @@ def estimate(
             sampling_error += s.ci95
     input_tokens = rule.ratio * variable + per_request * n
     error = rule.ratio * sampling_error + rule.band * input_tokens + rule.slack * n
-    if rule.band:
+    calibrating = count is not None and n > 0 and prov.can_count(spec)
+    if rule.band and not calibrating:
         notes.append(
             f"{spec.provider} has no offline tokenizer: input tokens are approximate "
             f"(±{rule.band:.0%})"
@@ -452,7 +453,7 @@ def estimate(
 
     calibration = None
     method = rule.method
-    if count is not None and n and prov.can_count(spec):
+    if calibrating:
         cal = calibrate(
             reqs["body"], expected_each, worst_each, count, sample=calibrate_sample, seed=seed
         )
@@ -466,7 +467,6 @@ def estimate(
                 "offline upper bound: every request's bound (the worst case) is raised by that"
             )
         input_tokens, error = cal.total, cal.ci95
-        notes = [note for note in notes if "no offline tokenizer" not in note]
         what = "every request" if cal.exact else f"a stratified sample of {cal.requests:,}"
         method = (
             f"calibrated: {what} counted by {spec.provider}'s token-count endpoint, "
@@ -494,20 +494,21 @@ def estimate(
         tokens=tokens_per_request,
     )
 
-    out_expected = _expected_output(prepared, rule.ratio, enc, expected_output_tokens, notes)
     out_error = 0.0
-    fixed_output = prov.output_tokens(spec) is not None
-    if (
+    from_pilot = (
         pilot is not None
         and pilot.get("output_mean") is not None
         and expected_output_tokens is None
-        and not fixed_output
-    ):
+        and prov.output_tokens(spec) is None
+    )
+    if not from_pilot:
+        out_expected = _expected_output(prepared, rule.ratio, enc, expected_output_tokens, notes)
+    else:
+        assert pilot is not None
         k = pilot["answered"]
         out_expected = pilot["output_mean"] * n
         # the mean's interval, scaled to the job's n requests (finite-population corrected)
         out_error = (pilot["output_ci95"] or 0.0) * n * math.sqrt(max(0.0, 1 - k / max(n, 1)))
-        notes = [x for x in notes if not x.startswith("expected output:")]
         notes.append(
             f"expected output: the pilot's mean of {pilot['output_mean']:,.1f} tokens per "
             f"request over {k:,} answers (reasoning included)"
@@ -533,7 +534,7 @@ def estimate(
                 f"the price list has no cached-input rate for {spec.model}: prompt-cache hits "
                 "are priced at the input rate (the most they can cost)"
             )
-        if price.cache_write is None and spec.provider == "anthropic":
+        if price.cache_write is None and prov.bills_cache_writes:
             notes.append(
                 f"the price list has no cache-write rate for {spec.model}: results with cache "
                 "writes get an unknown cost (llm_cost null), not a guess"

@@ -55,6 +55,7 @@ class Anthropic(Provider):
     default_base_url = "https://api.anthropic.com"
     prices_id = "anthropic"
     truncated = frozenset({"max_tokens"})
+    bills_cache_writes = True
     admin_env_key = ("ANTHROPIC_ADMIN_KEY",)
 
     def endpoint(self, spec: RequestSpec) -> str:

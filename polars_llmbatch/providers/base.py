@@ -234,6 +234,8 @@ class Provider(ABC):
     retryable_http: frozenset[int] = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
     #: The result ``finish`` words of an answer cut at the output cap.
     truncated: frozenset[str] = frozenset()
+    #: Whether results can carry cache writes billed at a rate of their own.
+    bills_cache_writes: bool = False
 
     @abstractmethod
     def endpoint(self, spec: RequestSpec) -> str:

@@ -38,7 +38,7 @@ from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.plan.sampling import stratified
 from polars_llmbatch.run.engine import Settings
 
-__all__ = ["STOP_SHARE", "WARN_SHARE", "Pilot", "pilot_place", "run_pilot"]
+__all__ = ["STOP_SHARE", "WARN_SHARE", "Pilot", "budget_left", "pilot_place", "run_pilot"]
 
 #: A pilot share (cut, failed, invalid) above this is warned about.
 WARN_SHARE = 0.05
@@ -68,18 +68,26 @@ class Pilot:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Pilot:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+
+def pilot_place(checkpoint: str | Path | None, prepared: Prepared, n: int) -> Path:
+    """Where the pilot of ``n`` requests of a job is kept: next to the job's checkpoint (or
+    next to where the job's default checkpoint goes)."""
+    from polars_llmbatch.run.checkpoint import default_root
+    from polars_llmbatch.run.start import _dirname
+
+    job = (
+        Path(checkpoint)
+        if checkpoint is not None
+        else default_root() / "jobs" / _dirname(prepared, "batch")
+    )
+    return job.parent / f"{job.name}-pilot{n}"
 
 
-def pilot_place(checkpoint: str | Path | None, root: Path, default_name: str, n: int) -> Path:
-    """Where the pilot of ``n`` requests of a job is kept: next to the job's checkpoint."""
-    if checkpoint is not None:
-        place = Path(checkpoint)
-        return place.parent / f"{place.name}-pilot{n}"
-    return root / f"{default_name}-pilot{n}"
+def budget_left(max_cost: float | None, pilot: dict[str, Any] | None) -> float | None:
+    """What is left of ``max_cost`` once the pilot's cost is paid."""
+    if max_cost is None or pilot is None:
+        return max_cost
+    return max(0.0, max_cost - (pilot.get("cost") or 0.0))
 
 
 def sample(prepared: Prepared, n: int, *, seed: int = 0) -> Prepared:
@@ -101,21 +109,45 @@ def run_pilot(
     prepared: Prepared,
     n: int,
     *,
-    place: Path,
+    checkpoint: str | Path | None,
     creds: Any,
     settings: Settings,
     tags: dict[str, str] | None,
-    prices: dict[str, float] | None,
+    planning: dict[str, Any],
     max_cost: float | None,
-) -> Pilot:
+) -> dict[str, Any]:
     """Send a stratified sample of ``n`` of ``prepared``'s requests in sync mode, as a job
-    checkpointed at ``place`` (reattached if it exists), wait for it, and say what it showed.
-    Raises :class:`LlmBatchError` when more than :data:`STOP_SHARE` of it failed."""
+    kept next to ``checkpoint`` (:func:`pilot_place`; reattached if it exists), wait for it,
+    and say what it showed (:class:`Pilot`, as a dict).
+
+    Refused before anything is sent: a pilot not smaller than the job, and one that with the
+    whole job at batch rates (``planning``: the estimate's arguments) could go past
+    ``max_cost``. Raises :class:`LlmBatchError` when more than :data:`STOP_SHARE` of it
+    failed."""
+    from polars_llmbatch.errors import BudgetExceededError
+    from polars_llmbatch.plan.estimate import estimate
     from polars_llmbatch.run.job import Job
     from polars_llmbatch.run.start import start
     from polars_llmbatch.run.transport import Transport
 
+    total = prepared.requests.height
+    if n >= total:
+        raise LlmBatchError(
+            f"pilot={n} is not smaller than the job ({total:,} unique requests): the pilot "
+            "would send all of it at sync prices; pass a smaller pilot= or mode='sync'"
+        )
     piloted = sample(prepared, n)
+    if max_cost is not None:
+        whole = estimate(prepared, **planning).estimate
+        alone = estimate(piloted, **planning).estimate
+        worst = (whole.worst_cost_batch or 0.0) + (alone.worst_cost_sync or 0.0)
+        if worst > max_cost:
+            raise BudgetExceededError(
+                f"worst-case cost ${worst:,.4f} (the pilot of {n} at sync rates plus the job at "
+                f"batch rates) is over max_cost=${max_cost:,.4f}; lower max_output_tokens, "
+                "pilot fewer requests, or raise max_cost"
+            )
+    place = pilot_place(checkpoint, prepared, n)
     pilot_settings = dataclasses.replace(settings, mode="sync", max_cost=max_cost)
     transport = Transport(creds)
     ckpt, _ = start(
@@ -125,7 +157,7 @@ def run_pilot(
         settings=pilot_settings,
         transport=transport,
         tags=tags,
-        estimate_args={"prices": prices},
+        estimate_args={"prices": planning.get("prices")},
         max_cost=max_cost,
     )
     job = Job(ckpt, transport, settings=pilot_settings, rows=piloted.rows)
@@ -134,7 +166,7 @@ def run_pilot(
         price = ckpt.job().get("price")
     report = _report(piloted, read_results(ckpt), price, place)
     _judge(report, piloted.spec.max_output_tokens)
-    return report
+    return report.to_dict()
 
 
 def _report(
