@@ -280,3 +280,19 @@ def test_the_cli_calibrates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert main([*args, "--calibrate", "40"]) == 0
         assert emu.ledger.counts["anthropic"] == 240
         assert "calibrated: a stratified sample of 40" in capsys.readouterr().out
+
+
+def test_a_small_sample_uses_the_same_strata_for_the_sample_and_the_job() -> None:
+    """calibrate=10 draws from 5 strata (two in each), and the job's totals are taken per
+    those same 5 strata (one definition, in plan/sampling.py)."""
+    n = 1_000
+    bodies = pl.Series([json.dumps({"i": i}) for i in range(n)])
+    x = pl.Series([float(1 + i) for i in range(n)])
+
+    def count(bs: list[dict]) -> list[int]:  # long requests count 3x, short ones 1x
+        return [(1 + b["i"]) * (3 if b["i"] >= n // 2 else 1) for b in bs]
+
+    truth = sum(count([{"i": i} for i in range(n)]))
+    cal = calibrate_module.calibrate(bodies, x, x * 5, count, sample=10, seed=3)
+    assert cal.requests == 10
+    assert abs(cal.total - truth) / truth < 0.05

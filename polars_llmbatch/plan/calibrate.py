@@ -31,7 +31,7 @@ import orjson
 import polars as pl
 
 from polars_llmbatch.errors import LlmBatchError
-from polars_llmbatch.plan.sampling import STRATA, stratified
+from polars_llmbatch.plan.sampling import STRATA, strata_of, stratified
 
 if TYPE_CHECKING:
     from polars_llmbatch.plan.spec import RequestSpec
@@ -91,10 +91,8 @@ def calibrate(
     """
     started = time.monotonic()
     n = len(bodies)
-    frame = pl.DataFrame({"x": expected.cast(pl.Float64), "w": worst.cast(pl.Float64)})
-    frame = frame.with_columns(
-        stratum=((pl.col("x").rank("ordinal") - 1) * strata // max(n, 1)).cast(pl.Int64)
-    )
+    # the job's strata are the ones the sample is drawn from (one definition, in sampling)
+    frame = strata_of(expected, sample, strata=strata)
     exact = n <= sample
     picked = stratified(expected, sample, strata=strata, seed=seed)
     picked = picked.with_columns(w=worst.cast(pl.Float64).gather(picked["pos"]))

@@ -5,33 +5,45 @@ from __future__ import annotations
 
 import polars as pl
 
-__all__ = ["STRATA", "stratified"]
+__all__ = ["STRATA", "strata_of", "stratified"]
 
 #: Strata by size.
 STRATA = 10
+
+
+def strata_of(sizes: pl.Series, size: int, *, strata: int = STRATA) -> pl.DataFrame:
+    """Every position of ``sizes`` with its stratum, as :func:`stratified` draws from them:
+    ``strata`` of equal count by size (fewer for a small sample: two at least in each).
+    Columns ``pos``, ``stratum`` and ``x`` (the size)."""
+    n = len(sizes)
+    strata = _strata(strata, size)
+    return pl.DataFrame({"x": sizes.cast(pl.Float64)}).with_columns(
+        stratum=((pl.col("x").rank("ordinal") - 1) * strata // max(n, 1)).cast(pl.Int64),
+        pos=pl.int_range(pl.len(), dtype=pl.Int64),
+    )
 
 
 def stratified(sizes: pl.Series, size: int, *, strata: int = STRATA, seed: int = 0) -> pl.DataFrame:
     """A sample of ``size`` positions of ``sizes``: the positions are split into ``strata``
     strata of equal count by size (fewer for a small sample: two at least in each), and the
     same number is drawn at random from each; every position when there are no more than
-    ``size``. Columns ``pos``
-    (sorted), ``stratum``, and ``x`` (the size).
+    ``size``. Columns ``pos`` (sorted), ``stratum``, and ``x`` (the size).
 
     Example:
         >>> s = stratified(pl.Series([float(i) for i in range(1000)]), 100, seed=1)
         >>> s.height, s.group_by("stratum").len()["len"].unique().to_list()
         (100, [10])
     """
-    n = len(sizes)
-    strata = max(1, min(strata, size // 2))  # two at least per stratum: its variance needs them
-    frame = pl.DataFrame({"x": sizes.cast(pl.Float64)}).with_columns(
-        stratum=((pl.col("x").rank("ordinal") - 1) * strata // max(n, 1)).cast(pl.Int64),
-        pos=pl.int_range(pl.len(), dtype=pl.Int64),
-    )
-    if n > size:
+    frame = strata_of(sizes, size, strata=strata)
+    strata = _strata(strata, size)
+    if len(sizes) > size:
         # ``size`` in all: the remainder goes one each to the first strata
         per = size // strata + (pl.col("stratum") < size % strata).cast(pl.Int64)
         rank = pl.int_range(pl.len()).shuffle(seed=seed).over("stratum")
         frame = frame.filter(rank < per)
     return frame.select("pos", "stratum", "x")
+
+
+def _strata(strata: int, size: int) -> int:
+    """The strata a sample of ``size`` is drawn from: two at least in each, for its variance."""
+    return max(1, min(strata, size // 2))
