@@ -194,7 +194,10 @@ def deadline_at(value: Any) -> dt.datetime | None:
     if isinstance(value, bool):
         when = None
     elif isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-        when = now + dt.timedelta(seconds=float(value))
+        try:
+            when = now + dt.timedelta(seconds=float(value))
+        except OverflowError:  # past year 9999: no time this machine can wait for
+            when = None
     elif isinstance(value, dt.datetime):
         when = value
     elif isinstance(value, str):

@@ -107,6 +107,7 @@ def test_a_deadline_too_near_for_a_batch_goes_straight_to_flex(tmp_path: Path) -
         ("tomorrow", "takes an ISO time"),
         ("2020-01-01T00:00:00Z", "has passed"),
         (True, "takes an ISO time"),
+        (1e300, "takes an ISO time"),
     ],
 )
 def test_bad_deadlines_are_refused(tmp_path: Path, deadline: object, message: str) -> None:
