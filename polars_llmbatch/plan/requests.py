@@ -9,31 +9,34 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any
 
-import duckdb
 import polars as pl
 
 from polars_llmbatch import _json
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.outputs import OutputSpec, parse_output
+from polars_llmbatch.plan.render import (
+    ROW_NR,
+    OnNull,
+    RenderPlan,
+    check_not_empty,
+    make_plan,
+    null_rows,
+    request_digest,
+    request_ids,
+)
 from polars_llmbatch.plan.spec import RequestSpec, Task
 from polars_llmbatch.plan.template import Template, prompt_expr
 from polars_llmbatch.providers import Provider, get_provider
 
-__all__ = ["ROW_NR", "Prepared", "prepare"]
+__all__ = ["ROW_NR", "OnNull", "Prepared", "prepare", "render_plan", "request_digest"]
 
-#: The row key column when the caller gives no ``id=``: the row's position in the input frame.
-ROW_NR = "row_nr"
 #: Names the request frames use themselves; an ``id=`` column may not take them.
 _RESERVED = frozenset({"custom_id", "skipped", "body"})
-#: Rendered texts while rows are processed: a name no user column has.
-_INTERNAL = "__llmbatch_{}__"
 #: A custom_id is the MD5 of the canonical request text as 32 hex characters (128 bits): an
 #: identifier, not a security measure, and fits ^[a-zA-Z0-9_-]{1,64}$. MD5 over SHA-256 because
 #: it hashes a million prompts in half the time (benchmarks/README.md).
-
-OnNull = Literal["skip", "empty", "error"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class RowIds:
         digest = self.digest
 
         def ids(s: pl.Series) -> pl.Series:
-            return _request_ids(s.struct.unnest(), digest, columns)
+            return request_ids(s.struct.unnest(), digest, columns)
 
         return (
             lf.with_columns(*(e.alias(c) for c, e in self.texts.items()))
@@ -174,8 +177,8 @@ def build_spec(
     return spec, prov
 
 
-def prepare(
-    frame: pl.DataFrame | pl.LazyFrame,
+def render_plan(
+    schema: pl.Schema,
     prompt: str | pl.Expr | Template,
     *,
     provider: str | Provider,
@@ -189,8 +192,17 @@ def prepare(
     dimensions: int | None = None,
     api: str | None = None,
     extra_body: dict[str, Any] | None = None,
-) -> Prepared:
-    """Render ``prompt`` for every row and build the unique requests (see :class:`Prepared`)."""
+) -> RenderPlan:
+    """Validate a call against a frame's ``schema`` into the :class:`RenderPlan` that renders
+    its rows (no data is touched).
+
+    Example:
+        >>> import polars as pl
+        >>> plan = render_plan(pl.Schema({"body": pl.String}), "Say: {body}",
+        ...                    provider="openai", model="gpt-4o-mini")
+        >>> plan.key, plan.columns
+        ('row_nr', ['body'])
+    """
     spec, prov = build_spec(
         provider=provider,
         model=model,
@@ -204,8 +216,6 @@ def prepare(
     )
     if on_null not in ("skip", "empty", "error"):
         raise LlmBatchError(f"on_null= must be 'skip', 'empty' or 'error', not {on_null!r}")
-    lazy = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
-    schema = lazy.collect_schema()
     if id is not None and not isinstance(id, str):
         raise LlmBatchError(f"id= must be a column name, got {type(id).__name__}")
     if id is not None and id not in schema:
@@ -222,22 +232,41 @@ def prepare(
     exprs = {"user": prompt_expr(prompt, schema, "prompt", fill_null=fill)}
     if spec.system_per_row:
         exprs["system"] = prompt_expr(system, schema, "system", fill_null=fill)  # type: ignore[arg-type]
-    texts = tuple(exprs)
-    internal = {n: _INTERNAL.format(n) for n in texts}  # never collides with the key column
-    key = id if id is not None else ROW_NR
+    return make_plan(spec, prov, exprs, id=id, on_null=on_null)
+
+
+def prepare(
+    frame: pl.DataFrame | pl.LazyFrame,
+    prompt: str | pl.Expr | Template,
+    **call: Any,
+) -> Prepared:
+    """Render ``prompt`` for every row and build the unique requests (see :class:`Prepared`);
+    ``call`` takes the arguments of :func:`render_plan`."""
+    lazy = frame.lazy() if isinstance(frame, pl.DataFrame) else frame
+    rplan = render_plan(lazy.collect_schema(), prompt, **call)
+    return prepare_plan(lazy, rplan, prompt)
+
+
+def prepare_plan(
+    lazy: pl.LazyFrame, rplan: RenderPlan, prompt: str | pl.Expr | Template
+) -> Prepared:
+    """:func:`prepare` of a validated plan, in memory: the rows are rendered and hashed as
+    :func:`.render.render` does, but deduplicated before the bodies are built."""
+    spec, prov = rplan.spec, rplan.provider
+    texts = rplan.text_columns
+    internal = rplan.internal()
+    key, id = rplan.key, rplan.id
     key_expr = pl.col(id) if id is not None else pl.int_range(pl.len(), dtype=pl.UInt64)
     rendered = lazy.select(
-        key_expr.alias(key), *(e.alias(internal[n]) for n, e in exprs.items())
+        key_expr.alias(key), *(e.alias(internal[n]) for n, e in rplan.texts.items())
     ).collect(engine="streaming")
     if id is not None:
-        _check_unique(rendered, id)
-    skipped = _nulls(rendered, [internal[n] for n in texts], on_null, key)
+        check_unique(rendered.lazy(), id)
+    skipped = null_rows(rendered, [internal[n] for n in texts], rplan.on_null, key)
     if spec.task == "embed":
-        _check_not_empty(rendered, internal["user"], skipped, key)
+        check_not_empty(rendered, internal["user"], skipped, key)
 
-    skeleton = prov.body(spec, texts)
-    digest = request_digest(prov, spec, skeleton)
-    keys = _request_ids(rendered, digest, [internal[n] for n in texts])
+    keys = request_ids(rendered, rplan.digest, [internal[n] for n in texts])
     rows = pl.DataFrame([rendered[key], keys.alias("custom_id"), skipped.alias("skipped")])
     # Deduplicate on the narrow (id, position) pair, then fetch each unique request's texts by
     # position: the long texts are copied once, not sorted along.
@@ -254,7 +283,7 @@ def prepare(
     unique_texts = rendered.select(pl.col(internal[n]).gather(first["row"]).alias(n) for n in texts)
     del rendered
     body = _json.template(
-        skeleton,
+        rplan.skeleton,
         {n: pl.col(n) for n in texts},
         escape_line_separators=_json.has_line_separators(unique_texts, texts),
     )
@@ -272,41 +301,32 @@ def prepare(
         key=key,
         rows=rows,
         requests=requests,
-        row_ids=RowIds({internal[n]: e for n, e in exprs.items()}, digest),
+        row_ids=RowIds({internal[n]: e for n, e in rplan.texts.items()}, rplan.digest),
         prompt=prompt.source if isinstance(prompt, Template) else str(prompt),
     )
 
 
-def request_digest(provider: Provider, spec: RequestSpec, skeleton: dict[str, Any]) -> str:
-    """SHA-256 of what every request of the job shares: the provider, the endpoint and the body
-    skeleton (the exact body with placeholders where the per-row texts go)."""
-    shared = {"provider": provider.name, "endpoint": provider.endpoint(spec), "body": skeleton}
-    return hashlib.sha256(_json.dumps(shared).encode()).hexdigest()
-
-
-def _request_ids(rendered: pl.DataFrame, digest: str, columns: list[str]) -> pl.Series:
-    """``custom_id``: the MD5 hex digest of the request's canonical text, which is the shared
-    digest, then each per-row text length-prefixed (so no two inputs share one string).
-
-    This is a content hash of the body (skeleton + texts) that does not depend on how JSON
-    escapes the texts. DuckDB hashes the column vectorised; a null text gives a null id.
-    """
-    canonical = " || ".join(f'chr(31) || strlen("{c}")::VARCHAR || \':\' || "{c}"' for c in columns)
-    sql = f"SELECT md5('{digest}' || {canonical}) AS custom_id FROM rendered"
-    with duckdb.connect() as con:
-        con.register("rendered", rendered.select(columns))
-        return con.sql(sql).pl().to_series()
-
-
-def _check_unique(frame: pl.DataFrame, id: str) -> None:
-    nulls = frame[id].null_count()
+def check_unique(rows: pl.LazyFrame, id: str) -> None:
+    """Refuse an ``id=`` column with nulls or repeats, naming them (streamed: a large frame
+    is never held whole)."""
+    stats = rows.select(pl.col(id).null_count().alias("nulls"), pl.len().alias("n")).collect(
+        engine="streaming"
+    )
+    nulls = stats["nulls"][0]
     if nulls:
-        first = int(frame[id].is_null().arg_true()[0])
+        first = (
+            rows.with_row_index("__i__")
+            .filter(pl.col(id).is_null())
+            .select("__i__")
+            .head(1)
+            .collect(engine="streaming")
+            .item()
+        )
         raise LlmBatchError(
             f"id= column {id!r} has {nulls} null value(s), first at row {first}; every row "
             "needs a key: fill them, or leave id= out to key rows by position"
         )
-    dupes = frame.group_by(id).len().filter(pl.col("len") > 1)
+    dupes = rows.group_by(id).len().filter(pl.col("len") > 1).collect(engine="streaming")
     if dupes.height:
         shown = dupes.sort(["len", id], descending=[True, False]).head(5)
         listing = ", ".join(f"{v!r} ({n} rows)" for v, n in shown.iter_rows())
@@ -314,29 +334,4 @@ def _check_unique(frame: pl.DataFrame, id: str) -> None:
         raise LlmBatchError(
             f"id= column {id!r} must be unique, but {dupes.height} value(s) repeat: "
             f"{listing}{more}; pick a unique key column or leave id= out to key rows by position"
-        )
-
-
-def _nulls(frame: pl.DataFrame, texts: list[str], on_null: OnNull, key: str) -> pl.Series:
-    """Which rows render to null (skipped); with ``on_null="empty"`` none do."""
-    skipped = frame.select(pl.any_horizontal(pl.col(t).is_null() for t in texts)).to_series()
-    if on_null == "error" and skipped.any():
-        first = int(skipped.arg_true()[0])
-        raise LlmBatchError(
-            f"{skipped.sum()} row(s) render to null (a referenced value is null), first at row "
-            f"{first} ({key}={frame[key][first]!r}); fill the nulls, or pass on_null='skip' "
-            "to skip those rows or on_null='empty' to render nulls as empty text"
-        )
-    return skipped
-
-
-def _check_not_empty(frame: pl.DataFrame, text: str, skipped: pl.Series, key: str) -> None:
-    """Embedding APIs reject empty input: refuse it now, naming the first row."""
-    empty = (frame[text].str.len_bytes() == 0) & ~skipped
-    if empty.any():
-        first = int(empty.arg_true()[0])
-        raise LlmBatchError(
-            f"{empty.sum()} row(s) render to empty text, which embedding APIs reject, first at "
-            f"row {first} ({key}={frame[key][first]!r}); filter them out first, e.g. "
-            "df.filter(pl.col('text').str.len_chars() > 0)"
         )
