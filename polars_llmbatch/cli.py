@@ -318,11 +318,16 @@ def _main(args: argparse.Namespace) -> int:
             est = frame.llm.estimate(args.prompt, **_common(args, "estimate"))
             print(json.dumps(est.to_dict(), indent=2, default=str) if args.json else repr(est))
             return 0
-        reqs = frame.llm.requests(args.prompt, **_common(args, "requests"))
-        if args.out:
-            reqs.write_parquet(args.out)
-        n = reqs["custom_id"].n_unique() - (1 if reqs["custom_id"].null_count() else 0)
         where = f"; shard files in {args.write_to}" if args.write_to else ""
+        if not args.out:  # nothing to write but the shard files: no frame of every body
+            from polars_llmbatch.namespace import request_files
+
+            with request_files(frame, args.prompt, **_common(args, "requests")) as source:
+                print(f"{source.n_rows:,} rows → {source.n_requests:,} unique requests{where}")
+            return 0
+        reqs = frame.llm.requests(args.prompt, **_common(args, "requests"))
+        reqs.write_parquet(args.out)
+        n = reqs["custom_id"].n_unique() - (1 if reqs["custom_id"].null_count() else 0)
         print(f"{reqs.height:,} rows → {n:,} unique requests{where}")
         return 0
     except KeyboardInterrupt:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
+import tempfile
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,10 @@ from polars_llmbatch import options
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.estimate import Estimate, check_fits, estimate
 from polars_llmbatch.plan.prices import check_model, check_override
-from polars_llmbatch.plan.requests import OnNull, Prepared, prepare
+from polars_llmbatch.plan.requests import OnNull, Prepared, prepare, render_plan
 from polars_llmbatch.plan.shards import check_caps, check_target, plan, write_shards
 from polars_llmbatch.plan.spec import GENERATION_OPTIONS, Task
+from polars_llmbatch.plan.stream import Staged, stage
 from polars_llmbatch.plan.template import Template
 from polars_llmbatch.providers import Provider, get_provider
 
@@ -26,8 +30,9 @@ __all__ = ["LlmNamespace"]
 class LlmNamespace:
     """``df.llm``: estimate and build provider batch requests from a frame.
 
-    A ``LazyFrame`` is collected once, for the columns the prompt, system prompt and ``id=`` read
-    (nothing else is materialised).
+    On a ``LazyFrame``, ``estimate`` and ``requests`` read only the columns the prompt, system
+    prompt and ``id=`` use, a slice at a time, and stage the requests on disk (bounded memory
+    however many rows: docs/scale-out.md); ``batch`` collects those columns once.
     """
 
     def __init__(self, frame: pl.DataFrame | pl.LazyFrame) -> None:
@@ -94,7 +99,6 @@ class LlmNamespace:
         check_override(prices)
         prov = get_provider(provider)
         creds = _credentials_for(prov, bool(calibrate or pilot), api_key, base_url)
-        prepared = _prepare(self._frame, prompt, locals())
         planning = {
             # A budget is a promise: count every request, so the worst case is a bound.
             "exact": exact or max_cost is not None,
@@ -105,6 +109,12 @@ class LlmNamespace:
             "max_shard_tokens": max_shard_tokens,
         }
         with contextlib.ExitStack() as stack:
+            # a pilot sends requests drawn from the whole job: it needs the job in memory
+            prepared = (
+                _prepare(self._frame, prompt, locals())
+                if pilot
+                else _source(self._frame, prompt, locals(), stack)
+            )
             calibration: dict[str, Any] = {}
             if creds is not None and calibrate:
                 from polars_llmbatch.run.transport import Transport
@@ -167,18 +177,8 @@ class LlmNamespace:
             (['row_nr', 'custom_id', 'body'], 2)
         """
         options.check("requests", locals())
-        check_caps(get_provider(provider), max_shard_requests, max_shard_bytes)
-        if write_to is not None:
-            check_target(write_to)
-        prepared = _prepare(self._frame, prompt, locals())
-        check_fits(prepared)
-        if write_to is not None:
-            shards = plan(prepared, max_requests=max_shard_requests, max_bytes=max_shard_bytes)
-            write_shards(prepared, shards, write_to)
-        bodies = prepared.requests.select("custom_id", "body")
-        return prepared.rows.join(bodies, on="custom_id", how="left", maintain_order="left").select(
-            prepared.key, "custom_id", "body"
-        )
+        with contextlib.ExitStack() as stack:
+            return _request_rows(_requests(self._frame, prompt, locals(), stack))
 
     def batch(
         self,
@@ -456,7 +456,9 @@ def _credentials_for(
     )
 
 
-def _calibration(prepared: Prepared, calibrate: bool | int, transport: Any) -> dict[str, Any]:
+def _calibration(
+    prepared: Prepared | Staged, calibrate: bool | int, transport: Any
+) -> dict[str, Any]:
     """``estimate``'s calibration arguments for ``calibrate=``: the provider's count
     endpoint over ``transport``, and the sample size."""
     if not calibrate:
@@ -485,6 +487,74 @@ def _prepare(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, args: dict[str, An
     spell every option out for their signatures and docs, and share this one call."""
     options = {name: args[name] for name in GENERATION_OPTIONS}
     return prepare(frame, prompt, options=options, **{k: args[k] for k in _REQUEST_ARGS})
+
+
+def _source(
+    frame: pl.DataFrame | pl.LazyFrame,
+    prompt: Any,
+    args: dict[str, Any],
+    stack: contextlib.ExitStack,
+) -> Prepared | Staged:
+    """The call's requests: a DataFrame's prepared in memory; a LazyFrame's staged on disk by
+    streaming preparation (:mod:`.plan.stream`), in a temporary folder that ``stack`` removes
+    (under ``TMPDIR``; it takes about twice the rendered texts)."""
+    if isinstance(frame, pl.DataFrame):
+        return _prepare(frame, prompt, args)
+    rplan = render_plan(
+        frame.collect_schema(),
+        prompt,
+        options={name: args[name] for name in GENERATION_OPTIONS},
+        **{k: args[k] for k in _REQUEST_ARGS},
+    )
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmbatch-")))
+    text = prompt.source if isinstance(prompt, Template) else str(prompt)
+    return stage(frame, rplan, folder / "staged", prompt=text)
+
+
+def _requests(
+    frame: pl.DataFrame | pl.LazyFrame,
+    prompt: Any,
+    args: dict[str, Any],
+    stack: contextlib.ExitStack,
+) -> Prepared | Staged:
+    """``requests``' work but the returned frame: the requests, checked, and the shard files
+    written when ``write_to`` is given."""
+    check_caps(get_provider(args["provider"]), args["max_shard_requests"], args["max_shard_bytes"])
+    if args["write_to"] is not None:
+        check_target(args["write_to"])
+    source = _source(frame, prompt, args, stack)
+    check_fits(source)
+    if args["write_to"] is not None:
+        caps = {"max_requests": args["max_shard_requests"], "max_bytes": args["max_shard_bytes"]}
+        write_shards(source, plan(source, **caps), args["write_to"])
+    return source
+
+
+@contextlib.contextmanager
+def request_files(
+    frame: pl.DataFrame | pl.LazyFrame, prompt: Any, **kwargs: Any
+) -> Iterator[Prepared | Staged]:
+    """:meth:`LlmNamespace.requests` (same arguments) without the frame it returns, which
+    holds every row's body: the CLI's ``requests --write-to`` on a frame of any size. Yields
+    the requests (staged on disk for a LazyFrame, removed on exit)."""
+    bound = inspect.signature(LlmNamespace.requests).bind(None, prompt, **kwargs)
+    bound.apply_defaults()
+    args = {k: v for k, v in bound.arguments.items() if k != "self"}
+    options.check("requests", args)
+    with contextlib.ExitStack() as stack:
+        yield _requests(frame, prompt, args, stack)
+
+
+def _request_rows(source: Prepared | Staged) -> pl.DataFrame:
+    """Every row's key, ``custom_id`` and body (null when skipped), in input order."""
+    if isinstance(source, Prepared):
+        rows, bodies = source.rows, source.requests.select("custom_id", "body")
+    else:
+        rows = source.row_table().collect()
+        bodies = pl.concat(source.pieces(["custom_id", "body"]))
+    return rows.join(bodies, on="custom_id", how="left", maintain_order="left").select(
+        source.key, "custom_id", "body"
+    )
 
 
 def register() -> None:

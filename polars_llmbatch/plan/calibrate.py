@@ -69,7 +69,7 @@ class Calibration:
 
 
 def calibrate(
-    bodies: pl.Series,
+    bodies: pl.Series | Callable[[pl.Series], list[str]],
     expected: pl.Series,
     worst: pl.Series,
     count: Counter,
@@ -79,7 +79,8 @@ def calibrate(
     seed: int = 0,
 ) -> Calibration:
     """Count a stratified sample of ``bodies`` (JSON text) with ``count`` and scale the
-    offline ``expected`` tokens of every request by what it measured.
+    offline ``expected`` tokens of every request by what it measured. ``bodies`` may be a
+    function of the sorted positions to their bodies, for requests read in pieces.
 
     Example:
         >>> bodies = pl.Series([f'{{"n": {i}}}' for i in range(1000)])
@@ -90,13 +91,17 @@ def calibrate(
         (100, 2.0, True)
     """
     started = time.monotonic()
-    n = len(bodies)
+    n = len(expected)
     # the job's strata are the ones the sample is drawn from (one definition, in sampling)
     frame = strata_of(expected, sample, strata=strata)
     exact = n <= sample
     picked = stratified(expected, sample, strata=strata, seed=seed)
     picked = picked.with_columns(w=worst.cast(pl.Float64).gather(picked["pos"]))
-    texts = bodies.gather(picked["pos"]).to_list()
+    texts = (
+        bodies.gather(picked["pos"]).to_list()
+        if isinstance(bodies, pl.Series)
+        else bodies(picked["pos"])
+    )
     counts = count([orjson.loads(t) for t in texts])
     picked = picked.with_columns(y=pl.Series(counts, dtype=pl.Float64))
 
@@ -108,13 +113,14 @@ def calibrate(
         total, ci95 = float(picked["y"].sum()), 0.0
     else:
         total, variance = 0.0, 0.0
-        population = frame.group_by("stratum").agg(
-            pl.col("x").sum().alias("X"), pl.len().alias("N")
-        )
-        measured = picked.group_by("stratum").agg(pl.col("x"), pl.col("y"))
-        for row in population.join(measured, on="stratum", how="left").iter_rows(named=True):
-            xs = pl.Series(row["x"] or [], dtype=pl.Float64)
-            ys = pl.Series(row["y"] or [], dtype=pl.Float64)
+        # strata in order, each summed on its own: a float total must be the same every run
+        # (a parallel group_by adds in an order of its own)
+        measured = picked.partition_by("stratum", as_dict=True)
+        none = picked.head(0)
+        for key, part in sorted(frame.partition_by("stratum", as_dict=True).items()):
+            row = {"X": part["x"].sum(), "N": part.height}
+            sample = measured.get(key, none)
+            xs, ys = sample["x"].cast(pl.Float64), sample["y"].cast(pl.Float64)
             big_n, n_h = row["N"], len(xs)
             if not n_h:  # pragma: no cover - every stratum is sampled
                 total += row["X"] * ratio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -16,7 +17,8 @@ from polars_llmbatch.plan.calibrate import Counter, calibrate
 from polars_llmbatch.plan.prices import HALF_PRICE_MODES, Price, lookup_price, model_hint, tiers_of
 from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.plan.shards import Shard, plan
-from polars_llmbatch.plan.tokens.counting import count_texts, sample_count
+from polars_llmbatch.plan.stream import Staged
+from polars_llmbatch.plan.tokens.counting import count_texts, sample_positions, scale_sample
 from polars_llmbatch.plan.tokens.encodings import encoding_source, get_encoding
 from polars_llmbatch.providers import TokenRule
 
@@ -26,6 +28,8 @@ __all__ = ["EXACT_THRESHOLD", "Estimate", "estimate"]
 #: (unless ``exact=True``).
 EXACT_THRESHOLD = 20_000
 SAMPLE_SIZE = 10_000
+#: The requests an estimate reads: in memory, or staged on disk by streaming preparation.
+Source = Prepared | Staged
 
 
 @dataclass(frozen=True)
@@ -377,7 +381,7 @@ class Planned(NamedTuple):
 
 
 def estimate(
-    prepared: Prepared,
+    source: Source,
     *,
     exact: bool = False,
     prices: dict[str, float] | None = None,
@@ -391,34 +395,77 @@ def estimate(
     calibrate_sample: int = CALIBRATE_SAMPLE,
     pilot: dict[str, Any] | None = None,
 ) -> Planned:
-    """Count tokens, price them and plan the shards of ``prepared``; with ``count`` (the
+    """Count tokens, price them and plan the shards of ``source`` (requests in memory, or
+    streamed from disk: the same figures either way); with ``count`` (the
     provider's count endpoint, :func:`.calibrate.remote_counter`), calibrate the input tokens
     on ``calibrate_sample`` requests (:mod:`.calibrate`)."""
-    spec, prov = prepared.spec, prepared.provider
+    spec, prov = source.spec, source.provider
     rule = prov.token_rule(spec)
     enc = get_encoding(rule.encoding)
     price = lookup_price(prov, spec.model, prices)
-    reqs = prepared.requests
-    n = reqs.height
+    n = source.n_requests
+    texts = source.text_columns
     notes: list[str] = []
 
     # Constant parts are counted once and multiplied; per-row texts are counted (or sampled).
-    per_request, prefix = _constant_tokens(prepared, rule)
+    per_request, prefix = _constant_tokens(source, rule)
     cache_min = prov.auto_cache_min_tokens(spec)
     cacheable = int(prefix) if cache_min is not None and prefix >= cache_min else 0
     counted = exact or n <= EXACT_THRESHOLD
+    cap = _context_cap(source, rule, price.context_window, per_request)
+    # One pass over the requests, a piece at a time (one piece in memory, a bucket at a time
+    # when streamed): every sum below is of whole numbers, so it is the same however cut.
     variable = 0.0
-    sampling_error = 0.0
-    per_row_tokens: pl.Series | None = None
-    for col in prepared.text_columns:
+    col_chars = dict.fromkeys(texts, 0)
+    expected_parts: list[pl.Series] = []
+    worst_parts: list[pl.Series] = []
+    chars_parts: list[pl.Series] = []
+    over: list[pl.DataFrame] = []
+    # a sampled count reads the texts' sizes only (and the texts of the sample, below)
+    stats = ["row", "bytes", *(f"chars_{c}" for c in texts)]
+    offset = 0
+    for piece in source.pieces([*texts, *stats] if counted else stats):
+        if cap is not None:
+            over.append(_over_context(source, piece, offset, rule, cap, per_request))
+        offset += piece.height
         if counted:
-            counts = count_texts(reqs[col], rule.encoding)
-            variable += float(counts.sum())
-            per_row_tokens = counts if per_row_tokens is None else per_row_tokens + counts
+            tokens = None
+            for col in texts:
+                c = count_texts(piece[col], rule.encoding)
+                variable += float(c.sum())
+                tokens = c if tokens is None else tokens + c
+            assert tokens is not None
+            t = tokens.cast(pl.Float64)
+            expected_parts.append(t * rule.ratio + per_request)
+            worst_parts.append((t * rule.ratio + per_request) * (1.0 + rule.band) + rule.slack)
         else:
-            s = sample_count(reqs[col], rule.encoding, sample_size=sample_size, seed=seed)
-            variable += s.total
-            sampling_error += s.ci95
+            for col in texts:
+                col_chars[col] += int(piece[f"chars_{col}"].sum())
+            chars_parts.append(sum(piece[f"chars_{c}"].cast(pl.Float64) for c in texts))
+            nbytes = piece["bytes"].cast(pl.Float64)
+            worst_parts.append((nbytes * rule.ratio + per_request) * (1.0 + rule.band) + rule.slack)
+    _refuse_over_context(source, over, spec.model, cap, rule)
+    sampling_error = 0.0
+    if not counted:
+        # the sample is drawn over the whole request order, as :func:`sample_count` draws it
+        sample = (
+            source.gather(sample_positions(n, sample_size, seed), texts)
+            if n > sample_size
+            else None
+        )
+        for col in texts:
+            if sample is None:  # no more requests than the sample: every one is counted
+                variable += float(sum(c.sum() for c in _counts(source, col, rule.encoding)))
+                continue
+            scaled = scale_sample(
+                sample[col], rule.encoding, total_chars=col_chars[col], population=n
+            )
+            variable += scaled.total
+            sampling_error += scaled.ci95
+        total_chars = float(sum(float(c.sum()) for c in chars_parts)) or 1.0
+        expected_parts = [
+            c * (variable / total_chars) * rule.ratio + per_request for c in chars_parts
+        ]
     input_tokens = rule.ratio * variable + per_request * n
     error = rule.ratio * sampling_error + rule.band * input_tokens + rule.slack * n
     calibrating = count is not None and n > 0 and prov.can_count(spec)
@@ -427,35 +474,27 @@ def estimate(
             f"{spec.provider} has no offline tokenizer: input tokens are approximate "
             f"(±{rule.band:.0%})"
         )
-
-    _check_context(prepared, rule, price.context_window, per_request)
-
-    # Each request's size: expected, and its upper bound. A counted request is bounded by its
-    # count (within the tokenizer's band); a sampled one by its bytes (a token is at least
-    # one byte), which is a bound where a sample's interval is not.
-    if per_row_tokens is not None:
-        counted_tokens = per_row_tokens.cast(pl.Float64)
-        expected_each = counted_tokens * rule.ratio + per_request
-        worst_each = (counted_tokens * rule.ratio + per_request) * (1.0 + rule.band) + rule.slack
-    else:
-        chars = sum(reqs[c].str.len_chars().cast(pl.Float64) for c in prepared.text_columns)
-        nbytes = sum(reqs[c].str.len_bytes().cast(pl.Float64) for c in prepared.text_columns)
-        total_chars = float(chars.sum()) or 1.0
-        expected_each = chars * (variable / total_chars) * rule.ratio + per_request
-        worst_each = (nbytes * rule.ratio + per_request) * (1.0 + rule.band) + rule.slack
+    if not counted:
         notes.append(
             "sampled count: the worst case bounds every request by its text's bytes "
             "(exact=True, or max_cost=, counts every request for a tighter bound)"
         )
-    if n == 0:
-        expected_each = worst_each = pl.Series([], dtype=pl.Float64)
-    worst_each = worst_each.ceil()
+    # Each request's size: expected, and its upper bound. A counted request is bounded by its
+    # count (within the tokenizer's band); a sampled one by its bytes (a token is at least
+    # one byte), which is a bound where a sample's interval is not.
+    expected_each = _concat(expected_parts)
+    worst_each = _concat(worst_parts).ceil()
 
     calibration = None
     method = rule.method
     if calibrating:
         cal = calibrate(
-            reqs["body"], expected_each, worst_each, count, sample=calibrate_sample, seed=seed
+            lambda at: source.gather(at, ["body"])["body"].to_list(),
+            expected_each,
+            worst_each,
+            count,
+            sample=calibrate_sample,
+            seed=seed,
         )
         calibration = cal.to_dict()
         offline = float(expected_each.sum())
@@ -487,7 +526,7 @@ def estimate(
         # Queue limits are hard: plan on the top of each request's range, not its midpoint.
         tokens_per_request = worst_each.cast(pl.Int64)
     shards = plan(
-        prepared,
+        source,
         max_requests=max_shard_requests,
         max_bytes=max_shard_bytes,
         max_tokens=max_shard_tokens,
@@ -502,7 +541,7 @@ def estimate(
         and prov.output_tokens(spec) is None
     )
     if not from_pilot:
-        out_expected = _expected_output(prepared, rule.ratio, enc, expected_output_tokens, notes)
+        out_expected = _expected_output(source, rule.ratio, enc, expected_output_tokens, notes)
     else:
         assert pilot is not None
         k = pilot["answered"]
@@ -539,7 +578,7 @@ def estimate(
                 f"the price list has no cache-write rate for {spec.model}: results with cache "
                 "writes get an unknown cost (llm_cost null), not a guess"
             )
-    rows = prepared.rows.height
+    rows = source.n_rows
     levels = tiers_of(price.to_dict())
     tier_use = tuple(
         (
@@ -555,7 +594,7 @@ def estimate(
         endpoint=prov.endpoint(spec),
         task=spec.task,
         rows=rows,
-        skipped_rows=int(prepared.rows["skipped"].sum()),
+        skipped_rows=source.n_skipped,
         unique_requests=n,
         shards=len(shards),
         input_tokens=float(round(input_tokens)) if counted and not rule.band else input_tokens,
@@ -589,11 +628,11 @@ def _in_tier(tokens: pl.Series, levels: list[dict[str, Any]], i: int) -> tuple[i
 
 
 def _expected_output(
-    prepared: Prepared, ratio: float, enc: Any, hint: float | None, notes: list[str]
+    source: Source, ratio: float, enc: Any, hint: float | None, notes: list[str]
 ) -> float | None:
-    spec = prepared.spec
-    n = prepared.requests.height
-    fixed = prepared.provider.output_tokens(spec)
+    spec = source.spec
+    n = source.n_requests
+    fixed = source.provider.output_tokens(spec)
     if fixed is not None:
         return fixed * n
     if hint is not None:
@@ -610,19 +649,27 @@ def _expected_output(
     return None
 
 
-def check_fits(prepared: Prepared, prices: dict[str, float] | None = None) -> None:
+def check_fits(source: Source, prices: dict[str, float] | None = None) -> None:
     """Refuse a request whose input can never fit the model's context window (or the provider's
-    per-input cap), naming its row. Needs no full token count: see :func:`_check_context`."""
-    rule = prepared.provider.token_rule(prepared.spec)
-    price = lookup_price(prepared.provider, prepared.spec.model, prices)
-    _check_context(prepared, rule, price.context_window, _constant_tokens(prepared, rule)[0])
+    per-input cap), naming its row. Needs no full token count: see :func:`_over_context`."""
+    rule = source.provider.token_rule(source.spec)
+    price = lookup_price(source.provider, source.spec.model, prices)
+    fixed = _constant_tokens(source, rule)[0]
+    cap = _context_cap(source, rule, price.context_window, fixed)
+    if cap is None:
+        return
+    over, offset = [], 0
+    for piece in source.pieces(["row", "bytes"]):
+        over.append(_over_context(source, piece, offset, rule, cap, fixed))
+        offset += piece.height
+    _refuse_over_context(source, over, source.spec.model, cap, rule)
 
 
-def _constant_tokens(prepared: Prepared, rule: TokenRule) -> tuple[float, float]:
+def _constant_tokens(source: Source, rule: TokenRule) -> tuple[float, float]:
     """Tokens every request carries whatever its row (framing, schema, a constant system
     prompt), and the part of them that is a shared, cacheable prefix (the system prompt)."""
-    spec = prepared.spec
-    per_request = rule.per_request + rule.per_message * len(prepared.text_columns)
+    spec = source.spec
+    per_request = rule.per_request + rule.per_message * len(source.text_columns)
     prefix = 0.0
     if spec.system is not None:
         enc = get_encoding(rule.encoding)
@@ -630,34 +677,63 @@ def _constant_tokens(prepared: Prepared, rule: TokenRule) -> tuple[float, float]
     return per_request + prefix, prefix
 
 
-def _check_context(prepared: Prepared, rule: TokenRule, context: int | None, fixed: float) -> None:
-    """Refuse a request whose input can never fit the model's context (or input cap).
+def _context_cap(source: Source, rule: TokenRule, context: int | None, fixed: float) -> int | None:
+    """The most input tokens a request may have (the model's context, or the provider's input
+    cap), refusing now when the constant part alone is over it."""
+    cap = source.provider.max_input_tokens(source.spec) or context
+    if cap is not None and fixed > cap:
+        raise RequestTooLargeError(
+            f"every request carries ~{fixed:,.0f} tokens before its row's text (system prompt, "
+            f"framing, output schema), over {source.spec.model}'s limit of {cap:,}; shorten system="
+        )
+    return cap
+
+
+def _over_context(
+    source: Source, piece: pl.DataFrame, offset: int, rule: TokenRule, cap: int, fixed: float
+) -> pl.DataFrame:
+    """The requests of ``piece`` (``row`` and ``bytes``, the source's requests from position
+    ``offset``) over ``cap`` input tokens: ``row`` and ``tokens``.
 
     A token is at least one byte, so only rows longer in bytes than what the cap leaves after
     the constant part can break it: those few are counted exactly.
     """
-    cap = prepared.provider.max_input_tokens(prepared.spec) or context
-    if cap is None:
+    texts = source.text_columns
+    suspect = piece["bytes"] * max(rule.ratio, 1.0) + fixed > cap
+    if not suspect.any():
+        return pl.DataFrame(schema={"row": piece.schema["row"], "tokens": pl.Float64})
+    if all(t in piece.columns for t in texts):
+        suspects = piece.filter(suspect)
+    else:
+        at = suspect.arg_true().cast(pl.Int64) + offset
+        suspects = source.gather(at, [*texts, "row"])
+    tokens = sum(count_texts(suspects[c], rule.encoding) for c in texts)
+    total = suspects.select("row", tokens=(tokens * rule.ratio + fixed).cast(pl.Float64))
+    return total.filter(pl.col("tokens") > cap)
+
+
+def _refuse_over_context(
+    source: Source, over: list[pl.DataFrame], model: str, cap: int | None, rule: TokenRule
+) -> None:
+    found = [o for o in over if o.height]
+    if not found:
         return
-    spec = prepared.spec
-    if fixed > cap:
-        raise RequestTooLargeError(
-            f"every request carries ~{fixed:,.0f} tokens before its row's text (system prompt, "
-            f"framing, output schema), over {spec.model}'s limit of {cap:,}; shorten system="
-        )
-    reqs = prepared.requests
-    nbytes = sum(reqs[c].str.len_bytes().cast(pl.Int64) for c in prepared.text_columns)
-    suspects = reqs.filter(nbytes * max(rule.ratio, 1.0) + fixed > cap)
-    if suspects.height == 0:
-        return
-    tokens = sum(count_texts(suspects[c], rule.encoding) for c in prepared.text_columns)
-    total = suspects.with_columns(tokens=tokens * rule.ratio + fixed)
-    over = total.filter(pl.col("tokens") > cap)
-    if over.height:
-        first = over.sort("row").row(0, named=True)
-        approx = "~" if rule.ratio != 1.0 else ""
-        raise RequestTooLargeError(
-            f"{prepared.describe_row(first['row'])} has {approx}{first['tokens']:,.0f} input "
-            f"tokens, over {spec.model}'s limit of {cap:,} ({over.height} request(s) in all); "
-            "shorten or truncate those rows' text (e.g. with .str.slice(0, n) on the column)"
-        )
+    every = pl.concat(found)
+    first = every.sort("row").row(0, named=True)
+    approx = "~" if rule.ratio != 1.0 else ""
+    raise RequestTooLargeError(
+        f"{source.describe_row(first['row'])} has {approx}{first['tokens']:,.0f} input "
+        f"tokens, over {model}'s limit of {cap:,} ({every.height} request(s) in all); "
+        "shorten or truncate those rows' text (e.g. with .str.slice(0, n) on the column)"
+    )
+
+
+def _counts(source: Source, col: str, encoding: str) -> Iterator[pl.Series]:
+    for piece in source.pieces([col]):
+        yield count_texts(piece[col], encoding)
+
+
+def _concat(parts: list[pl.Series]) -> pl.Series:
+    # one chunk: a float sum over chunks adds in another order, and the figures must not
+    # depend on how the requests were cut
+    return pl.concat(parts, rechunk=True) if parts else pl.Series([], dtype=pl.Float64)

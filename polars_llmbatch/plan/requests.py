@@ -7,6 +7,7 @@ MD5 digests computed by DuckDB.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -100,12 +101,57 @@ class Prepared:
     def text_columns(self) -> tuple[str, ...]:
         return ("system", "user") if self.spec.system_per_row else ("user",)
 
+    # The request source both this and the streamed :class:`.stream.Staged` are: what the
+    # estimate and the shard files read, a piece at a time (here: one piece).
+
+    @property
+    def n_requests(self) -> int:
+        return self.requests.height
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.height
+
+    @property
+    def n_skipped(self) -> int:
+        return int(self.rows["skipped"].sum())
+
+    def pieces(self, columns: Sequence[str]) -> Iterator[pl.DataFrame]:
+        """``columns`` of the unique requests (``payload``: id and body bytes), in order."""
+        yield self._select(self.requests, columns)
+
+    def span(self, start: int, n: int, columns: Sequence[str]) -> Iterator[pl.DataFrame]:
+        """``columns`` of requests ``start:start + n``."""
+        yield self._select(self.requests.slice(start, n), columns)
+
+    def gather(self, positions: pl.Series, columns: Sequence[str]) -> pl.DataFrame:
+        """``columns`` of the requests at ``positions``."""
+        return self._select(self.requests[positions], columns)
+
+    def _select(self, requests: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
+        virtual = {e.meta.output_name(): e for e in sizes(self.text_columns)}
+        return requests.select(virtual.get(c, pl.col(c)) for c in columns)
+
     def describe_row(self, position: int) -> str:
         """``row 17`` or ``row 17 (ticket_id='T-9')`` for error messages."""
         if self.key == ROW_NR:
             return f"row {position}"
         value = self.rows[self.key][position]
         return f"row {position} ({self.key}={value!r})"
+
+
+def sizes(texts: tuple[str, ...]) -> list[pl.Expr]:
+    """The sizes a request source gives besides its columns, what the estimate and the shard
+    plan read of every request (the texts themselves are read of few): ``payload`` (what a request adds to a shard
+    before framing: its id and body, in bytes), ``bytes`` (its texts' bytes) and
+    ``chars_<text>`` (each text's characters)."""
+    return [
+        (pl.col("custom_id").str.len_bytes() + pl.col("body").str.len_bytes())
+        .cast(pl.Int64)
+        .alias("payload"),
+        pl.sum_horizontal(pl.col(t).str.len_bytes().cast(pl.Int64) for t in texts).alias("bytes"),
+        *(pl.col(t).str.len_chars().cast(pl.Int64).alias(f"chars_{t}") for t in texts),
+    ]
 
 
 def build_spec(

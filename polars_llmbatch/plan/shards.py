@@ -17,9 +17,13 @@ from polars_llmbatch import _json
 from polars_llmbatch._fs import fsync
 from polars_llmbatch.errors import LlmBatchError, RequestTooLargeError
 from polars_llmbatch.plan.requests import Prepared
+from polars_llmbatch.plan.stream import Staged
 from polars_llmbatch.providers import Framing, Provider
 
 __all__ = ["Shard", "plan", "shard_bytes", "write_shard_files", "write_shards"]
+
+#: The requests shards are cut from: in memory, or staged on disk by streaming preparation.
+Source = Prepared | Staged
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class Shard:
 
 
 def plan(
-    prepared: Prepared,
+    source: Source,
     *,
     max_requests: int | None = None,
     max_bytes: int | None = None,
@@ -59,71 +63,95 @@ def plan(
     The provider's limits always apply; ``max_requests`` / ``max_bytes`` may lower them, and
     ``max_tokens`` (with per-request ``tokens``) caps input tokens per shard for queue limits.
     Shards are numbered from ``first_index`` and tagged with ``job_id`` (default: the
-    prepared requests' own), so a job's retry shards continue its numbering.
+    requests' own), so a job's retry shards continue its numbering.
     A request that can never fit raises :class:`RequestTooLargeError` naming its row.
+
+    The requests are read a piece at a time (their sizes only) and each shard is filled
+    greedily across pieces, so the shards are the same however the requests are cut.
     """
-    limits = prepared.provider.limits
-    spec = prepared.spec
+    limits = source.provider.limits
+    spec = source.spec
     cap_requests = _lower(max_requests, limits.max_requests, "max_shard_requests")
     if spec.task == "embed" and limits.max_embedding_inputs is not None:
         cap_requests = min(cap_requests, limits.max_embedding_inputs)  # one input per request
     cap_bytes = _lower(max_bytes, limits.max_bytes, "max_shard_bytes")
-    reqs = prepared.requests
-    n = reqs.height
+    n = source.n_requests
     if n == 0:
         return []
-    job_id = job_id or prepared.job_id
-    big = prepared.provider.framing(spec, _tag(job_id, first_index), 0, 0)
+    job_id = job_id or source.job_id
+    big = source.provider.framing(spec, _tag(job_id, first_index), 0, 0)
     budget = cap_bytes - big.size(0, 0)  # bytes left for lines once prefix and suffix are in
-    payload = reqs.select(
-        (pl.col("custom_id").str.len_bytes() + pl.col("body").str.len_bytes()).cast(pl.Int64)
-    ).to_series()
-    line = payload + big.line_bytes
-    too_big = line.arg_max()
-    if too_big is not None and line[too_big] > budget:
-        row = int(reqs["row"][too_big])
+    # each request's line in the shard, a piece at a time; the largest line (the first of its
+    # size) is the one a refusal names
+    lines: list[pl.Series] = []
+    top, top_row = -1, 0
+    for piece in source.pieces(["payload", "row"]):
+        line = piece["payload"] + big.line_bytes
+        lines.append(line)
+        at = line.arg_max()
+        if at is not None and int(line[at]) > top:
+            top, top_row = int(line[at]), int(piece["row"][at])
+    if top > budget:
         raise RequestTooLargeError(
-            f"{prepared.describe_row(row)} renders to a {line[too_big]:,}-byte request, over "
+            f"{source.describe_row(top_row)} renders to a {top:,}-byte request, over "
             f"{spec.provider}'s {cap_bytes:,}-byte batch limit; shorten that row's text"
         )
-    cum_bytes = line.cum_sum()
-    cum_tokens = None
     if max_tokens is not None:
         if tokens is None or len(tokens) != n:
             raise ValueError("max_tokens needs per-request token counts")
         worst = tokens.arg_max()
         if worst is not None and tokens[worst] > max_tokens:
-            row = int(reqs["row"][worst])
+            row = int(source.gather(pl.Series([worst]), ["row"]).item())
             raise RequestTooLargeError(
-                f"{prepared.describe_row(row)} has ~{tokens[worst]:,} input tokens, over "
+                f"{source.describe_row(row)} has ~{tokens[worst]:,} input tokens, over "
                 f"max_shard_tokens={max_tokens:,}; raise the cap or shorten that row"
             )
-        cum_tokens = tokens.cast(pl.Int64).cum_sum()
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    while start < n:
-        stop = min(start + cap_requests, n)
-        base = cum_bytes[start - 1] if start else 0
-        stop = min(stop, int(cum_bytes.search_sorted(base + budget, side="right")))
-        if cum_tokens is not None:
-            tbase = cum_tokens[start - 1] if start else 0
-            stop = min(stop, int(cum_tokens.search_sorted(tbase + max_tokens, side="right")))
-        bounds.append((start, stop))
-        start = stop
+    bounds: list[tuple[int, int, int]] = []  # start, stop, payload bytes
+    start = count = used = 0  # the shard being filled: its first request, requests, bytes
+    offset = 0  # position of the piece's first request
+
+    def close() -> None:
+        nonlocal start, count, used
+        bounds.append((start, start + count, used - count * big.line_bytes))
+        start, count, used = start + count, 0, 0
+
+    for line in lines:
+        cum = line.cum_sum()
+        cum_tokens = None
+        if max_tokens is not None and tokens is not None:
+            cum_tokens = tokens.slice(offset, len(line)).cast(pl.Int64).cum_sum()
+        at, m = 0, len(line)
+        while at < m:
+            base = int(cum[at - 1]) if at else 0
+            k = min(m - at, cap_requests - count)
+            k = min(k, int(cum.search_sorted(base + budget - used, side="right")) - at)
+            if cum_tokens is not None:
+                tbase = int(cum_tokens[at - 1]) if at else 0
+                room = max_tokens - _tokens_in(tokens, start, offset + at)  # type: ignore[operator]
+                k = min(k, int(cum_tokens.search_sorted(tbase + room, side="right")) - at)
+            if k > 0:
+                used += int(cum[at + k - 1]) - base
+                count += k
+                at += k
+            if at < m or count == cap_requests:  # full: the next request does not fit
+                close()
+        offset += m
+    if count:
+        close()
     shards = []
-    for i, (a, b) in enumerate(bounds, start=first_index):
-        size = int(payload.slice(a, b - a).sum())
+    for i, (a, b, size) in enumerate(bounds, start=first_index):
         tag = _tag(job_id, i)
-        framing = prepared.provider.framing(spec, tag, b - a, size)
+        framing = source.provider.framing(spec, tag, b - a, size)
         if framing.size(b - a, size) > cap_bytes:  # a form chosen by size must still fit the cap
             framing = big
-        tok = (
-            int(cum_tokens[b - 1] - (cum_tokens[a - 1] if a else 0))
-            if cum_tokens is not None
-            else None
-        )
+        tok = _tokens_in(tokens, a, b) if max_tokens is not None else None
         shards.append(Shard(i, a, b, framing.size(b - a, size), tok, framing, tag))
     return shards
+
+
+def _tokens_in(tokens: pl.Series | None, a: int, b: int) -> int:
+    assert tokens is not None
+    return int(tokens.slice(a, b - a).cast(pl.Int64).sum())
 
 
 def check_caps(
@@ -158,7 +186,7 @@ def _tag(job_id: str, index: int) -> str:
     return f"llmbatch-{job_id}-{index:05d}"
 
 
-def _write(prepared: Prepared, shard: Shard, target: Path | BinaryIO) -> None:
+def _write(source: Source, shard: Shard, target: Path | BinaryIO) -> None:
     """Write ``shard``'s exact bytes to ``target`` without the texts passing through Python.
 
     Each line is ``head + body + tail`` where the body slot comes last in the line skeleton.
@@ -183,46 +211,48 @@ def _write(prepared: Prepared, shard: Shard, target: Path | BinaryIO) -> None:
         pl.col("custom_id"),
         pl.lit('"' + head_b),
     )
-    part = prepared.requests.slice(shard.start, shard.n_requests)
-    part.select(head.alias("head"), "body").write_csv(
-        target,
-        include_header=False,
-        quote_style="never",
-        separator=separator,
-        line_terminator=tail + f.sep,
-    )
-    if f.sep != f.suffix:
-        sep, suffix = f.sep.encode(), f.suffix.encode()
-        with contextlib.ExitStack() as stack:
-            out = (
-                target if not isinstance(target, Path) else stack.enter_context(open(target, "r+b"))
+    head_rest = pl.concat_str(pl.lit(head_a + '"'), pl.col("custom_id"), pl.lit('"' + head_b))
+    with contextlib.ExitStack() as stack:
+        out = target if not isinstance(target, Path) else stack.enter_context(open(target, "w+b"))
+        # a shard of streamed requests spans pieces: each is written after the last, and only
+        # the shard's first line carries the prefix
+        for k, part in enumerate(source.span(shard.start, shard.n_requests, ["custom_id", "body"])):
+            first = head if k == 0 else head_rest
+            part.select(first.alias("head"), "body").write_csv(
+                out,
+                include_header=False,
+                quote_style="never",
+                separator=separator,
+                line_terminator=tail + f.sep,
             )
+        if f.sep != f.suffix:
+            sep, suffix = f.sep.encode(), f.suffix.encode()
             out.seek(-len(sep), os.SEEK_END)
             out.write(suffix)
             out.truncate()
 
 
-def shard_bytes(prepared: Prepared, shard: Shard) -> bytes:
+def shard_bytes(source: Source, shard: Shard) -> bytes:
     """The exact bytes uploaded (or POSTed) for ``shard``."""
     buf = io.BytesIO()
-    _write(prepared, shard, buf)
+    _write(source, shard, buf)
     return buf.getvalue()
 
 
-def write_shards(prepared: Prepared, shards: list[Shard], directory: str | Path) -> list[Path]:
+def write_shards(source: Source, shards: list[Shard], directory: str | Path) -> list[Path]:
     """Write each shard's exact bytes to ``directory/NNNNN.jsonl`` (or ``.json``), atomically
     (temp file, fsync, rename), two at a time: polars writes outside the GIL, and two writers
     fill fresh pages about twice as fast as one (benchmarks/README.md)."""
     out = Path(directory)
     check_target(out)
-    return write_shard_files(prepared, shards, out)
+    return write_shard_files(source, shards, out)
 
 
-def write_shard_files(prepared: Prepared, shards: list[Shard], out: Path) -> list[Path]:
+def write_shard_files(source: Source, shards: list[Shard], out: Path) -> list[Path]:
     """:func:`write_shards` into a job's own folder, where earlier rounds' shards stay."""
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=WRITERS) as pool:
-        paths = list(pool.map(lambda shard: _write_one(prepared, shard, out), shards))
+        paths = list(pool.map(lambda shard: _write_one(source, shard, out), shards))
     fsync(out)  # the renames themselves
     return paths
 
@@ -248,10 +278,10 @@ def check_target(directory: str | Path) -> None:
         )
 
 
-def _write_one(prepared: Prepared, shard: Shard, out: Path) -> Path:
+def _write_one(source: Source, shard: Shard, out: Path) -> Path:
     path = out / shard.filename
     tmp = path.with_suffix(path.suffix + ".tmp")
-    _write(prepared, shard, tmp)
+    _write(source, shard, tmp)
     fsync(tmp)
     written = tmp.stat().st_size
     if written != shard.bytes:  # the planner's arithmetic must match what is uploaded

@@ -130,14 +130,28 @@ def sample_count(
     error for the interval.
     """
     n = len(texts)
-    chars = texts.str.len_chars().fill_null(0).cast(pl.Int64)
-    total_chars = int(chars.sum())
+    total_chars = int(texts.str.len_chars().fill_null(0).cast(pl.Int64).sum())
     if n <= sample_size:
         total = int(count_texts(texts, encoding).sum())
         return SampleCount(float(total), 0.0, n, n)
-    idx = pl.int_range(n, eager=True).sample(sample_size, seed=seed).sort()
-    y = _count_list(encoding, texts.gather(idx).to_list()).cast(pl.Float64)
-    x = chars.gather(idx).cast(pl.Float64)
+    idx = sample_positions(n, sample_size, seed)
+    return scale_sample(texts.gather(idx), encoding, total_chars=total_chars, population=n)
+
+
+def sample_positions(n: int, sample_size: int, seed: int = 0) -> pl.Series:
+    """The sorted positions :func:`sample_count` counts among ``n`` texts (``n > sample_size``):
+    a source read in pieces gathers these same texts."""
+    return pl.int_range(n, eager=True).sample(sample_size, seed=seed).sort()
+
+
+def scale_sample(
+    sample: pl.Series, encoding: str, *, total_chars: int, population: int
+) -> SampleCount:
+    """The token total of ``population`` texts of ``total_chars`` characters, from the sampled
+    texts ``sample`` (:func:`sample_count` once the sample is drawn)."""
+    n, sample_size = population, len(sample)
+    y = _count_list(encoding, sample.to_list()).cast(pl.Float64)
+    x = sample.str.len_chars().fill_null(0).cast(pl.Float64)
     ratio = y.sum() / x.sum() if x.sum() else 0.0
     total = ratio * total_chars
     # Var(R̂ X) ≈ N² (1 - f) s²_d / n, with d = y - R x (Cochran, ratio estimator).

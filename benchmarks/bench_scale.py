@@ -1,0 +1,153 @@
+"""Benchmark: streaming preparation of a Parquet extract (2.5M / 10M / 25M rows) in bounded
+memory, against a bare polars floor over the same files.
+
+Input: ``--data DIR`` holds Parquet files of 2,500,000 synthetic tickets each
+(:func:`polars_llmbatch.sample.tickets`, seeds 0, 1, ...; made when missing, which takes a few
+minutes); a size of N million rows scans the first N / 2.5 files. Prompt
+``"Classify this ticket: {body}"``, OpenAI ``gpt-4o-mini``, a 4-category enum output,
+``max_output_tokens=20`` (a strict JSON schema in every body, ~400-byte bodies).
+
+For each size, in fresh child processes (so each peak is its own), alternating ``--repeat``
+times (medians):
+
+1. ``floor``: ``scan_parquet → format(prompt) → struct.json_encode → sink_parquet``: what polars
+   itself takes to read the same bytes, render them and write them back once.
+2. ``pipeline``: :func:`.stream.stage` (render, content-hash ids, dedup by bucket, bodies),
+   then :func:`.estimate.estimate` on the staged requests (sampled, as the library does above
+   20,000 unique requests) and :func:`.shards.write_shards` (the shard files, fsynced): what
+   ``llmbatch estimate`` plus ``llmbatch requests --write-to`` do, staged once. Timed per step.
+
+Peak RSS is the child's ``VmHWM`` (resident, page-cache mappings included) and ``RssAnon`` at
+the end (its own heap). Run by hand::
+
+    python benchmarks/bench_scale.py --sizes 2.5 10 25 --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+PROMPT = "Classify this ticket: {body}"
+FILE_ROWS = 2_500_000
+
+
+def _files(data: Path, millions: float) -> list[str]:
+    n = max(1, round(millions * 1_000_000 / FILE_ROWS))
+    data.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = data / f"{i:02d}.parquet"
+        if not path.exists():
+            from polars_llmbatch.sample import tickets
+
+            tickets(FILE_ROWS, seed=i).write_parquet(path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").rename(path)
+    return [str(data / f"{i:02d}.parquet") for i in range(n)]
+
+
+def _status() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _floor(files: list[str], out: str, queue: Any) -> None:
+    started = time.perf_counter()
+    pl.scan_parquet(files).select(
+        pl.struct(pl.format(PROMPT.replace("{body}", "{}"), pl.col("body")).alias("content"))
+        .struct.json_encode()
+        .alias("j")
+    ).sink_parquet(Path(out) / "floor.parquet")
+    queue.put({"seconds": time.perf_counter() - started, **_status()})
+
+
+def _pipeline(files: list[str], out: str, queue: Any) -> None:
+    from polars_llmbatch.plan.estimate import estimate
+    from polars_llmbatch.plan.requests import render_plan
+    from polars_llmbatch.plan.shards import write_shards
+    from polars_llmbatch.plan.stream import stage
+    from polars_llmbatch.sample import CATEGORIES
+
+    times: dict[str, float] = {}
+    started = time.perf_counter()
+    scan = pl.scan_parquet(files)
+    rplan = render_plan(scan.collect_schema(), PROMPT, provider="openai", model="gpt-4o-mini",
+                        output=CATEGORIES, options={"max_output_tokens": 20})  # fmt: skip
+    staged = stage(scan, rplan, Path(out) / "staged", prompt=PROMPT)
+    times["stage"] = time.perf_counter() - started
+    t = time.perf_counter()
+    planned = estimate(staged)
+    times["estimate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    write_shards(staged, planned.shards, Path(out) / "shards")
+    times["shards"] = time.perf_counter() - t
+    times["seconds"] = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in (Path(out) / "shards").iterdir())
+    staged_bytes = sum(p.stat().st_size for p in (Path(out) / "staged").rglob("*") if p.is_file())
+    queue.put({
+        **times, **_status(), "rows": staged.n_rows, "requests": staged.n_requests,
+        "shard_files": len(planned.shards), "shard_bytes": size, "staged_bytes": staged_bytes,
+        "input_tokens": planned.estimate.input_tokens,
+    })  # fmt: skip
+
+
+def _run(target: Any, files: list[str], scratch: Path) -> dict[str, Any]:
+    out = Path(tempfile.mkdtemp(dir=scratch))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(files, str(out), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    shutil.rmtree(out)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[2.5, 10, 25])
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--data", type=Path, default=Path("/work/bench_data/p"))
+    parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
+    args = parser.parse_args()
+    print(f"polars {pl.__version__}; files of {FILE_ROWS:,} rows in {args.data}")
+    rows = []
+    for millions in args.sizes:
+        files = _files(args.data, millions)
+        floors, runs = [], []
+        for _ in range(args.repeat):
+            floors.append(_run(_floor, files, args.scratch))
+            runs.append(_run(_pipeline, files, args.scratch))
+        floor = statistics.median(f["seconds"] for f in floors)
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows.append((millions, floor, med))
+        print(json.dumps({"millions": millions, "floor": floors, "pipeline": runs}))
+    print()
+    print("| rows | floor | stage | estimate | shard files | **total** | × floor | peak RSS "
+          "(VmHWM) | RssAnon at end | staged on disk | shard files |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base = rows[0][2]["VmHWM"]
+    for _, floor, m in rows:
+        print(
+            f"| {m['rows']:,} | {floor:.1f} s | {m['stage']:.1f} s | {m['estimate']:.1f} s | "
+            f"{m['shards']:.1f} s | **{m['seconds']:.1f} s** | {m['seconds'] / floor:.2f}× | "
+            f"{m['VmHWM'] / 2**20:,.0f} MB ({m['VmHWM'] / base:.2f}× the first) | "
+            f"{m['RssAnon'] / 2**20:,.0f} MB | {m['staged_bytes'] / 1e9:.1f} GB | "
+            f"{m['shard_files']:,} / {m['shard_bytes'] / 1e9:.1f} GB |"
+        )
+
+
+if __name__ == "__main__":
+    main()
