@@ -215,3 +215,14 @@ def test_a_row_over_the_context_is_named_alike(tmp_path: Path, exact: bool) -> N
             estimate(source, exact=exact, sample_size=700)
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize("name", ["row", "user", "system", "payload", "bytes", "chars_user"])
+def test_a_key_named_like_a_request_column(tmp_path: Path, name: str) -> None:
+    df = _tickets(1_500).rename({"ticket_id": name})
+    kw = {"provider": "openai", "model": "gpt-4o-mini", "id": name, "system": "Ticket {body}"}
+    staged, whole = _stage(tmp_path, df, **kw), prepare(df, PROMPT, **kw)
+    assert staged.row_table().collect().equals(whole.rows)
+    assert pl.concat(staged.pieces(whole.requests.columns)).equals(whole.requests)
+    reqs = df.lazy().llm.requests(PROMPT, **kw)
+    assert reqs.equals(df.llm.requests(PROMPT, **kw))

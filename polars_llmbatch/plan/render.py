@@ -78,6 +78,11 @@ class RenderPlan:
             escape_line_separators=_json.has_line_separators(texts, self.texts),
         )
 
+    def output(self, name: str) -> str:
+        """The name :func:`render` gives its column ``name`` (``row``, a text): ``name``, unless
+        the row key is called that (``id="user"``), when it is ``__llmbatch_<name>__``."""
+        return INTERNAL.format(name) if name == self.key else name
+
     def internal(self) -> dict[str, str]:
         """Rendered text column names that never collide with the key column."""
         return {n: INTERNAL.format(n) for n in self.texts}
@@ -113,7 +118,8 @@ def render(
     """The request row of every row of ``batch``, in its order: the row key, ``custom_id``
     (null: skipped), ``row`` (the row's position in the whole input: ``offset`` plus its place
     in the batch), ``skipped``, ``body`` (the exact JSON body; null when skipped) and the
-    rendered texts (``user``, and ``system`` when per row).
+    rendered texts (``user``, and ``system`` when per row). A column the row key's name would
+    take is called ``__llmbatch_<name>__`` instead (:meth:`RenderPlan.output`).
 
     ``offset`` is the position of the batch's first row in the whole input; without ``id=``
     it is also the row key, so a partition must know where it starts. Rows that render to
@@ -149,20 +155,21 @@ def render(
         check_not_empty(rendered, internal["user"], skipped, key, offset, among)
     ids = request_ids(rendered, plan.digest, columns)
     texts = rendered.select(pl.col(internal[n]).alias(n) for n in plan.texts)
+    named = {n: plan.output(n) for n in plan.texts}
     out = pl.DataFrame(
         [
             rendered[key],
             ids.alias("custom_id"),
             pl.int_range(offset, offset + rendered.height, dtype=pl.UInt64, eager=True).alias(
-                "row"
+                plan.output("row")
             ),
             skipped.alias("skipped"),
         ]
     )
     if not bodies:
-        return out.hstack(texts)
+        return out.hstack(texts.rename(named))
     body = pl.when(~skipped).then(plan.body(texts)).alias("body")
-    return out.hstack(texts.select(body, *plan.texts))
+    return out.hstack(texts.select(body, *plan.texts).rename(named))
 
 
 def request_digest(provider: Provider, spec: RequestSpec, skeleton: dict[str, Any]) -> str:

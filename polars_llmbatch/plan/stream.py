@@ -195,7 +195,7 @@ def stage(
     def take(part: pl.DataFrame) -> None:
         nonlocal writers, rows, skipped
         if not writers:
-            n = _buckets(total, part.select(plan.text_columns), bucket_bytes)
+            n = _buckets(total, part.select(map(plan.output, plan.text_columns)), bucket_bytes)
             writers = _open(out, n, part, plan)
         rows, skipped = rows + part.height, skipped + _spill(part, plan, writers)
 
@@ -281,21 +281,26 @@ def _open(
     out: Path, n_buckets: int, part: pl.DataFrame, plan: RenderPlan
 ) -> list[ipc.RecordBatchFileWriter]:
     # uncompressed: the buckets are read once, right after, from the page cache
-    schema = _arrow(part.head(0).drop(plan.key, "skipped")).schema
+    schema = _arrow(_requests_of(part.head(0), plan)).schema
     return [ipc.new_file(str(out / "buckets" / f"{i:04d}.arrow"), schema) for i in range(n_buckets)]
 
 
 def _spill(part: pl.DataFrame, plan: RenderPlan, writers: list[ipc.RecordBatchFileWriter]) -> int:
     """Write a slice's requests to their buckets; its skipped rows."""
     todo = (
-        part.filter(~pl.col("skipped"))
-        .drop(plan.key, "skipped")
+        _requests_of(part.filter(~pl.col("skipped")), plan)
         .unique("custom_id", keep="first", maintain_order=True)
         .with_columns(_bucket_of(pl.col("custom_id"), len(writers)).alias("__bucket__"))
     )
     for (b,), group in todo.partition_by("__bucket__", as_dict=True).items():
         writers[int(b)].write_table(_arrow(group.drop("__bucket__")))
     return int(part["skipped"].sum())
+
+
+def _requests_of(part: pl.DataFrame, plan: RenderPlan) -> pl.DataFrame:
+    """A rendered slice's request columns, under their own names (the key is left out)."""
+    own = {plan.output(n): n for n in ("row", *plan.text_columns) if plan.output(n) != n}
+    return part.drop(plan.key, "skipped").rename(own)
 
 
 def _dedup(plan: RenderPlan, out: Path, i: int) -> int:
