@@ -485,8 +485,13 @@ _REQUEST_ARGS += ("dimensions", "api", "extra_body")
 def _prepare(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, args: dict[str, Any]) -> Prepared:
     """``prepare`` with the namespace method's own arguments (its ``locals()``): the methods
     spell every option out for their signatures and docs, and share this one call."""
+    return prepare(frame, prompt, **_call(args))
+
+
+def _call(args: dict[str, Any]) -> dict[str, Any]:
+    """The request arguments of a method's ``locals()``, as ``prepare`` / ``render_plan`` take them."""
     options = {name: args[name] for name in GENERATION_OPTIONS}
-    return prepare(frame, prompt, options=options, **{k: args[k] for k in _REQUEST_ARGS})
+    return {"options": options, **{k: args[k] for k in _REQUEST_ARGS}}
 
 
 def _source(
@@ -500,12 +505,7 @@ def _source(
     (under ``TMPDIR``; it takes about twice the rendered texts)."""
     if isinstance(frame, pl.DataFrame):
         return _prepare(frame, prompt, args)
-    rplan = render_plan(
-        frame.collect_schema(),
-        prompt,
-        options={name: args[name] for name in GENERATION_OPTIONS},
-        **{k: args[k] for k in _REQUEST_ARGS},
-    )
+    rplan = render_plan(frame.collect_schema(), prompt, **_call(args))
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmbatch-")))
     text = prompt.source if isinstance(prompt, Template) else str(prompt)
     return stage(frame, rplan, folder / "staged", prompt=text)
