@@ -218,6 +218,7 @@ class LlmNamespace:
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
+        max_in_flight: int | None = None,
     ) -> Any:
         """Run one request per row through the provider's batch API (half price) and join the
         answers back onto the frame, in the same row order.
@@ -283,6 +284,7 @@ class LlmNamespace:
         max_shard_requests: int | None = None,
         max_shard_bytes: int | None = None,
         max_shard_tokens: int | None = None,
+        max_in_flight: int | None = None,
     ) -> Any:
         """Embed one text per row (a column name, a template or an expression) into a
         ``pl.Array(pl.Float32, dim)`` column ``name``, through the batch API; the same
@@ -382,6 +384,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         max_shard_requests=args["max_shard_requests"],
         max_shard_bytes=args["max_shard_bytes"],
         max_shard_tokens=args["max_shard_tokens"],
+        max_in_flight=args["max_in_flight"],
     )
     max_cost = args["max_cost"]
     report = None

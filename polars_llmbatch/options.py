@@ -449,6 +449,17 @@ OPTIONS: tuple[Option, ...] = (
         check=_tokens_cap,
     ),
     Option(
+        "max_in_flight",
+        "int | None",
+        None,
+        "batches live at the provider at once (default: as many as its queue takes; a "
+        "full-queue refusal is learned, and the live batches kept under it)",
+        _RUN,
+        parse=int,
+        recorded=True,
+        check=_positive_int,
+    ),
+    Option(
         "write_to",
         "str | Path | None",
         None,

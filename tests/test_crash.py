@@ -56,6 +56,14 @@ CHILD = textwrap.dedent(
     after("poll", "polling:before")
     after("fetch", "downloading")      # results downloaded, not written
 
+    from polars_llmbatch.run import engine
+    write_shards = engine.write_shard_files
+    def crashing_shards(source, shards, out):
+        if stage == "planning" and shards[0].index >= 2:
+            die()  # shards 0 and 1 written and submitted, shard 2 half-written
+        return write_shards(source, shards, out)
+    engine.write_shard_files = crashing_shards
+
     write = checkpoint.Checkpoint.write_parquet
     def crashing_write(self, path, frame):
         if stage == "writing_results" and path.parent.name == "results":
@@ -92,6 +100,7 @@ def child(
 
 
 STAGES = ["after_upload", "after_create", "polling:before", "downloading", "writing_results"]
+STAGES += ["planning"]  # the first round is planned while its first shards are submitted
 CASES = [("openai", stage) for stage in STAGES]
 CASES += [("anthropic", s) for s in STAGES if s != "after_upload"]  # no upload: one create call
 CASES += [("gemini", s) for s in STAGES if s != "after_upload"]  # inline shards: no upload
@@ -107,6 +116,8 @@ def test_kill_9_then_rerun_pays_once_and_loses_nothing(
             provider, emu.gemini_url
         )
         assert child(tmp_path, url, ckpt, stage, provider) == -signal.SIGKILL
+        if stage == "planning":  # killed mid-preparation, with two batches live already
+            assert len(emu.ledger.batches) == 2
         assert child(tmp_path, url, ckpt, "none", provider) == 0
         ledger = emu.ledger
         assert not ledger.billed_twice()

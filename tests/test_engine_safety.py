@@ -113,11 +113,11 @@ def test_a_second_runner_is_refused(tmp_path: Path) -> None:
 
 
 def test_cancel_before_anything_is_sent_sends_nothing(tmp_path: Path, monkeypatch) -> None:
-    # A job planned but not sent yet (its process died right after creating it).
+    # A job created but not planned nor sent yet (its process died right after creating it).
     monkeypatch.setattr(polars_llmbatch.Job, "_start_background", lambda self: None)
     with serve(batch_seconds=0.1) as emu:
         job = run(frame(20), emu, tmp_path / "j", wait=False, max_shard_requests=5)
-        assert job.status().state == "not submitted"
+        assert job.status().state == "planning"
         job = polars_llmbatch.Job.open(job.path, api_key="k", base_url=emu.openai_url)
         job.cancel()
         out = job.result()

@@ -122,7 +122,7 @@ def test_job_json_keeps_the_recorded_options_and_a_reopened_job_runs_with_them(t
     df = pl.DataFrame({"body": ["a", "b", "c"]})
     given = {"mode": "sync", "tags": {"team": "x"}, "max_attempts": 2, "max_cost": 1.0}
     given |= {"concurrency": 2, "max_shard_requests": 2, "max_shard_bytes": 100_000}
-    given |= {"max_shard_tokens": 10_000}
+    given |= {"max_shard_tokens": 10_000, "max_in_flight": 3}
     with serve(batch_seconds=0.05) as emu:
         batch(df, emu, tmp_path / "j", **given)
     job = json.loads((tmp_path / "j" / "job.json").read_text())
@@ -133,6 +133,7 @@ def test_job_json_keeps_the_recorded_options_and_a_reopened_job_runs_with_them(t
     settings = reopened._settings
     assert (settings.mode, settings.max_attempts, settings.concurrency) == ("sync", 2, 2)
     assert (settings.max_shard_requests, settings.max_cost) == (2, 1.0)
+    assert settings.max_in_flight == 3
 
 
 def test_job_estimate_is_the_estimate_shown_before_sending(tmp_path) -> None:

@@ -58,7 +58,7 @@ def test_status_of_a_job_never_submitted_sends_nothing(tmp_path: Path, monkeypat
         batch(DF, emu, tmp_path / "j", output="answer", wait=False)
         job = polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url)
         st = job.status()
-        assert st.state == "not submitted" and not st.done
+        assert st.state == "planning" and not st.done  # created; its shards not yet written
         assert emu.ledger.batches == [] and emu.ledger.uploads == []
 
 
@@ -88,6 +88,8 @@ def test_a_sync_shard_stops_sending_at_the_deadline_and_resumes(
         m.undo()
         job = polars_llmbatch.Job.open(tmp_path / "j", api_key="k", base_url=emu.openai_url)
         engine = job._engine(progress=False)
+        with job._ckpt.lock():
+            assert list(engine._first_round()) == [1]  # planned, one shard, nothing sent
         (shard,) = job._ckpt.shards().values()
         sent = []
 

@@ -167,11 +167,24 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 {"retry-after": "1"},
             )
         now = self.ctx.clock()
+        timeline = Timeline(now, self.ctx.duration)
+        if self.ctx.faults.org_queue_tokens is not None and not self.ctx.enqueue(
+            str(reqs[0]["params"].get("model")),
+            sum(input_tokens(e["params"]) for e in reqs),
+            timeline,
+        ):
+            return error(
+                429,
+                "rate_limit_error",
+                "Number of request tokens in the batch queue has exceeded your organization's "
+                "rate limit.",
+                {"retry-after": "1"},
+            )
         faults = self.ctx.batch_faults()
         b = _Batch(
             self.ctx.new_id("msgbatch_"),
             now,
-            Timeline(now, self.ctx.duration),
+            timeline,
             reqs,
             faults.expire_at,
             faults,

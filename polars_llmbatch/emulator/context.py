@@ -15,6 +15,7 @@ import polars as pl
 
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.ledger import Ledger
+from polars_llmbatch.emulator.timeline import Timeline
 
 __all__ = ["Context"]
 
@@ -30,6 +31,7 @@ class Context:
     _spent: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ids: itertools.count = field(default_factory=itertools.count)
+    _queued: list[tuple[str, int, Timeline]] = field(default_factory=list)
 
     def batch_faults(self) -> Faults:
         """The faults a batch created now gets: all of them, or past ``fault_batches`` only
@@ -50,6 +52,23 @@ class Context:
             duplicates=0.0,
             malformed=0.0,
         )
+
+    def enqueue(self, model: str | None, tokens: int, timeline: Timeline) -> bool:
+        """Whether the ``org_queue_tokens`` limit takes a batch of ``tokens`` input tokens for
+        ``model`` now (it then holds them until it ends); always, without that fault."""
+        limit = self.faults.org_queue_tokens
+        if limit is None:
+            return True
+        now = self.clock()
+        with self._lock:
+            self._queued = [
+                q for q in self._queued if q[2].at(now).name not in ("done", "cancelled")
+            ]
+            held = sum(t for m, t, _ in self._queued if m == model)
+            if held + tokens > limit:
+                return False
+            self._queued.append((model or "", tokens, timeline))
+            return True
 
     @property
     def duration(self) -> float:

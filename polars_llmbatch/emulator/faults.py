@@ -39,6 +39,10 @@ class Faults:
     - ``queue_limit_tokens``: a batch whose own input tokens exceed it fails as over the
       enqueued-token limit (OpenAI ``token_limit_exceeded``; Anthropic and Gemini 429 on create).
       It is per batch: other queued batches do not count against it.
+    - ``org_queue_tokens``: the organisation's enqueued-token limit per model, shared by the
+      batches still validating, running or finalizing: one whose input tokens would take the
+      model's total over it is refused as ``queue_limit_tokens`` refuses (OpenAI fails it at
+      validation; Anthropic and Gemini 429 on create). A refused batch holds nothing.
     - ``missing``: the share of requests silently absent from the output.
     - ``duplicates``: the share of output lines written twice.
     - ``malformed``: the share of output lines written as broken JSON.
@@ -69,6 +73,7 @@ class Faults:
     request_errors: float = 0.0
     expire_at: float | None = None
     queue_limit_tokens: int | None = None
+    org_queue_tokens: int | None = None
     missing: float = 0.0
     duplicates: float = 0.0
     malformed: float = 0.0

@@ -359,13 +359,23 @@ class GeminiEmulator(BatchStore[_Batch]):
                 f"Enqueued token limit exceeded for model {model_name}: limit {limit:,}.",
             )
         now = self.ctx.clock()
+        timeline = Timeline(now, self.ctx.duration)
+        if self.ctx.faults.org_queue_tokens is not None and not self.ctx.enqueue(
+            model_name, sum(input_tokens(model_name, req) for _, req, _ in entries), timeline
+        ):
+            return error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                f"Enqueued token limit exceeded for model {model_name}: limit "
+                f"{self.ctx.faults.org_queue_tokens:,}.",
+            )
         b = _Batch(
             id=self.ctx.new_id("", 36),
             model=model_name,
             kind=kind,
             display_name=_get(batch, "displayName", "display_name"),
             created_at=now,
-            timeline=Timeline(now, self.ctx.duration),
+            timeline=timeline,
             entries=entries,
             inline=not file_name,
             input_file=file_name,

@@ -350,6 +350,14 @@ class OpenAIEmulator(BatchStore[_Batch]):
                 b.model = next((line["body"].get("model") for line in lines), None)
                 if not b.errors:
                     work = self._work_per_line(b.endpoint, lines)
+            org = self.ctx.faults.org_queue_tokens
+            if (
+                work is not None
+                and not b.errors
+                and org is not None
+                and not self.ctx.enqueue(b.model, int(work["input_tokens"].sum()), b.timeline)
+            ):
+                b.errors = [_queue_error(b.model, org)]
         except Exception as exc:  # an emulator bug: fail the batch visibly
             b.errors = [
                 {"code": "emulator_error", "message": repr(exc), "param": None, "line": None}

@@ -9,9 +9,11 @@ fsynced line by line)::
     shards/NNNNN.jsonl        each shard's bytes exactly as uploaded (.json for inline shards)
     shards/NNNNN.ids.parquet  the custom_ids a shard holds
     events.jsonl              append-only: planned, intent, submitted, state, fetched, done
-                              (and canceled, cancel_sent, retries_skipped)
+                              (and planned_round, queue_full, canceled, cancel_sent,
+                              retries_skipped)
     raw/NNNNN-K.jsonl         result files as downloaded, before anything parses them
-    results/NNNNN.parquet     one row per request of the shard (results/cached.parquet: reused)
+    results/NNNNN.parquet     one row per request of the shard (results/cached.parquet: reused;
+                              results/unplanned.parquet: what a cancel left unplanned)
 
 A process killed at any instant leaves the directory readable: a torn last event line is
 ignored, and a half-written file is only ever a ``*.tmp`` that the next run overwrites.
@@ -100,6 +102,9 @@ class ShardRecord:
     files: list[str] = field(default_factory=list)
     error: str | None = None
     cancel_sent: bool = False  # its batch has been asked to cancel
+    #: Its requests' worst-case input tokens (0 in checkpoints from before they were kept):
+    #: what it holds of the provider's enqueued-token queue while it runs.
+    tokens: int = 0
 
     @property
     def submitted(self) -> bool:
@@ -277,12 +282,32 @@ class Checkpoint:
                     grants[status] = grants.get(status, 0) + 1
         return grants
 
+    def planning_done(self) -> bool:
+        """Whether the first round is wholly planned. The engine plans it shard by shard while
+        it submits (each shard as soon as its file is written), then says so in a
+        ``planned_round`` event; a job from before that was planned whole before job.json."""
+        if not self.job().get("rolling"):
+            return True
+        return any(e.get("event") == "planned_round" for e in self.events())
+
+    def queue_ceiling(self) -> tuple[int, int] | None:
+        """``(tokens, requests)``: the least the provider's queue has refused, less one, in
+        each unit (``queue_full`` events). A refusal does not say which limit it hit (OpenAI and
+        Gemini count enqueued tokens, Anthropic queued requests), so both bound the batches
+        the engine keeps live."""
+        seen = [
+            (e["tokens"], e["requests"]) for e in self.events() if e.get("event") == "queue_full"
+        ]
+        if not seen:
+            return None
+        return min(t for t, _ in seen), min(r for _, r in seen)
+
     def shards(self) -> dict[int, ShardRecord]:
         """Every shard's current record, folded from the event log."""
         shards: dict[int, ShardRecord] = {}
         for e in self.events():
             kind = e.get("event")
-            if kind == "planned":  # one line for a whole round: planned all at once or not at all
+            if kind == "planned":  # a retry round in one line; the first, a line per shard
                 for s in e["shards"]:
                     shards[s["shard"]] = ShardRecord(
                         index=s["shard"],
@@ -294,6 +319,7 @@ class Checkpoint:
                         kind=s.get("kind", "file"),
                         mode=s.get("mode", "batch"),
                         round=s.get("round", 1),
+                        tokens=s.get("tokens", 0),
                     )
                 continue
             rec = shards.get(e.get("shard", -1))

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from polars_llmbatch.collect.results import RESULT_SCHEMA, missing_results
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.prices import HALF_PRICE_MODES, cost_expr
 from polars_llmbatch.plan.requests import Prepared
-from polars_llmbatch.plan.shards import plan, write_shard_files
+from polars_llmbatch.plan.shards import WRITERS, Shard, plan, write_shard_files
 from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import Provider
 from polars_llmbatch.providers.base import AmbiguousBatch, RemoteState
@@ -51,11 +51,13 @@ ONE_BY_ONE = ("sync", "flex")
 FLEX_TIMEOUT = 900.0
 #: Requests per shard in sync mode: the unit that is checkpointed together.
 SYNC_SHARD_REQUESTS = 1_000
+_UNREAD = object()  # the queue ceiling, not read from the checkpoint yet
 
 
 @dataclass(frozen=True)
 class Settings:
-    """How a job runs. ``poll_interval`` grows ×1.5 per quiet poll up to ``max_poll_interval``."""
+    """How a job runs. ``poll_interval`` grows ×1.5 per quiet poll up to ``max_poll_interval``;
+    ``max_in_flight``: batches live at once (None: as many as the provider's queue takes)."""
 
     mode: str = "batch"
     max_attempts: int = 3
@@ -67,6 +69,7 @@ class Settings:
     max_shard_requests: int | None = None
     max_shard_bytes: int | None = None
     max_shard_tokens: int | None = None
+    max_in_flight: int | None = None
 
 
 def plan_round(
@@ -82,16 +85,15 @@ def plan_round(
     max_tokens: int | None = None,
     tokens: pl.Series | None = None,
 ) -> int:
-    """Plan ``prepared.requests`` into shards numbered from ``first_index``: write their files,
-    then record the whole round in one ``planned`` event (a crash before it re-plans the same
-    bytes). With ``max_tokens``, each shard's requests' worst-case input ``tokens`` (in
-    request order) sum to at most it. Returns the number of shards."""
-    if mode in ONE_BY_ONE:
-        max_requests = min(max_requests or SYNC_SHARD_REQUESTS, SYNC_SHARD_REQUESTS)
+    """Plan ``prepared.requests`` (a retry round) into shards numbered from ``first_index``:
+    write their files, then record the whole round in one ``planned`` event (a crash before it
+    re-plans the same bytes). ``tokens``: each request's worst-case input tokens (in request
+    order), kept per shard; with ``max_tokens`` each shard's sum to at most it. Returns the
+    number of shards."""
     round_ = 1 + max((r.round for r in ckpt.shards().values()), default=0)
     shards = plan(
         prepared,
-        max_requests=max_requests,
+        max_requests=_shard_cap(mode, max_requests),
         max_bytes=max_bytes,
         max_tokens=max_tokens,
         tokens=tokens if max_tokens is not None else None,
@@ -100,17 +102,43 @@ def plan_round(
     )
     if not shards:
         return 0
+    records = _write_planned(
+        ckpt, prepared, shards, round_=round_, attempt=attempt, mode=mode, tokens=tokens
+    )
+    ckpt.append("planned", shards=records)
+    return len(shards)
+
+
+def _shard_cap(mode: str, max_requests: int | None) -> int | None:
+    if mode in ONE_BY_ONE:
+        return min(max_requests or SYNC_SHARD_REQUESTS, SYNC_SHARD_REQUESTS)
+    return max_requests
+
+
+def _write_planned(
+    ckpt: Checkpoint,
+    prepared: Prepared,
+    shards: list[Shard],
+    *,
+    round_: int,
+    attempt: int,
+    mode: str,
+    tokens: pl.Series | None,
+) -> list[dict[str, Any]]:
+    """Write ``shards``' files and id lists; their ``planned`` records."""
     write_shard_files(prepared, shards, ckpt.path / "shards")
     records = []
     for s in shards:
         ids = prepared.requests["custom_id"].slice(s.start, s.n_requests)
         ckpt.write_parquet(ckpt.ids_file(s.index), pl.DataFrame({"custom_id": ids}))
+        held = tokens.slice(s.start, s.n_requests).fill_null(0).sum() if tokens is not None else 0
         records.append(
             {
                 "shard": s.index,
                 "round": round_,
                 "attempt": attempt,
                 "requests": s.n_requests,
+                "tokens": int(held),
                 "sha256": _sha256(ckpt.shard_file(s.filename)),
                 "tag": s.tag,
                 "filename": s.filename,
@@ -118,8 +146,7 @@ def plan_round(
                 "mode": mode,
             }
         )
-    ckpt.append("planned", shards=records)
-    return len(shards)
+    return records
 
 
 class Engine:
@@ -159,6 +186,7 @@ class Engine:
         )
         self.fallback: str = job.get("fallback") or "sync"
         self._deadline_said = False
+        self._ceiling: object = _UNREAD
 
     # the loop ------------------------------------------------------------------------------
     def run(
@@ -169,8 +197,9 @@ class Engine:
         stop: threading.Event | None = None,
     ) -> bool:
         """Work until every shard is done and no retry is due (True), or ``timeout`` seconds
-        have passed or ``stop`` is set (False). Safe to interrupt at any point; the next run
-        resumes. Sync shards stop sending at the deadline too (what is in flight lands)."""
+        have passed (and the first round is wholly planned) or ``stop`` is set (False). Safe
+        to interrupt at any point; the next run resumes. Sync shards stop sending at the
+        deadline too (what is in flight lands)."""
         with self.ckpt.lock():
             return self._run(timeout, retry=retry, stop=stop)
 
@@ -185,21 +214,32 @@ class Engine:
         def stop_sending() -> bool:  # sync mode: also a cancel from another process
             return due() or self._canceled_lately()
 
+        def leave() -> bool:
+            # A timeout waits for the first round's plan to be whole (local work, and what a
+            # restart would read again); a stop does not.
+            return (stop is not None and stop.is_set()) or (due() and planner is None)
+
         interval = self.settings.poll_interval
         progress = Progress(self.ckpt, enabled=self.settings.progress)
+        # The first round is planned here, a few shards per pass, each submitted as soon as
+        # its file is written; the live batches are polled meanwhile, once per interval.
+        planner = None if self.ckpt.planning_done() else self._first_round()
+        next_poll = 0.0
         try:
             while True:
+                if planner is not None and next(planner, None) is None:
+                    planner = None  # the round is wholly planned (or was stopped)
                 shards = self.ckpt.shards()
                 if self.past_deadline() and self._at_deadline(shards):
                     shards = self.ckpt.shards()
                 pending = [s for s in shards.values() if not s.done]
-                if not pending:
+                if not pending and planner is None:
                     if retry and self._plan_retries(shards):
                         continue
                     progress.update(shards, self._states)
                     return True
-                moved = False
-                live = any(r.submitted for r in pending)  # batches that hold queue space
+                moved = planner is not None
+                queue = _Queue(self, shards)
                 for s in pending:
                     # Asked before every create: a cancel from another process stops the
                     # submission at once, not after this pass.
@@ -210,21 +250,22 @@ class Engine:
                     elif canceled:
                         moved |= self._cancel_unsent(s)
                     elif not s.submitted:
-                        sent = self._submit(s, active=live)
-                        moved |= sent
-                        live |= sent
+                        moved |= self._submit(s, queue)
                 if self.canceled():
                     # The canceller knew only the batches recorded when it asked: cancel every
                     # live one this runner knows, including any created since.
                     self._cancel_live()
-                for s in pending:
-                    if s.mode == "batch" and s.remote_id is not None:
-                        moved |= self._poll(s)
+                if planner is None or time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + interval
+                    for s in pending:
+                        if s.mode == "batch" and s.remote_id is not None:
+                            moved |= self._poll(s)
                 progress.update(self.ckpt.shards(), self._states)
-                if moved and not due():
-                    interval = self.settings.poll_interval
+                if moved and not leave():
+                    if planner is None:
+                        interval = self.settings.poll_interval
                     continue
-                if due():
+                if leave():
                     return False
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
                 if stop is not None:
@@ -235,6 +276,66 @@ class Engine:
                 interval = min(interval * 1.5, self.settings.max_poll_interval)
         finally:
             progress.close()
+
+    def _first_round(self) -> Iterator[int]:
+        """Plan the first round :data:`WRITERS` shards at a time, yielding once they are
+        recorded, so the loop submits each as soon as its file is written. A restart plans
+        again from the checkpoint's own requests: the same shards, the recorded ones kept.
+        A cancel or the deadline stops it: the requests left unplanned end ``canceled`` (the
+        deadline's round then sends them in its fallback mode)."""
+        job = self.ckpt.job()
+        requests = pl.scan_parquet(self.ckpt.path / "requests.parquet")
+        if self.ckpt.cached_file.exists():  # reused from the result cache: never sent
+            cached = pl.read_parquet(self.ckpt.cached_file, columns=["custom_id"])
+            requests = requests.filter(~pl.col("custom_id").is_in(cached["custom_id"].implode()))
+        todo = Prepared(
+            spec=self.spec,
+            provider=self.provider,
+            key=self.key,
+            rows=pl.DataFrame(),
+            requests=requests.collect(),
+        )
+        tokens = todo.requests.get_column("worst_input_tokens", default=None)
+        mode = job["mode"]
+        shards = plan(
+            todo,
+            max_requests=_shard_cap(mode, self.settings.max_shard_requests),
+            max_bytes=self.settings.max_shard_bytes,
+            max_tokens=self.settings.max_shard_tokens,
+            tokens=tokens if self.settings.max_shard_tokens is not None else None,
+            job_id=job["tag_id"],
+        )
+        known = self.ckpt.shards()
+        left = [s for s in shards if s.index not in known]
+        while left:
+            if self.canceled() or self.deadline_reached():
+                ids = pl.concat(
+                    todo.requests["custom_id"].slice(s.start, s.n_requests) for s in left
+                )
+                self._end_unplanned(ids)
+                break
+            some, left = left[:WRITERS], left[WRITERS:]
+            records = _write_planned(
+                self.ckpt, todo, some, round_=1, attempt=1, mode=mode, tokens=tokens
+            )
+            for r in records:
+                self.ckpt.append("planned", shards=[r])
+            yield len(records)
+        self.ckpt.append("planned_round", round=1, shards=len(shards) - len(left))
+
+    def _end_unplanned(self, ids: pl.Series) -> None:
+        """Requests a cancel or the deadline left unplanned: ``canceled``, never sent."""
+        rows = missing_results(ids).with_columns(
+            pl.lit("canceled").alias("status"),
+            pl.lit("canceled before it was sent").alias("error"),
+            pl.lit(False).alias("retryable"),
+        )
+        rows = rows.select(list(RESULT_SCHEMA)).with_columns(
+            pl.lit(1, pl.Int32).alias("attempt"),
+            pl.lit(-1, pl.Int32).alias("shard"),
+            pl.lit(self.settings.mode).alias("mode"),
+        )
+        self.ckpt.write_parquet(self.ckpt.path / "results" / "unplanned.parquet", rows)
 
     def refresh(self) -> int:
         """Poll every live batch once and record what it says; collect those that ended
@@ -247,8 +348,35 @@ class Engine:
                     ended += self._poll(s)
         return ended
 
+    # the provider's queue -------------------------------------------------------------------
+    def ceiling(self) -> tuple[int, int] | None:
+        """``(tokens, requests)`` the live batches stay under, learned from the provider's
+        queue refusals (:meth:`.Checkpoint.queue_ceiling`); None until one."""
+        if self._ceiling is _UNREAD:
+            self._ceiling = self.ckpt.queue_ceiling()
+        return self._ceiling  # type: ignore[return-value]
+
+    def learn_ceiling(self, s: ShardRecord, tokens: int, requests: int) -> None:
+        """Record a queue refusal of ``s`` with ``tokens`` / ``requests`` (its own included,
+        less one) live: the queue's limit is under that, for this job's model."""
+        old = self.ceiling()
+        new = (max(tokens, 0), max(requests, 0))
+        if old is not None:
+            new = (min(old[0], new[0]), min(old[1], new[1]))
+        if new != old:
+            log.info(
+                "shard %d: the provider's queue is full; keeping live batches under %s tokens "
+                "and %s requests",
+                s.index,
+                f"{new[0]:,}",
+                f"{new[1]:,}",
+            )
+            self.ckpt.append("queue_full", shard=s.index, tokens=new[0], requests=new[1])
+            self._ceiling = new
+
     # batch mode ----------------------------------------------------------------------------
-    def _submit(self, s: ShardRecord, *, active: bool) -> bool:
+    def _submit(self, s: ShardRecord, queue: _Queue) -> bool:
+        """Create ``s``'s batch, unless ``queue`` holds it back; True if anything moved."""
         if s.intent_at is not None:
             # A previous run recorded the intent and may have created the batch before dying:
             # look it up before sending anything again.
@@ -256,9 +384,12 @@ class Engine:
             if found is not None:
                 log.info("shard %d: found batch %s from an earlier run", s.index, found)
                 self.ckpt.append("submitted", shard=s.index, remote_id=found, recovered=True)
+                queue.took(s)
                 return True
             if self._ambiguous:
                 return False
+        if queue.holds(s):
+            return False
         data = self.ckpt.shard_file(s.filename).read_bytes()
         if hashlib.sha256(data).hexdigest() != s.sha256:
             raise LlmBatchError(
@@ -277,10 +408,12 @@ class Engine:
             if self.provider.stops_job(exc.status, str(exc)):
                 raise
             if exc.status == 429:
-                if active:
+                if queue.live:
                     # The provider's queue is full (or we are rate limited past our retries):
-                    # leave the shard for a later pass, once running batches have drained.
+                    # leave the shard for a later pass, and keep the live batches under what
+                    # was refused until then, so the passes do not knock again and again.
                     log.warning("shard %d: not accepted yet (%s); will retry", s.index, exc)
+                    queue.refused(s)
                     return False
                 # Refused with nothing else queued: the shard itself is over the queue limit.
                 # Its requests come back in a round of half-size shards (one request alone
@@ -299,6 +432,7 @@ class Engine:
             raise
         self.ckpt.append("submitted", shard=s.index, remote_id=remote_id)
         log.info("shard %d: submitted as %s (%d requests)", s.index, remote_id, s.requests)
+        queue.took(s)
         return True
 
     def _find(self, s: ShardRecord) -> str | None:
@@ -364,6 +498,8 @@ class Engine:
             rows = pl.concat([got, absent])
             queue_limited = False
         else:
+            if self.provider.queue_limited(st):
+                self._refused_while_queued(s)
             queue_limited = self.provider.queue_limited(st) and s.requests > 1
             status = st.unanswered
             rows = missing_results(ids).with_columns(
@@ -373,6 +509,21 @@ class Engine:
             )
         self._write_results(s, rows)
         self.ckpt.append("done", shard=s.index, queue_limited=queue_limited, counts=_counts(rows))
+
+    def _refused_while_queued(self, s: ShardRecord) -> None:
+        """A batch that failed for a full queue (OpenAI validates after the create): with
+        others live, the queue holds less than they and it did together."""
+        others = [
+            r
+            for r in self.ckpt.shards().values()
+            if r.submitted and not r.done and r.mode == "batch" and r.index != s.index
+        ]
+        if others:
+            self.learn_ceiling(
+                s,
+                sum(r.tokens for r in others) + s.tokens - 1,
+                sum(r.requests for r in others) + s.requests - 1,
+            )
 
     def _fail_shard(
         self,
@@ -709,7 +860,7 @@ class Engine:
             max_bytes=self.settings.max_shard_bytes,
             # the bounds stored with the requests when the job started
             max_tokens=self.settings.max_shard_tokens,
-            tokens=requests["worst_input_tokens"] if self.settings.max_shard_tokens else None,
+            tokens=requests.get_column("worst_input_tokens", default=None),
         )
         return True
 
@@ -734,6 +885,40 @@ class Engine:
             output_tokens=pl.lit(cap),
         )
         return float(bounds.select(cost.sum()).collect().item() or 0.0)
+
+
+class _Queue:
+    """The batches a pass sees live at the provider, and what may join them: at most
+    ``max_in_flight``, and (once the provider has refused one for a full queue) no more
+    worst-case tokens or requests than were live when it refused, less one. With nothing live
+    a shard is always sent: alone, a refusal means it is over the limit by itself (split)."""
+
+    def __init__(self, engine: Engine, shards: dict[int, ShardRecord]) -> None:
+        self.engine = engine
+        live = [
+            r for r in shards.values() if r.submitted and not r.done and r.mode not in ONE_BY_ONE
+        ]
+        self.live = len(live)
+        self.tokens = sum(r.tokens for r in live)
+        self.requests = sum(r.requests for r in live)
+
+    def holds(self, s: ShardRecord) -> bool:
+        limit = self.engine.settings.max_in_flight
+        if limit is not None and self.live >= limit:
+            return True
+        ceiling = self.engine.ceiling()
+        if ceiling is None or not self.live:
+            return False
+        tokens, requests = ceiling
+        return self.tokens + s.tokens > tokens or self.requests + s.requests > requests
+
+    def took(self, s: ShardRecord) -> None:
+        self.live += 1
+        self.tokens += s.tokens
+        self.requests += s.requests
+
+    def refused(self, s: ShardRecord) -> None:
+        self.engine.learn_ceiling(s, self.tokens + s.tokens - 1, self.requests + s.requests - 1)
 
 
 def _counts(rows: pl.DataFrame) -> dict[str, int]:

@@ -58,8 +58,9 @@ class JobStatus:
     """Where a job stands: rows by status, shards by state, money spent so far, and in a
     word (``state``): ``done``, ``not submitted`` (nothing has reached the provider yet),
     ``running at the provider``, ``sending`` (sync mode), ``retries due`` (finished batches
-    left requests to send again: ``wait()`` or ``llmbatch resume`` sends them) or
-    ``collecting`` (batches ended, results not read yet)."""
+    left requests to send again: ``wait()`` or ``llmbatch resume`` sends them),
+    ``collecting`` (batches ended, results not read yet) or ``planning`` (shard files still
+    being written and none live: the runner submits each as soon as it is written)."""
 
     rows: dict[str, int]
     shards: dict[str, int]
@@ -282,7 +283,8 @@ class Job:
         caller), then go on (poll, collect, retry) in a background thread of this process.
         A kernel that dies leaves a checkpoint any other process can resume."""
         try:
-            done = self._engine().run(0)
+            if not self._engine().run(0):
+                self._resume_background()
         except KeyboardInterrupt:  # mid-submission: what was sent is recorded
             self._say_interrupted()
             raise
@@ -290,9 +292,6 @@ class Job:
             # Another process (or Job object) runs this job: it sends and collects; this
             # handle reads what it records.
             log.info("%s is run by another process; this Job only reads it", self.path)
-            return
-        if not done:
-            self._resume_background()
 
     async def wait_async(self, timeout: float | None = None) -> Job:
         """``await job.wait_async()`` (or ``await job``): :meth:`wait` for code that runs an
@@ -435,8 +434,9 @@ class Job:
             for s in shards.values()
         )
         open_shards = [s for s in shards.values() if not s.done]
+        planning = not self._ckpt.planning_done()
         retries = 0
-        if not open_shards and results.height:
+        if not open_shards and not planning and results.height:
             # Read-only questions of the checkpoint: no transport needed.
             engine = Engine(self._ckpt, self.provider, self.spec, None, self._settings, key="")
             due = engine.due_retries(shards, results)
@@ -453,6 +453,8 @@ class Job:
             state = "running at the provider"
         elif any(s.submitted for s in open_shards):
             state = "collecting"
+        elif planning:
+            state = "planning"
         else:
             state = "not submitted"
         return JobStatus(

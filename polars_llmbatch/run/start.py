@@ -19,7 +19,7 @@ from polars_llmbatch.plan.estimate import Estimate, estimate
 from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.run.cache import cached_results, subset
 from polars_llmbatch.run.checkpoint import Checkpoint, default_root
-from polars_llmbatch.run.engine import Settings, plan_round
+from polars_llmbatch.run.engine import Settings
 from polars_llmbatch.run.transport import Transport
 
 __all__ = ["AUTO_SYNC_MAX_REQUESTS", "AUTO_SYNC_MAX_SAVINGS", "choose_mode", "start"]
@@ -124,6 +124,7 @@ def start(
                     "max_shard_requests": settings.max_shard_requests,
                     "max_shard_bytes": settings.max_shard_bytes,
                     "max_shard_tokens": settings.max_shard_tokens,
+                    "max_in_flight": settings.max_in_flight,
                 }
             ),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -136,9 +137,11 @@ def start(
             "price": price.to_dict(),
             "estimate": est.to_dict(),
         }
-        # Data, cached results and the first round's shards first, job.json last: a folder
-        # without job.json was interrupted before anything was sent, and is started afresh.
-        # Each request's worst-case input tokens go with it: retries are budgeted on them.
+        # Data and cached results first, job.json last: a folder without job.json was
+        # interrupted before anything was sent, and is started afresh. The engine then plans
+        # the first round from requests.parquet, submitting each shard as it is written
+        # ("rolling"). Each request's worst-case input tokens go with it: the shards' queue
+        # share and the retries' budget are counted on them.
         worst = todo.requests.select("custom_id", planned.worst_tokens.alias("worst_input_tokens"))
         requests = prepared.requests.select("custom_id", "body", "row").join(
             worst, on="custom_id", how="left", maintain_order="left"
@@ -146,19 +149,7 @@ def start(
         ckpt.begin(prepared.rows, requests)
         if cache.height:
             ckpt.write_parquet(ckpt.cached_file, cache)
-        plan_round(
-            ckpt,
-            todo,
-            attempt=1,
-            first_index=0,
-            job_id=job["tag_id"],
-            mode=mode,
-            max_requests=settings.max_shard_requests,
-            max_bytes=settings.max_shard_bytes,
-            max_tokens=settings.max_shard_tokens,
-            tokens=planned.worst_tokens,
-        )
-        ckpt.commit(job)
+        ckpt.commit({**job, "rolling": True})
         return ckpt, est
 
 
