@@ -17,7 +17,7 @@ from polars_llmbatch import options
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.estimate import Estimate, check_fits, estimate
 from polars_llmbatch.plan.prices import check_model, check_override
-from polars_llmbatch.plan.requests import OnNull, Prepared, prepare, render_plan
+from polars_llmbatch.plan.requests import OnNull, Prepared, prepare, render_plan, row_ids
 from polars_llmbatch.plan.shards import check_caps, check_target, plan, write_shards
 from polars_llmbatch.plan.spec import GENERATION_OPTIONS, Task
 from polars_llmbatch.plan.stream import Staged, stage
@@ -348,86 +348,95 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         base_url=args["base_url"] or prov.base_url,
     )
     args = {"dimensions": None, **args, "task": task}
-    prepared = _prepare(frame, prompt, args)
-    check_fits(prepared, args["prices"])
-    deadline = options.deadline_at(args["deadline"])
-    if deadline is not None and args["mode"] not in ("auto", "batch"):
-        raise LlmBatchError(
-            f"deadline= is for batches (mode='auto' or 'batch'); mode={args['mode']!r} sends "
-            "everything at once"
+    with contextlib.ExitStack() as stack:
+        # A LazyFrame is staged on disk (bounded memory) unless a pilot must draw from it whole;
+        # the staging folder goes once the checkpoint holds the requests.
+        prepared = (
+            _source(frame, prompt, args, stack)
+            if not args["pilot"]
+            else _prepare(frame, prompt, args)
         )
-    has_flex = prov.flex_body(prepared.spec, "{}") is not None
-    fallback = "flex" if has_flex else "sync"
-    if args["mode"] == "flex" and not has_flex:
-        what = "embeddings" if task == "embed" else f"{prov.name} requests"
-        raise LlmBatchError(
-            f"mode='flex': {what} have no flex tier (OpenAI and Gemini chat models do); use "
-            "mode='batch' for half price, or mode='sync'"
-        )
-    name = args.get("name") if task == "embed" else None
-    check_output_names(prepared.spec, prepared.key, name)
-    names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
-    clash = [c for c in output_names(prepared.spec, name, args["usage"]) if c in names]
-    if clash:
-        raise LlmBatchError(
-            f"the frame already has column(s) {clash}, which the results would add; rename them "
-            "or pick another output= name"
-        )
-    settings = Settings(
-        mode=args["mode"],
-        max_attempts=max_attempts,
-        max_cost=args["max_cost"],
-        poll_interval=args["poll_interval"],
-        max_poll_interval=max(args["poll_interval"], Settings.max_poll_interval),
-        concurrency=args["concurrency"],
-        progress=args["progress"],
-        max_shard_requests=args["max_shard_requests"],
-        max_shard_bytes=args["max_shard_bytes"],
-        max_shard_tokens=args["max_shard_tokens"],
-        max_in_flight=args["max_in_flight"],
-    )
-    max_cost = args["max_cost"]
-    report = None
-    if args["pilot"] and not _job_exists(args["checkpoint"]):
-        planning = {k: args[k] for k in ("prices", "max_shard_requests", "max_shard_bytes")}
-        planning.update(
+        check_fits(prepared, args["prices"])
+        deadline = options.deadline_at(args["deadline"])
+        if deadline is not None and args["mode"] not in ("auto", "batch"):
+            raise LlmBatchError(
+                f"deadline= is for batches (mode='auto' or 'batch'); mode={args['mode']!r} sends "
+                "everything at once"
+            )
+        has_flex = prov.flex_body(prepared.spec, "{}") is not None
+        fallback = "flex" if has_flex else "sync"
+        if args["mode"] == "flex" and not has_flex:
+            what = "embeddings" if task == "embed" else f"{prov.name} requests"
+            raise LlmBatchError(
+                f"mode='flex': {what} have no flex tier (OpenAI and Gemini chat models do); use "
+                "mode='batch' for half price, or mode='sync'"
+            )
+        name = args.get("name") if task == "embed" else None
+        check_output_names(prepared.spec, prepared.key, name)
+        names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+        clash = [c for c in output_names(prepared.spec, name, args["usage"]) if c in names]
+        if clash:
+            raise LlmBatchError(
+                f"the frame already has column(s) {clash}, which the results would add; rename them "
+                "or pick another output= name"
+            )
+        settings = Settings(
+            mode=args["mode"],
+            max_attempts=max_attempts,
+            max_cost=args["max_cost"],
+            poll_interval=args["poll_interval"],
+            max_poll_interval=max(args["poll_interval"], Settings.max_poll_interval),
+            concurrency=args["concurrency"],
+            progress=args["progress"],
+            max_shard_requests=args["max_shard_requests"],
+            max_shard_bytes=args["max_shard_bytes"],
             max_shard_tokens=args["max_shard_tokens"],
-            expected_output_tokens=args["expected_output_tokens"],
-            exact=max_cost is not None,
+            max_in_flight=args["max_in_flight"],
         )
-        from polars_llmbatch.run.pilot import budget_left, run_pilot
+        max_cost = args["max_cost"]
+        report = None
+        if args["pilot"] and not _job_exists(args["checkpoint"]):
+            planning = {k: args[k] for k in ("prices", "max_shard_requests", "max_shard_bytes")}
+            planning.update(
+                max_shard_tokens=args["max_shard_tokens"],
+                expected_output_tokens=args["expected_output_tokens"],
+                exact=max_cost is not None,
+            )
+            from polars_llmbatch.run.pilot import budget_left, run_pilot
 
-        report = run_pilot(
-            prepared, args["pilot"], checkpoint=args["checkpoint"], creds=creds,
-            settings=settings, tags=tags, planning=planning, max_cost=max_cost,
-        )  # fmt: skip
-        max_cost = budget_left(max_cost, report)
-        settings = Settings(**{**settings.__dict__, "max_cost": max_cost})
-    transport = Transport(creds)
-    ckpt, _ = start(
-        prepared,
-        checkpoint=args["checkpoint"],
-        mode=args["mode"],
-        settings=settings,
-        transport=transport,
-        tags=tags,
-        estimate_args={
-            "prices": args["prices"],
-            "expected_output_tokens": args["expected_output_tokens"],
-            "max_shard_requests": args["max_shard_requests"],
-            "max_shard_bytes": args["max_shard_bytes"],
-            "max_shard_tokens": args["max_shard_tokens"],
-            **_calibration(prepared, args["calibrate"], transport),
-            "pilot": report,
-        },
-        max_cost=max_cost,
-        output_name=name,
-        deadline=deadline,
-        fallback=fallback,
-    )
-    rows = prepared.rows  # this call's rows: a reattached job may list them in another order
-    row_ids = prepared.row_ids
-    del prepared  # the checkpoint holds the requests now; waiting needs none of it in memory
+            report = run_pilot(
+                prepared, args["pilot"], checkpoint=args["checkpoint"], creds=creds,
+                settings=settings, tags=tags, planning=planning, max_cost=max_cost,
+            )  # fmt: skip
+            max_cost = budget_left(max_cost, report)
+            settings = Settings(**{**settings.__dict__, "max_cost": max_cost})
+        transport = Transport(creds)
+        ckpt, _ = start(
+            prepared,
+            checkpoint=args["checkpoint"],
+            mode=args["mode"],
+            settings=settings,
+            transport=transport,
+            tags=tags,
+            estimate_args={
+                "prices": args["prices"],
+                "expected_output_tokens": args["expected_output_tokens"],
+                "max_shard_requests": args["max_shard_requests"],
+                "max_shard_bytes": args["max_shard_bytes"],
+                "max_shard_tokens": args["max_shard_tokens"],
+                **_calibration(prepared, args["calibrate"], transport),
+                "pilot": report,
+            },
+            max_cost=max_cost,
+            output_name=name,
+            deadline=deadline,
+            fallback=fallback,
+        )
+        # this call's rows (a reattached job may list them in another order); a staged frame's
+        # are read from the checkpoint when needed
+        rows = prepared.rows if isinstance(prepared, Prepared) else None
+        ids = prepared.row_ids if isinstance(prepared, Prepared) else row_ids(prepared.plan)
+        del prepared  # the checkpoint holds the requests now; waiting needs none of it in memory
     settings = Settings(**{**settings.__dict__, "mode": ckpt.job()["mode"]})
     job = Job(
         ckpt,
@@ -436,7 +445,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
         settings=settings,
         usage=args["usage"],
         rows=rows,
-        row_ids=row_ids,
+        row_ids=ids,
     )
     if not args["wait"]:
         job._start_background()  # submitted when this returns; polled in the background

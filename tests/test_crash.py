@@ -65,10 +65,10 @@ CHILD = textwrap.dedent(
     engine.write_shard_files = crashing_shards
 
     write = checkpoint.Checkpoint.write_parquet
-    def crashing_write(self, path, frame):
+    def crashing_write(self, path, frame, **kw):
         if stage == "writing_results" and path.parent.name == "results":
             die()  # raw results on disk, parsed rows not
-        return write(self, path, frame)
+        return write(self, path, frame, **kw)
     checkpoint.Checkpoint.write_parquet = crashing_write
 
     df = pl.DataFrame({"body": [f"ticket {i}: {'refund' if i % 3 else 'crash'}" for i in range(90)]})

@@ -25,6 +25,7 @@ from polars_llmbatch.plan.shards import plan, shard_bytes
 
 PROMPT = "Classify this ticket: {body}"
 COLUMNS = ["custom_id", "body", "user", "row", "payload"]
+CATS = ["billing", "bug", "feature"]
 
 
 def _tickets(n: int, seed: int = 0) -> pl.DataFrame:
@@ -226,3 +227,96 @@ def test_a_key_named_like_a_request_column(tmp_path: Path, name: str) -> None:
     assert pl.concat(staged.pieces(whole.requests.columns)).equals(whole.requests)
     reqs = df.lazy().llm.requests(PROMPT, **kw)
     assert reqs.equals(df.llm.requests(PROMPT, **kw))
+
+
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [("openai", "gpt-4o-mini"), ("anthropic", "claude-haiku-4-5"), ("gemini", "gemini-2.5-flash")],
+)
+def test_shards_planned_from_the_stored_requests_are_the_same(
+    tmp_path: Path, provider: str, model: str
+) -> None:
+    from polars_llmbatch.plan.requests import Prepared
+    from polars_llmbatch.plan.stored import StoredRequests
+    from polars_llmbatch.plan.subset import Subset
+
+    kw = {"options": {"max_output_tokens": 100}} if provider == "anthropic" else {}
+    whole = prepare(_tickets(2_500, seed=5), PROMPT, provider=provider, model=model, **kw)
+    path = tmp_path / "requests.parquet"
+    whole.requests.select("custom_id", "body", "row").write_parquet(path, row_group_size=97)
+    # requests reused from the result cache leave the plan: every 7th, and a whole row group
+    ids = whole.requests["custom_id"]
+    cached = pl.concat([ids.gather_every(7), ids.slice(97 * 3, 97)]).unique()
+    kept = whole.requests.filter(~pl.col("custom_id").is_in(cached.implode()))
+    memory = Prepared(whole.spec, whole.provider, whole.key, whole.rows, kept)
+    stored = Subset(StoredRequests(path, whole.spec, whole.provider), cached)
+    assert stored.n_requests == kept.height
+    caps = {"max_bytes": 25_000, "job_id": "j"}
+    shards = plan(stored, **caps)
+    assert shards == plan(memory, **caps) and len(shards) > 10
+    for shard in shards:
+        assert shard_bytes(stored, shard) == shard_bytes(memory, shard)
+    at = pl.Series([0, 5, 96, 97, 1000, kept.height - 1])
+    assert stored.gather(at, ["custom_id"]).equals(kept[at].select("custom_id"))
+
+
+def _checkpoint_files(ckpt: Path) -> dict[str, Any]:
+    """What a job's checkpoint holds of its data: rows, requests and every shard's bytes."""
+    return {
+        "rows": pl.read_parquet(ckpt / "rows.parquet"),
+        "requests": pl.read_parquet(ckpt / "requests.parquet"),
+        "shards": {p.name: p.read_bytes() for p in sorted((ckpt / "shards").glob("*.json*"))},
+    }
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_lazyframe_batch_is_staged_and_makes_the_dataframe_job(
+    tmp_path: Path, provider: str, monkeypatch
+) -> None:
+    from helpers import batch
+
+    from polars_llmbatch import namespace
+    from polars_llmbatch.emulator import serve
+
+    df = _tickets(1_200, seed=9)
+    df.write_parquet(tmp_path / "t.parquet")
+    kw = {"output": ["billing", "bug"], "id": "ticket_id", "max_shard_requests": 150}
+    with serve(batch_seconds=0.1) as emu:
+        whole = batch(df, emu, tmp_path / "a" / "mem", provider, prompt=PROMPT, **kw)
+        # the LazyFrame is never prepared in memory: only staged
+        monkeypatch.setattr(namespace, "prepare", lambda *a, **k: pytest.fail("in memory"))
+        lazy = batch(pl.scan_parquet(tmp_path / "t.parquet"), emu, tmp_path / "b" / "staged",
+                     provider, prompt=PROMPT, **kw)  # fmt: skip
+    a, b = _checkpoint_files(tmp_path / "a" / "mem"), _checkpoint_files(tmp_path / "b" / "staged")
+    assert a["rows"].equals(b["rows"]) and a["requests"].equals(b["requests"])
+    assert a["shards"] == b["shards"] and len(a["shards"]) >= 5
+    out = lazy.collect()
+    assert out.equals(whole) and set(out["llm_status"]) >= {"succeeded", "skipped"}
+
+
+def test_a_staged_batch_reuses_the_result_cache(tmp_path: Path) -> None:
+    from helpers import batch
+
+    from polars_llmbatch.emulator import model, serve
+
+    df = _tickets(900, seed=11).drop_nulls("body")
+    df.write_parquet(tmp_path / "t.parquet")
+    with serve(batch_seconds=0.1) as emu:
+        batch(df.head(500), emu, tmp_path / "jobs" / "first", output=CATS, prompt=PROMPT)
+        paid = len(emu.ledger.billed)
+        lazy = pl.scan_parquet(tmp_path / "t.parquet")
+        out = batch(lazy, emu, tmp_path / "jobs" / "second", output=CATS, prompt=PROMPT)
+        out = out.collect()
+        second = len(emu.ledger.billed) - paid
+        requests = pl.read_parquet(tmp_path / "jobs" / "second" / "requests.parquet")
+    # only the requests the first job never sent were paid for again
+    unique = df["body"].unique().len()
+    assert second == unique - df.head(500)["body"].unique().len()
+    # the cached ones carry no worst case of their own: they are never sent
+    cached = pl.read_parquet(tmp_path / "jobs" / "second" / "results" / "cached.parquet")
+    assert (
+        requests.height == unique and requests["worst_input_tokens"].null_count() == cached.height
+    )
+    assert set(out["llm_status"]) == {"succeeded"}
+    expected = [model.enum_pick(f"Classify this ticket: {b}", "label", CATS) for b in df["body"]]
+    assert out["label"].cast(pl.String).to_list() == expected

@@ -15,9 +15,7 @@ from polars_llmbatch.errors import BudgetExceededError, LlmBatchError, RequestTo
 from polars_llmbatch.plan.calibrate import SAMPLE as CALIBRATE_SAMPLE
 from polars_llmbatch.plan.calibrate import Counter, calibrate
 from polars_llmbatch.plan.prices import HALF_PRICE_MODES, Price, lookup_price, model_hint, tiers_of
-from polars_llmbatch.plan.requests import Prepared
-from polars_llmbatch.plan.shards import Shard, plan
-from polars_llmbatch.plan.stream import Staged
+from polars_llmbatch.plan.shards import Shard, Source, plan
 from polars_llmbatch.plan.tokens.counting import count_texts, sample_positions, scale_sample
 from polars_llmbatch.plan.tokens.encodings import encoding_source, get_encoding
 from polars_llmbatch.providers import TokenRule
@@ -28,8 +26,6 @@ __all__ = ["EXACT_THRESHOLD", "Estimate", "estimate"]
 #: (unless ``exact=True``).
 EXACT_THRESHOLD = 20_000
 SAMPLE_SIZE = 10_000
-#: The requests an estimate reads: in memory, or staged on disk by streaming preparation.
-Source = Prepared | Staged
 
 
 @dataclass(frozen=True)

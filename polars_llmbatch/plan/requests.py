@@ -347,9 +347,15 @@ def prepare_plan(
         key=key,
         rows=rows,
         requests=requests,
-        row_ids=RowIds({internal[n]: e for n, e in rplan.texts.items()}, rplan.digest),
+        row_ids=row_ids(rplan),
         prompt=prompt.source if isinstance(prompt, Template) else str(prompt),
     )
+
+
+def row_ids(rplan: RenderPlan) -> RowIds:
+    """How rows map to the requests ``rplan`` renders (for a result plan's join on them)."""
+    internal = rplan.internal()
+    return RowIds({internal[n]: e for n, e in rplan.texts.items()}, rplan.digest)
 
 
 def check_unique(rows: pl.LazyFrame, id: str) -> None:

@@ -17,13 +17,16 @@ from polars_llmbatch import _json
 from polars_llmbatch._fs import fsync
 from polars_llmbatch.errors import LlmBatchError, RequestTooLargeError
 from polars_llmbatch.plan.requests import Prepared
+from polars_llmbatch.plan.stored import StoredRequests
 from polars_llmbatch.plan.stream import Staged
+from polars_llmbatch.plan.subset import Subset
 from polars_llmbatch.providers import Framing, Provider
 
 __all__ = ["Shard", "plan", "shard_bytes", "write_shard_files", "write_shards"]
 
-#: The requests shards are cut from: in memory, or staged on disk by streaming preparation.
-Source = Prepared | Staged
+#: The requests shards are cut from: in memory, staged on disk by streaming preparation, or
+#: read back from a job's requests.parquet (any of them less the cached ones).
+Source = Prepared | Staged | StoredRequests | Subset
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ import duckdb
 import polars as pl
 
 from polars_llmbatch.plan.requests import Prepared
+from polars_llmbatch.plan.stream import Staged
 
 __all__ = ["cached_results", "subset"]
 
 
 def cached_results(
-    prepared: Prepared, root: Path, *, exclude: Path | None, base_url: str
+    prepared: Prepared | Staged, root: Path, *, exclude: Path | None, base_url: str
 ) -> pl.DataFrame:
     """Succeeded results of this job's requests found in other checkpoints under ``root`` that
     ran against the same base URL (an emulator's answers are never reused as a provider's)."""
@@ -34,8 +35,14 @@ def cached_results(
         files += [str(f) for f in (folder / "results").glob("*.parquet")]
     if not files:
         return pl.DataFrame()
+    # the job's ids (staged requests: read a piece at a time, only their ids held)
+    ids = (
+        pl.concat(prepared.pieces(["custom_id"]))
+        if prepared.n_requests
+        else pl.DataFrame(schema={"custom_id": pl.String})
+    )
     with duckdb.connect() as con:
-        con.register("ids", prepared.requests.select("custom_id"))
+        con.register("ids", ids)
         # The paths are a bound parameter, never SQL text: any folder name is safe.
         found = con.sql(
             """SELECT * EXCLUDE (attempt, shard, mode) FROM read_parquet($files,

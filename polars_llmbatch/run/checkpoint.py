@@ -37,6 +37,7 @@ import polars as pl
 
 from polars_llmbatch._fs import fsync
 from polars_llmbatch.errors import LlmBatchError
+from polars_llmbatch.plan.stored import ROW_GROUP
 
 __all__ = ["Checkpoint", "LockedError", "ShardRecord", "default_root"]
 
@@ -164,9 +165,15 @@ class Checkpoint:
                 "pass checkpoint= a folder you can write to"
             ) from None
 
-    def begin(self, rows: pl.DataFrame, requests: pl.DataFrame) -> None:
-        """Write a new job's data files. Until :meth:`commit` writes ``job.json`` the folder is
-        not a job, and a run that died in between starts it afresh (nothing was sent)."""
+    def begin(
+        self,
+        rows: pl.DataFrame | pl.LazyFrame,
+        requests: pl.DataFrame | Callable[[Path], None],
+    ) -> None:
+        """Write a new job's data files (``rows`` a frame or a plan sunk to the file,
+        ``requests`` a frame or a writer of the file). Until :meth:`commit` writes
+        ``job.json`` the folder is not a job, and a run that died in between starts it afresh
+        (nothing was sent)."""
         self.check_writable()
         if self.unfinished():
             for entry in self.path.iterdir():
@@ -175,8 +182,15 @@ class Checkpoint:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         for sub in ("shards", "raw", "results"):
             (self.path / sub).mkdir(exist_ok=True)
-        self.write_parquet(self.path / "rows.parquet", rows)
-        self.write_parquet(self.path / "requests.parquet", requests)
+        if isinstance(rows, pl.LazyFrame):
+            _atomic(self.path / "rows.parquet", rows.sink_parquet)
+        else:
+            self.write_parquet(self.path / "rows.parquet", rows)
+        if callable(requests):
+            _atomic(self.path / "requests.parquet", requests)
+        else:
+            # small row groups: the first round is planned from this file a row group at a time
+            self.write_parquet(self.path / "requests.parquet", requests, row_group_size=ROW_GROUP)
 
     def commit(self, job: dict[str, Any]) -> None:
         self.write_bytes(self.job_file, json.dumps({"format": FORMAT, **job}, indent=1).encode())
@@ -241,8 +255,10 @@ class Checkpoint:
     def write_bytes(self, path: Path, data: bytes) -> None:
         _atomic(path, lambda tmp: tmp.write_bytes(data))
 
-    def write_parquet(self, path: Path, frame: pl.DataFrame) -> None:
-        _atomic(path, frame.write_parquet)
+    def write_parquet(
+        self, path: Path, frame: pl.DataFrame, *, row_group_size: int | None = None
+    ) -> None:
+        _atomic(path, lambda tmp: frame.write_parquet(tmp, row_group_size=row_group_size))
 
     # the event log -------------------------------------------------------------------------
     def append(self, event: str, **fields: Any) -> None:

@@ -34,6 +34,8 @@ from polars_llmbatch.plan.prices import HALF_PRICE_MODES, cost_expr
 from polars_llmbatch.plan.requests import Prepared
 from polars_llmbatch.plan.shards import WRITERS, Shard, plan, write_shard_files
 from polars_llmbatch.plan.spec import RequestSpec
+from polars_llmbatch.plan.stored import StoredRequests
+from polars_llmbatch.plan.subset import Subset
 from polars_llmbatch.providers import Provider
 from polars_llmbatch.providers.base import AmbiguousBatch, RemoteState
 from polars_llmbatch.run.checkpoint import Checkpoint, ShardRecord
@@ -109,6 +111,10 @@ def plan_round(
     return len(shards)
 
 
+def _ids(source: Prepared | StoredRequests | Subset, start: int, n: int) -> pl.Series:
+    return pl.concat([p["custom_id"] for p in source.span(start, n, ["custom_id"])])
+
+
 def _shard_cap(mode: str, max_requests: int | None) -> int | None:
     if mode in ONE_BY_ONE:
         return min(max_requests or SYNC_SHARD_REQUESTS, SYNC_SHARD_REQUESTS)
@@ -117,7 +123,7 @@ def _shard_cap(mode: str, max_requests: int | None) -> int | None:
 
 def _write_planned(
     ckpt: Checkpoint,
-    prepared: Prepared,
+    source: Prepared | StoredRequests | Subset,
     shards: list[Shard],
     *,
     round_: int,
@@ -126,10 +132,10 @@ def _write_planned(
     tokens: pl.Series | None,
 ) -> list[dict[str, Any]]:
     """Write ``shards``' files and id lists; their ``planned`` records."""
-    write_shard_files(prepared, shards, ckpt.path / "shards")
+    write_shard_files(source, shards, ckpt.path / "shards")
     records = []
     for s in shards:
-        ids = prepared.requests["custom_id"].slice(s.start, s.n_requests)
+        ids = _ids(source, s.start, s.n_requests)
         ckpt.write_parquet(ckpt.ids_file(s.index), pl.DataFrame({"custom_id": ids}))
         held = tokens.slice(s.start, s.n_requests).fill_null(0).sum() if tokens is not None else 0
         records.append(
@@ -284,18 +290,16 @@ class Engine:
         A cancel or the deadline stops it: the requests left unplanned end ``canceled`` (the
         deadline's round then sends them in its fallback mode)."""
         job = self.ckpt.job()
-        requests = pl.scan_parquet(self.ckpt.path / "requests.parquet")
+        cached = None
         if self.ckpt.cached_file.exists():  # reused from the result cache: never sent
-            cached = pl.read_parquet(self.ckpt.cached_file, columns=["custom_id"])
-            requests = requests.filter(~pl.col("custom_id").is_in(cached["custom_id"].implode()))
-        todo = Prepared(
-            spec=self.spec,
-            provider=self.provider,
-            key=self.key,
-            rows=pl.DataFrame(),
-            requests=requests.collect(),
+            cached = pl.read_parquet(self.ckpt.cached_file, columns=["custom_id"])["custom_id"]
+        todo: StoredRequests | Subset = StoredRequests(
+            self.ckpt.path / "requests.parquet", self.spec, self.provider
         )
-        tokens = todo.requests.get_column("worst_input_tokens", default=None)
+        if cached is not None:
+            todo = Subset(todo, cached)
+        held = [p["worst_input_tokens"] for p in todo.pieces(["worst_input_tokens"])]
+        tokens = pl.concat(held, rechunk=True) if held else pl.Series([], dtype=pl.Int64)
         mode = job["mode"]
         shards = plan(
             todo,
@@ -309,10 +313,8 @@ class Engine:
         left = [s for s in shards if s.index not in known]
         while left:
             if self.canceled() or self.deadline_reached():
-                ids = pl.concat(
-                    todo.requests["custom_id"].slice(s.start, s.n_requests) for s in left
-                )
-                self._end_unplanned(ids)
+                start, stop = left[0].start, left[-1].stop
+                self._end_unplanned(_ids(todo, start, stop - start))
                 break
             some, left = left[:WRITERS], left[WRITERS:]
             records = _write_planned(

@@ -13,10 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+import pyarrow.parquet as pq
+
 from polars_llmbatch import options
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.estimate import Estimate, estimate
 from polars_llmbatch.plan.requests import Prepared
+from polars_llmbatch.plan.stored import ROW_GROUP
+from polars_llmbatch.plan.stream import Staged
+from polars_llmbatch.plan.subset import Subset
 from polars_llmbatch.run.cache import cached_results, subset
 from polars_llmbatch.run.checkpoint import Checkpoint, default_root
 from polars_llmbatch.run.engine import Settings
@@ -38,7 +44,7 @@ AUTO_MIN_BATCH_SECONDS = 1800
 
 
 def start(
-    prepared: Prepared,
+    prepared: Prepared | Staged,
     *,
     checkpoint: str | Path | None,
     mode: str,
@@ -55,7 +61,8 @@ def start(
 
     Reattaching needs the same spec and the same requests; anything else is refused. A new
     job first reuses succeeded results of identical requests from its sibling checkpoints (the
-    result cache), then estimates and budget-checks only what is left to send.
+    result cache), then estimates and budget-checks only what is left to send. Staged
+    requests are copied into the checkpoint a piece at a time, never held whole.
     """
     if mode not in ("batch", "sync", "flex", "auto"):
         raise LlmBatchError(f"mode= must be 'batch', 'sync', 'flex' or 'auto', not {mode!r}")
@@ -81,15 +88,19 @@ def start(
             exclude=Path(checkpoint) if checkpoint else None,
             base_url=transport.base_url,
         )
-        todo = subset(prepared, cache["custom_id"]) if cache.height else prepared
+        todo: Prepared | Staged | Subset = prepared
+        if cache.height:
+            todo = (
+                subset(prepared, cache["custom_id"])
+                if isinstance(prepared, Prepared)
+                else Subset(prepared, cache["custom_id"])
+            )
         # A budget is a promise: every request is counted, so the worst case is a bound.
         planned = estimate(todo, **{"exact": max_cost is not None, **estimate_args})
         est = planned.estimate
         if mode == "auto":
             mode = choose_mode(est, max_cost, deadline=deadline, fallback=fallback)
-            log.info(
-                "mode='auto' runs this job in %s mode (%d requests)", mode, todo.requests.height
-            )
+            log.info("mode='auto' runs this job in %s mode (%d requests)", mode, todo.n_requests)
         path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
         ckpt = Checkpoint(path)
         est.check_budget(max_cost, mode)
@@ -131,8 +142,8 @@ def start(
             # batches until then; at it, the rest in ``fallback`` mode (engine.Engine)
             "deadline": deadline.isoformat() if deadline is not None and mode == "batch" else None,
             "fallback": fallback,
-            "rows": prepared.rows.height,
-            "requests": prepared.requests.height,
+            "rows": prepared.n_rows,
+            "requests": prepared.n_requests,
             "cached": cache.height,
             "price": price.to_dict(),
             "estimate": est.to_dict(),
@@ -142,11 +153,20 @@ def start(
         # the first round from requests.parquet, submitting each shard as it is written
         # ("rolling"). Each request's worst-case input tokens go with it: the shards' queue
         # share and the retries' budget are counted on them.
-        worst = todo.requests.select("custom_id", planned.worst_tokens.alias("worst_input_tokens"))
-        requests = prepared.requests.select("custom_id", "body", "row").join(
-            worst, on="custom_id", how="left", maintain_order="left"
-        )
-        ckpt.begin(prepared.rows, requests)
+        if isinstance(prepared, Prepared):
+            worst = todo.requests.select(  # type: ignore[union-attr]
+                "custom_id", planned.worst_tokens.alias("worst_input_tokens")
+            )
+            requests = prepared.requests.select("custom_id", "body", "row").join(
+                worst, on="custom_id", how="left", maintain_order="left"
+            )
+            ckpt.begin(prepared.rows, requests)
+        else:
+            excluded = cache["custom_id"] if cache.height else None
+            ckpt.begin(
+                prepared.row_table(),
+                lambda path: _write_requests(path, prepared, planned.worst_tokens, excluded),
+            )
         if cache.height:
             ckpt.write_parquet(ckpt.cached_file, cache)
         ckpt.commit({**job, "rolling": True})
@@ -215,11 +235,43 @@ def choose_mode(
     return "batch"
 
 
-def _dirname(prepared: Prepared, mode: str) -> str:
+def _write_requests(
+    path: Path, staged: Staged, worst: pl.Series, excluded: pl.Series | None
+) -> None:
+    """The checkpoint's requests.parquet from staged requests, a piece at a time: ``custom_id``,
+    ``body``, ``row`` and each request's ``worst`` input tokens (given for those not
+    ``excluded``, in order; null for the excluded, reused from the result cache)."""
+    writer: pq.ParquetWriter | None = None
+    offset = 0
+    try:
+        for piece in staged.pieces(["custom_id", "body", "row"]):
+            if excluded is None:
+                tokens = worst.slice(offset, piece.height)
+            else:
+                kept = (~piece["custom_id"].is_in(excluded.implode())).arg_true()
+                tokens = pl.repeat(None, piece.height, dtype=worst.dtype, eager=True).scatter(
+                    kept, worst.slice(offset, len(kept))
+                )
+            offset += len(tokens) if excluded is None else len(kept)
+            table = piece.with_columns(tokens.alias("worst_input_tokens")).to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=ROW_GROUP)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # no requests at all: an empty file of the same columns
+        pl.DataFrame(
+            schema={"custom_id": pl.String, "body": pl.String, "row": pl.Int64,
+                    "worst_input_tokens": worst.dtype}
+        ).write_parquet(path)  # fmt: skip
+
+
+def _dirname(prepared: Prepared | Staged, mode: str) -> str:
     return prepared.job_id if mode == "batch" else f"{prepared.job_id}-{mode}"
 
 
-def _check_same(ckpt: Checkpoint, prepared: Prepared, mode: str) -> None:
+def _check_same(ckpt: Checkpoint, prepared: Prepared | Staged, mode: str) -> None:
     job = ckpt.job()
     if job["spec_digest"] != prepared.spec.digest():
         theirs, ours = job["spec"], prepared.spec.to_dict()
@@ -238,7 +290,7 @@ def _check_same(ckpt: Checkpoint, prepared: Prepared, mode: str) -> None:
     if job["job_id"] != prepared.job_id:
         raise LlmBatchError(
             f"checkpoint {str(ckpt.path)!r} holds the same spec over different rows "
-            f"({job['requests']:,} unique requests there, {prepared.requests.height:,} now: "
+            f"({job['requests']:,} unique requests there, {prepared.n_requests:,} now: "
             "rows were added, removed or changed); use another checkpoint= in the same folder: "
             "results already paid for are reused"
         )
