@@ -17,6 +17,13 @@ times (medians):
    20,000 unique requests) and :func:`.shards.write_shards` (the shard files, fsynced): what
    ``llmbatch estimate`` plus ``llmbatch requests --write-to`` do, staged once. Timed per step.
 
+With ``--batch``, also:
+
+3. ``batch``: ``scan_parquet(...).llm.batch(..., wait=False, max_in_flight=1)`` against the
+   emulator (its own process): staging, the checkpoint's rows and requests, the estimate, the
+   whole first round's shard files planned and written by the engine, and one batch submitted
+   (the rest held by ``max_in_flight``): what a job holds in memory before its answers come.
+
 Peak RSS is the child's ``VmHWM`` (resident, page-cache mappings included) and ``RssAnon`` at
 the end (its own heap). Run by hand::
 
@@ -103,6 +110,37 @@ def _pipeline(files: list[str], out: str, queue: Any) -> None:
     })  # fmt: skip
 
 
+def _batch(files: list[str], out: str, queue: Any) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_emulator import start_emulator
+
+    import polars_llmbatch  # noqa: F401
+    from polars_llmbatch.sample import CATEGORIES
+
+    emulator, url = start_emulator(60.0)
+    try:
+        started = time.perf_counter()
+        job = pl.scan_parquet(files).llm.batch(
+            PROMPT, provider="openai", model="gpt-4o-mini", output=CATEGORIES,
+            max_output_tokens=20, checkpoint=Path(out) / "job", api_key="k", base_url=url,
+            wait=False, max_in_flight=1, progress=False,
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        memory = _status()  # before anything reads the results or the row table back
+        job.close()
+    finally:
+        emulator.kill()
+    ckpt = sum(p.stat().st_size for p in (Path(out) / "job").rglob("*") if p.is_file())
+    events = (Path(out) / "job" / "events.jsonl").read_text()
+    shards = {
+        "planned": events.count('"event":"planned"'),
+        "submitted": events.count('"submitted"'),
+    }
+    queue.put({"seconds": seconds, **memory, "shards": shards, "checkpoint_bytes": ckpt})
+
+
 def _run(target: Any, files: list[str], scratch: Path) -> dict[str, Any]:
     out = Path(tempfile.mkdtemp(dir=scratch))
     ctx = multiprocessing.get_context("spawn")
@@ -121,6 +159,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--data", type=Path, default=Path("/work/bench_data/p"))
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--batch", action="store_true", help="also time lf.llm.batch's start")
     args = parser.parse_args()
     print(f"polars {pl.__version__}; files of {FILE_ROWS:,} rows in {args.data}")
     rows = []
@@ -134,6 +173,15 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         rows.append((millions, floor, med))
         print(json.dumps({"millions": millions, "floor": floors, "pipeline": runs}))
+        if args.batch:
+            started = _run(_batch, files, args.scratch)
+            print(json.dumps({"millions": millions, "batch": started}))
+            print(
+                f"batch start, {millions}M rows: {started['seconds']:.1f} s "
+                f"({started['seconds'] / floor:.1f}× the floor), peak RSS "
+                f"{started['VmHWM'] / 2**20:,.0f} MB, RssAnon {started['RssAnon'] / 2**20:,.0f} MB, "
+                f"checkpoint {started['checkpoint_bytes'] / 1e9:.1f} GB, shards {started['shards']}"
+            )
     print()
     print("| rows | floor | stage | estimate | shard files | **total** | × floor | peak RSS "
           "(VmHWM) | RssAnon at end | staged on disk | shard files |")  # fmt: skip
