@@ -162,3 +162,30 @@ def test_a_cancel_from_another_process_mid_planning_stops_it(tmp_path: Path, mon
     assert sum(s.cancel_sent for s in ckpt.shards().values()) == 4  # the live ones asked
     assert ckpt.planning_done() and max(ckpt.shards()) == 5  # 4 and 5 written, never sent
     assert set(out["llm_status"]) == {"canceled"} and out.height == 40
+
+
+def test_the_deadline_mid_planning_sends_the_unplanned_by_the_fallback(
+    tmp_path: Path, monkeypatch
+) -> None:
+    write = engine.write_shard_files
+    passed = {"yet": False}
+
+    def deadline_at_shard_4(source, shards, out):
+        passed["yet"] |= shards[0].index == 4  # shards 0-3 are live by now
+        return write(source, shards, out)
+
+    monkeypatch.setattr(engine, "write_shard_files", deadline_at_shard_4)
+    monkeypatch.setattr(engine.Engine, "past_deadline", lambda self: passed["yet"])
+    with serve(batch_seconds=5) as emu:
+        out = batch(frame(40), emu, tmp_path / "j", output="answer", max_shard_requests=4,
+                    deadline=3600.0)  # fmt: skip
+        bills = emu.ledger.billed
+        assert len(emu.ledger.batches) == 4  # nothing created past the deadline
+    assert set(out["llm_status"]) == {"succeeded"} and out.height == 40
+    ids = [b["custom_id"] for b in bills if b["custom_id"]]  # sync bills carry none
+    assert len(bills) == 40 and len(ids) == len(set(ids))  # each paid once, batch or fallback
+    assert {b["tier"] for b in bills} <= {"batch", "flex"} and "flex" in {b["tier"] for b in bills}
+    ckpt = Checkpoint(tmp_path / "j")
+    first = [s for s in ckpt.shards().values() if s.round == 1]
+    assert [s.index for s in first] == [0, 1, 2, 3, 4, 5]  # 6-9 never planned as batches
+    assert {s.mode for s in ckpt.shards().values() if s.round > 1} == {"flex"}

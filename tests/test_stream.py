@@ -320,3 +320,45 @@ def test_a_staged_batch_reuses_the_result_cache(tmp_path: Path) -> None:
     assert set(out["llm_status"]) == {"succeeded"}
     expected = [model.enum_pick(f"Classify this ticket: {b}", "label", CATS) for b in df["body"]]
     assert out["label"].cast(pl.String).to_list() == expected
+
+
+def test_killed_while_the_checkpoint_takes_the_staged_requests(tmp_path: Path) -> None:
+    """kill -9 while a LazyFrame's staged requests are copied into its checkpoint (before
+    job.json, so before anything is sent): the same call again starts the job afresh and pays
+    each request once."""
+    from polars_llmbatch.emulator import model, serve
+
+    df = _tickets(3_000, seed=13).drop_nulls("body")
+    df.write_parquet(tmp_path / "t.parquet")
+    ckpt = tmp_path / "job"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, polars as pl, polars_llmbatch
+        from polars_llmbatch.plan import stream
+        pieces = stream.Staged.pieces
+        def dying(self, columns):
+            for piece in pieces(self, columns):
+                yield piece
+                if os.path.exists({str(ckpt / "requests.parquet.tmp")!r}):
+                    os.kill(os.getpid(), signal.SIGKILL)  # the file half-written
+        if sys.argv[2] == "die":
+            stream.Staged.pieces = dying
+        out = pl.scan_parquet({str(tmp_path / "t.parquet")!r}).llm.batch(
+            {PROMPT!r}, provider="openai", model="gpt-4o-mini", output={CATS!r},
+            checkpoint={str(ckpt)!r}, api_key="k", base_url=sys.argv[1], progress=False,
+            poll_interval=0.02, max_shard_requests=500)
+        out.select(pl.col("label").cast(pl.String), "llm_status").collect().write_parquet(
+            {str(tmp_path / "out.parquet")!r})
+    """)
+    with serve(batch_seconds=0.1) as emu:
+        died = subprocess.run([sys.executable, "-c", script, emu.openai_url, "die"], timeout=120)
+        assert died.returncode == -signal.SIGKILL
+        assert (ckpt / "requests.parquet.tmp").exists() and not (ckpt / "job.json").exists()
+        assert not emu.ledger.batches  # nothing sent before job.json
+        again = subprocess.run([sys.executable, "-c", script, emu.openai_url, "live"], timeout=120)
+        assert again.returncode == 0
+        assert not emu.ledger.billed_twice()
+        assert len(emu.ledger.billed) == df["body"].n_unique()
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert set(out["llm_status"]) == {"succeeded"}
+    expected = [model.enum_pick(f"Classify this ticket: {b}", "label", CATS) for b in df["body"]]
+    assert out["label"].to_list() == expected
