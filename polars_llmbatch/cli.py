@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -378,9 +379,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
         job._stop_background()  # this process exits: the job waits in its checkpoint
         if not job.status(refresh=False).done:
             return _still_running(job, submitted_only=args.no_wait)
-        out = job.result()
-        if isinstance(out, pl.LazyFrame):
-            out = out.collect()
+        out = job.result()  # a LazyFrame for a file's rows: sunk, never collected whole
         _report(job, out, args.output)
         return 0
     except KeyboardInterrupt:  # between submitting and waiting: say it all the same
@@ -448,7 +447,8 @@ def _on_job(job: Any, args: argparse.Namespace) -> int:
         return 0
     out = job.result(usage=args.usage)  # results
     _write(out, args.output)
-    print(f"wrote {out.height:,} rows to {args.output}")
+    rows = sum(job.status(refresh=False).rows.values())
+    print(f"wrote {rows:,} rows to {args.output}")
     return 0
 
 
@@ -474,7 +474,9 @@ def _remembered(job: Any) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _with_input_rows(job: Any, out: pl.DataFrame, given: dict[str, Any]) -> pl.DataFrame:
+def _with_input_rows(
+    job: Any, out: pl.DataFrame, given: dict[str, Any]
+) -> pl.DataFrame | pl.LazyFrame:
     """The input rows with their results, as ``run`` writes them, when the input file ``run``
     read is still there unchanged; else the row key with the results (as ``results``)."""
     source = Path(given["input"]) if given.get("input") else None
@@ -493,16 +495,17 @@ def _with_input_rows(job: Any, out: pl.DataFrame, given: dict[str, Any]) -> pl.D
     positional = key not in rows.collect_schema().names()
     if positional:  # the row's position in a file: files keep their order
         rows = rows.with_row_index(key)
-    joined = rows.collect().join(out, on=key, how="left", maintain_order="left")
+    # lazy: the input rows stream through to the output file, never collected whole
+    joined = rows.join(out.lazy(), on=key, how="left", maintain_order="left")
     return joined.drop(key) if positional else joined
 
 
-def _report(job: Any, out: pl.DataFrame, path: str | None) -> None:
+def _report(job: Any, out: pl.DataFrame | pl.LazyFrame, path: str | None) -> None:
     if path:
         _write(out, path)
     st = job.status(refresh=False)
     rows = ", ".join(f"{k} {v:,}" for k, v in st.rows.items() if v)
-    where = f"; wrote {out.height:,} rows to {path}" if path else ""
+    where = f"; wrote {sum(st.rows.values()):,} rows to {path}" if path else ""
     print(f"done: {rows}; spent ${st.spent:,.4f}{where}")
 
 
@@ -515,24 +518,32 @@ def _check_output(path: str) -> None:
         raise LlmBatchError(f"--output {path!r}: folder {str(parent)!r} does not exist")
 
 
-def _write(frame: pl.DataFrame, path: str) -> None:
+def _write(frame: pl.DataFrame | pl.LazyFrame, path: str) -> None:
     """Write ``frame`` by the file's suffix; CSV gets nested columns (embeddings, lists,
-    structs) as JSON text, since CSV has no nested type."""
-    suffix = Path(path).suffix.lower()
+    structs) as JSON text, since CSV has no nested type. A LazyFrame (a job over a file's
+    rows) is sunk by the streaming engine, never collected whole; either is written to a
+    temporary name first, so a crash never leaves a partial file under ``path``."""
+    tmp = f"{path}.tmp"
+    _write_as(frame, tmp, Path(path).suffix.lower())
+    os.replace(tmp, path)
+
+
+def _write_as(frame: pl.DataFrame | pl.LazyFrame, path: str, suffix: str) -> None:
+    lazy = frame.lazy()
     if suffix == ".csv":
-        nested = [c for c, t in frame.schema.items() if t.is_nested()]
-        frame.with_columns(
+        nested = [c for c, t in lazy.collect_schema().items() if t.is_nested()]
+        lazy.with_columns(
             pl.struct(c)
             .struct.json_encode()
             .str.strip_prefix(f'{{"{c}":')
             .str.strip_suffix("}")
             .alias(c)
             for c in nested
-        ).write_csv(path)
+        ).sink_csv(path)
     elif suffix in (".ndjson", ".jsonl"):
-        frame.write_ndjson(path)
+        lazy.sink_ndjson(path)
     else:
-        frame.write_parquet(path)
+        lazy.sink_parquet(path)
 
 
 def _spend(args: argparse.Namespace) -> int:

@@ -70,6 +70,9 @@ def test_run_writes_the_rows_with_their_results(workdir: Path, suffix: str) -> N
         path
     )
     assert out.height == 200 and {"ticket_id", "label", "llm_status"} <= set(out.columns)
+    # sunk in the input's order, through a temporary name that is gone once it is whole
+    assert out["ticket_id"].to_list() == df["ticket_id"].to_list()
+    assert not list(workdir.glob("*.tmp"))
 
 
 def test_embeddings_to_csv_as_json_arrays(workdir: Path) -> None:
