@@ -189,3 +189,54 @@ def test_the_deadline_mid_planning_sends_the_unplanned_by_the_fallback(
     first = [s for s in ckpt.shards().values() if s.round == 1]
     assert [s.index for s in first] == [0, 1, 2, 3, 4, 5]  # 6-9 never planned as batches
     assert {s.mode for s in ckpt.shards().values() if s.round > 1} == {"flex"}
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_rerun_with_other_shard_caps_finishes_the_plan_it_began(
+    tmp_path: Path, monkeypatch
+) -> None:
+    write = engine.write_shard_files
+
+    def crash_at_shard_4(source, shards, out):
+        if shards[0].index == 4:
+            raise Crash  # the process dies mid-planning, shards 0-3 recorded (0-3 live)
+        return write(source, shards, out)
+
+    with serve(batch_seconds=0.3) as emu:
+        with monkeypatch.context() as m:
+            m.setattr(engine, "write_shard_files", crash_at_shard_4)
+            with pytest.raises(Crash):
+                batch(frame(40), emu, tmp_path / "j", output="answer", max_shard_requests=4)
+        # the same call again, with another cap (or none): the job keeps the bounds it began
+        out = batch(frame(40), emu, tmp_path / "j", output="answer", max_shard_requests=7)
+        assert not emu.ledger.billed_twice() and len(emu.ledger.billed) == 40
+        assert [b["requests"] for b in emu.ledger.batches] == [4] * 10
+    assert set(out["llm_status"]) == {"succeeded"} and out.height == 40
+    assert json.loads((tmp_path / "j" / "job.json").read_text())["format"] == 2
+
+
+def test_a_refusal_among_shards_of_unknown_tokens_bounds_requests_only(tmp_path: Path) -> None:
+    from polars_llmbatch.plan.requests import build_spec
+
+    spec, prov = build_spec(provider="openai", model="gpt-4o-mini")
+    ckpt = Checkpoint(tmp_path / "j")
+    ckpt.path.mkdir()
+    # shards recorded before shards kept their tokens: 0, unknown
+    shards = [
+        {"shard": i, "attempt": 1, "requests": 10, "sha256": "x", "tag": f"t{i}",
+         "filename": f"{i:05d}.jsonl"} | ({"tokens": 500} if i == 2 else {})
+        for i in range(3)
+    ]  # fmt: skip
+    ckpt.append("planned", shards=shards)
+    ckpt.append("submitted", shard=0, remote_id="b0")
+    run = engine.Engine(ckpt, prov, spec, None, engine.Settings(), key="row_nr")
+    records = ckpt.shards()
+    queue = engine._Queue(run, records)
+    queue.refused(records[1])
+    assert ckpt.queue_ceiling() == (None, 19)  # 10 live + 10 refused, less one; tokens unknown
+    assert engine._Queue(run, ckpt.shards()).holds(records[1])  # 10 + 10 > 19
+    records[2].requests = 9
+    assert not engine._Queue(run, ckpt.shards()).holds(records[2])  # 10 + 9: no token bound

@@ -41,7 +41,10 @@ from polars_llmbatch.plan.stored import ROW_GROUP
 
 __all__ = ["Checkpoint", "LockedError", "ShardRecord", "default_root"]
 
-FORMAT = 1
+#: The checkpoint format written; :data:`READS` the ones read. 2: the first round is planned
+#: by the engine (``rolling``), which a reader of format 1 would take for a finished job.
+FORMAT = 2
+READS = (1, 2)
 #: What a checkpoint folder holds (see the layout above).
 _OWN_FILES = frozenset(
     {
@@ -215,10 +218,10 @@ class Checkpoint:
                 f"{str(self.job_file)!r} is not valid JSON ({exc}); it is written atomically, "
                 "so it was changed by hand: restore it from a backup"
             ) from None
-        if job.get("format") != FORMAT:
+        if job.get("format") not in READS:
             raise LlmBatchError(
                 f"checkpoint {str(self.path)!r} has format {job.get('format')!r}; this version "
-                f"reads format {FORMAT}"
+                f"reads formats {', '.join(map(str, READS))}"
             )
         return job
 
@@ -306,7 +309,7 @@ class Checkpoint:
             return True
         return any(e.get("event") == "planned_round" for e in self.events())
 
-    def queue_ceiling(self) -> tuple[int, int] | None:
+    def queue_ceiling(self) -> tuple[int | None, int] | None:
         """``(tokens, requests)``: the least the provider's queue has refused, less one, in
         each unit (``queue_full`` events). A refusal does not say which limit it hit (OpenAI and
         Gemini count enqueued tokens, Anthropic queued requests), so both bound the batches
@@ -316,7 +319,8 @@ class Checkpoint:
         ]
         if not seen:
             return None
-        return min(t for t, _ in seen), min(r for _, r in seen)
+        tokens = [t for t, _ in seen if t is not None]  # None: the shards' tokens were unknown
+        return (min(tokens) if tokens else None), min(r for _, r in seen)
 
     def shards(self) -> dict[int, ShardRecord]:
         """Every shard's current record, folded from the event log."""

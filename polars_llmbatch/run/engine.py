@@ -26,6 +26,7 @@ from typing import Any
 
 import polars as pl
 
+from polars_llmbatch import options
 from polars_llmbatch._fs import fsync
 from polars_llmbatch.collect.reconcile import best_results, read_results, spent
 from polars_llmbatch.collect.results import RESULT_SCHEMA, missing_results
@@ -193,6 +194,7 @@ class Engine:
         self.fallback: str = job.get("fallback") or "sync"
         self._deadline_said = False
         self._ceiling: object = _UNREAD
+        self._not_found: set[int] = set()  # intents looked up by this runner: never created
 
     # the loop ------------------------------------------------------------------------------
     def run(
@@ -301,15 +303,27 @@ class Engine:
         held = [p["worst_input_tokens"] for p in todo.pieces(["worst_input_tokens"])]
         tokens = pl.concat(held, rechunk=True) if held else pl.Series([], dtype=pl.Int64)
         mode = job["mode"]
+        # The bounds the job was created with, whatever this run was given: a restart must cut
+        # the very shards recorded before it, or requests would be sent twice or never.
+        caps = options.recorded(job)
         shards = plan(
             todo,
-            max_requests=_shard_cap(mode, self.settings.max_shard_requests),
-            max_bytes=self.settings.max_shard_bytes,
-            max_tokens=self.settings.max_shard_tokens,
-            tokens=tokens if self.settings.max_shard_tokens is not None else None,
+            max_requests=_shard_cap(mode, caps["max_shard_requests"]),
+            max_bytes=caps["max_shard_bytes"],
+            max_tokens=caps["max_shard_tokens"],
+            tokens=tokens if caps["max_shard_tokens"] is not None else None,
             job_id=job["tag_id"],
         )
         known = self.ckpt.shards()
+        for s in shards:
+            rec = known.get(s.index)
+            if rec is not None and (rec.requests, rec.tag) != (s.n_requests, s.tag):
+                raise LlmBatchError(
+                    f"checkpoint {str(self.ckpt.path)!r}: shard {s.index} was planned with "
+                    f"{rec.requests:,} requests, and planning again gives {s.n_requests:,}; "
+                    "its requests.parquet or job.json changed since: restore them, or start a "
+                    "new checkpoint"
+                )
         left = [s for s in shards if s.index not in known]
         while left:
             if self.canceled() or self.deadline_reached():
@@ -351,26 +365,29 @@ class Engine:
         return ended
 
     # the provider's queue -------------------------------------------------------------------
-    def ceiling(self) -> tuple[int, int] | None:
+    def ceiling(self) -> tuple[int | None, int] | None:
         """``(tokens, requests)`` the live batches stay under, learned from the provider's
-        queue refusals (:meth:`.Checkpoint.queue_ceiling`); None until one."""
+        queue refusals (:meth:`.Checkpoint.queue_ceiling`; tokens None while no refusal
+        counted them); None until one."""
         if self._ceiling is _UNREAD:
             self._ceiling = self.ckpt.queue_ceiling()
         return self._ceiling  # type: ignore[return-value]
 
-    def learn_ceiling(self, s: ShardRecord, tokens: int, requests: int) -> None:
+    def learn_ceiling(self, s: ShardRecord, tokens: int | None, requests: int) -> None:
         """Record a queue refusal of ``s`` with ``tokens`` / ``requests`` (its own included,
-        less one) live: the queue's limit is under that, for this job's model."""
+        less one; tokens None when a shard's are unknown) live: the queue's limit is under
+        that, for this job's model."""
         old = self.ceiling()
-        new = (max(tokens, 0), max(requests, 0))
-        if old is not None:
-            new = (min(old[0], new[0]), min(old[1], new[1]))
+        t = None if tokens is None else max(tokens, 0)
+        if old is not None and old[0] is not None:
+            t = old[0] if t is None else min(old[0], t)
+        new = (t, max(requests, 0) if old is None else min(old[1], max(requests, 0)))
         if new != old:
             log.info(
                 "shard %d: the provider's queue is full; keeping live batches under %s tokens "
                 "and %s requests",
                 s.index,
-                f"{new[0]:,}",
+                "?" if new[0] is None else f"{new[0]:,}",
                 f"{new[1]:,}",
             )
             self.ckpt.append("queue_full", shard=s.index, tokens=new[0], requests=new[1])
@@ -379,7 +396,7 @@ class Engine:
     # batch mode ----------------------------------------------------------------------------
     def _submit(self, s: ShardRecord, queue: _Queue) -> bool:
         """Create ``s``'s batch, unless ``queue`` holds it back; True if anything moved."""
-        if s.intent_at is not None:
+        if s.intent_at is not None and s.index not in self._not_found:
             # A previous run recorded the intent and may have created the batch before dying:
             # look it up before sending anything again.
             found = self._find(s)
@@ -390,6 +407,9 @@ class Engine:
                 return True
             if self._ambiguous:
                 return False
+            # Not created: this runner (it holds the job) need not ask again while the
+            # queue holds the shard back.
+            self._not_found.add(s.index)
         if queue.holds(s):
             return False
         data = self.ckpt.shard_file(s.filename).read_bytes()
@@ -399,6 +419,7 @@ class Engine:
                 "restore it or start a new checkpoint"
             )
         self.ckpt.append("intent", shard=s.index, tag=s.tag, sha256=s.sha256, attempt=s.attempt)
+        self._not_found.discard(s.index)  # from now on the create may have happened
         try:
             remote_id = self.provider.submit(self.t, self.spec, data, tag=s.tag, kind=s.kind)
         except UncertainError as exc:
@@ -521,9 +542,10 @@ class Engine:
             if r.submitted and not r.done and r.mode == "batch" and r.index != s.index
         ]
         if others:
+            known = s.tokens > 0 and all(r.tokens for r in others)
             self.learn_ceiling(
                 s,
-                sum(r.tokens for r in others) + s.tokens - 1,
+                sum(r.tokens for r in others) + s.tokens - 1 if known else None,
                 sum(r.requests for r in others) + s.requests - 1,
             )
 
@@ -903,6 +925,8 @@ class _Queue:
         self.live = len(live)
         self.tokens = sum(r.tokens for r in live)
         self.requests = sum(r.requests for r in live)
+        # a shard recorded before shards kept their tokens counts 0: the token sum is unknown
+        self.tokens_known = all(r.tokens for r in live)
 
     def holds(self, s: ShardRecord) -> bool:
         limit = self.engine.settings.max_in_flight
@@ -912,15 +936,20 @@ class _Queue:
         if ceiling is None or not self.live:
             return False
         tokens, requests = ceiling
-        return self.tokens + s.tokens > tokens or self.requests + s.requests > requests
+        over_tokens = tokens is not None and self.tokens + s.tokens > tokens
+        return over_tokens or self.requests + s.requests > requests
 
     def took(self, s: ShardRecord) -> None:
         self.live += 1
         self.tokens += s.tokens
         self.requests += s.requests
+        self.tokens_known &= s.tokens > 0
 
     def refused(self, s: ShardRecord) -> None:
-        self.engine.learn_ceiling(s, self.tokens + s.tokens - 1, self.requests + s.requests - 1)
+        known = self.tokens_known and s.tokens > 0
+        self.engine.learn_ceiling(
+            s, self.tokens + s.tokens - 1 if known else None, self.requests + s.requests - 1
+        )
 
 
 def _counts(rows: pl.DataFrame) -> dict[str, int]:
