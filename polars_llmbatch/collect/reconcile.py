@@ -306,18 +306,21 @@ def row_status() -> pl.Expr:
     )
 
 
-def status_counts(rows: pl.DataFrame, results: pl.DataFrame, spec: RequestSpec) -> dict[str, int]:
-    """Rows per ``llm_status`` (every status, zeros included) for the checkpoint's row map and
-    result rows, by :func:`row_status`: the counts ``result()`` would show."""
+def status_counts(
+    rows: pl.DataFrame | pl.LazyFrame, results: pl.DataFrame, spec: RequestSpec
+) -> dict[str, int]:
+    """Rows per ``llm_status`` (every status, zeros included) for the checkpoint's row map (a
+    frame, or a scan streamed through) and result rows, by :func:`row_status`: the counts
+    ``result()`` would show."""
     outputs = request_outputs(results, spec).select(CID, STATUS, INVALID)
-    mapped = _row_map(rows)
-    joined = mapped.join(outputs, on=CID, how="left")
+    joined = _row_map(rows).lazy().join(outputs.lazy(), on=CID, how="left")
+    tally = joined.group_by(row_status().alias("s")).len().collect(engine="streaming")
     counts = {s: 0 for s in STATUSES}
-    counts.update(dict(joined.select(row_status()).to_series().value_counts().iter_rows()))
+    counts.update(dict(tally.iter_rows()))
     return counts
 
 
-def _row_map(rows: pl.DataFrame) -> pl.DataFrame:
+def _row_map(rows: pl.DataFrame | pl.LazyFrame) -> Any:
     """The checkpoint's row map (custom_id, skipped) under our internal names."""
     return rows.select(
         pl.col("custom_id").alias(CID), pl.col("skipped").alias(SKIPPED), pl.lit(True).alias(IN_JOB)

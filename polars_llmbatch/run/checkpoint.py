@@ -228,6 +228,10 @@ class Checkpoint:
     def rows(self) -> pl.DataFrame:
         return pl.read_parquet(self.path / "rows.parquet")
 
+    def scan_rows(self) -> pl.LazyFrame:
+        """:meth:`rows` as a scan: what a row count reads without holding every row."""
+        return pl.scan_parquet(self.path / "rows.parquet")
+
     def requests(self) -> pl.DataFrame:
         return pl.read_parquet(self.path / "requests.parquet")
 

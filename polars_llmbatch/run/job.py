@@ -427,7 +427,8 @@ class Job:
             self._refresh()
         shards = self._ckpt.shards()
         results = read_results(self._ckpt)
-        rows = self._rows if self._rows is not None else self._ckpt.rows()
+        # the checkpoint's row table is scanned, never held: it has a row per input row
+        rows = self._rows if self._rows is not None else self._ckpt.scan_rows()
         counts = self._status_counts(rows, results)
         phases = Counter(
             "done" if s.done else (s.phase or ("submitted" if s.submitted else "planned"))
@@ -466,13 +467,16 @@ class Job:
             retries_due=retries,
         )
 
-    def _status_counts(self, rows: pl.DataFrame, results: pl.DataFrame) -> dict[str, int]:
+    def _status_counts(
+        self, rows: pl.DataFrame | pl.LazyFrame, results: pl.DataFrame
+    ) -> dict[str, int]:
         """Rows per status as ``result()`` counts them (the answers decoded and checked against
         the schema), remembered until a results file changes: a repr asks often."""
         files = sorted((self._ckpt.path / "results").glob("*.parquet"))
         key = tuple((f.name, st.st_size, st.st_mtime_ns) for f in files if (st := f.stat()))
-        if self._counts is None or self._counts[0] != (key, rows.height):
-            self._counts = ((key, rows.height), status_counts(rows, results, self.spec))
+        which = rows.height if isinstance(rows, pl.DataFrame) else "checkpoint"
+        if self._counts is None or self._counts[0] != (key, which):
+            self._counts = ((key, which), status_counts(rows, results, self.spec))
         return dict(self._counts[1])
 
     def _refresh(self) -> None:
