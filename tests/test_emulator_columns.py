@@ -407,3 +407,129 @@ def test_the_line_by_line_path_stays_for_small_files() -> None:
     data = shard(20, output=CATS, cap=20)
     assert emulated.COLUMNS_FROM > 20
     assert emulated.parse_chat(data, "/v1/chat/completions") is None
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        Faults(queue_limit_tokens=10),
+        Faults(queue_limit_tokens=10**9, request_errors=0.2, seed=7),
+        Faults(org_queue_tokens=10),
+        Faults(org_queue_tokens=10**9, fault_batches=1, missing=0.1),
+    ],
+    ids=["queue-full", "queue-room", "org-full", "org-room"],
+)
+def test_an_anthropic_create_in_columns_refuses_and_takes_as_request_by_request(
+    faults, monkeypatch
+) -> None:
+    data = anthropic_shard(600, output=CATS, cap=20)
+    outcomes = []
+    for in_columns in (False, True):
+        from polars_llmbatch.emulator import anthropic
+
+        monkeypatch.setattr(anthropic, "COLUMNS_FROM", 0 if in_columns else 10**9)
+        headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+        with serve(batch_seconds=0.05, faults=faults) as emu:
+            c = httpx.Client(base_url=emu.anthropic_url, headers=headers, timeout=60)
+            r = c.post("/v1/messages/batches", content=data)
+            got: Any = (r.status_code, r.json() if r.status_code != 200 else None)
+            if r.status_code == 200:
+                b = r.json()
+                deadline = time.monotonic() + 60
+                while b["processing_status"] != "ended":
+                    assert time.monotonic() < deadline
+                    b = c.get(f"/v1/messages/batches/{b['id']}").json()
+                raw = c.get(b["results_url"]).text
+                got = (b["request_counts"], sorted(raw.split("\n")), len(emu.ledger.billed))
+                got = (got[0], [_IDS.sub("", line) for line in got[1]], got[2])
+            c.close()
+        outcomes.append(got)
+    assert outcomes[0] == outcomes[1]
+
+
+def _anthropic_body(change: Any) -> bytes:
+    good = json.loads(anthropic_shard(20, output=CATS, cap=20))["requests"]
+    return json.dumps({"requests": change(good)}).encode()
+
+
+# Bodies the create refuses (the same 400 either way), then bodies it takes whose shape the
+# columnar reader leaves to the per-request path.
+ANTHROPIC_REFUSED = {
+    "duplicate-id": lambda r: [*r, r[0]],
+    "bad-id": lambda r: [*r, {**r[0], "custom_id": "has space"}],
+    "numeric-id": lambda r: [*r, {**r[0], "custom_id": 7}],
+    "no-params": lambda r: [*r, {"custom_id": "x1"}],
+    "params-list": lambda r: [*r, {"custom_id": "x1", "params": []}],
+    "not-an-object": lambda r: [*r, "text"],
+    "empty": lambda r: [],
+}
+ANTHROPIC_UNUSUAL = {
+    "id-newline": lambda r: [*r, {**r[0], "custom_id": "abc\n"}],
+    "content-blocks": lambda r: [
+        *r,
+        {
+            "custom_id": "x1",
+            "params": {
+                **r[0]["params"],
+                "messages": [{"role": "user", "content": [{"text": "a"}]}],
+            },
+        },
+    ],
+    "cap-string": lambda r: [
+        *r,
+        {"custom_id": "x1", "params": {**r[0]["params"], "max_tokens": "9"}},
+    ],
+    "two-models": lambda r: [
+        *r,
+        {"custom_id": "x1", "params": {**r[0]["params"], "model": "claude-opus-4-1"}},
+    ],
+    "refused-model": lambda r: [
+        {"custom_id": x["custom_id"], "params": {**x["params"], "model": "claude-nonexistent-9"}}
+        for x in r
+    ],
+    "system-blocks": lambda r: [
+        *r,
+        {
+            "custom_id": "x1",
+            "params": {**r[0]["params"], "system": [{"type": "text", "text": "s"}]},
+        },
+    ],
+    "no-role": lambda r: [
+        *r,
+        {"custom_id": "x1", "params": {**r[0]["params"], "messages": [{"content": "hi"}]}},
+    ],
+}
+
+
+@pytest.mark.parametrize("bad", [*ANTHROPIC_REFUSED, *ANTHROPIC_UNUSUAL])
+def test_the_anthropic_columnar_reader_takes_only_bodies_taken_whole(bad, monkeypatch) -> None:
+    from polars_llmbatch.emulator import anthropic
+
+    clean = _anthropic_body(lambda r: r)
+    parsed = anthropic.parse_batch(clean)
+    assert parsed is not None and parsed.height == 20
+    data = _anthropic_body({**ANTHROPIC_REFUSED, **ANTHROPIC_UNUSUAL}[bad])
+    assert anthropic.parse_batch(data) is None
+    replies = []
+    for threshold in (10**9, 0):
+        monkeypatch.setattr(anthropic, "COLUMNS_FROM", threshold)
+        with serve(batch_seconds=0.05) as emu:
+            r = httpx.post(
+                emu.anthropic_url + "/v1/messages/batches", content=data, headers={"x-api-key": "k"}
+            )
+            replies.append((r.status_code, r.json().get("error")))
+    assert replies[0] == replies[1]
+    assert (replies[0][0] == 400) == (bad in ANTHROPIC_REFUSED)
+
+
+def test_the_anthropic_columnar_reader_skips_small_bodies() -> None:
+    from polars_llmbatch.emulator import anthropic
+
+    assert anthropic.COLUMNS_FROM > 20
+    with serve(batch_seconds=0.05) as emu:
+        body = anthropic_shard(20, output=CATS, cap=20)
+        r = httpx.post(
+            emu.anthropic_url + "/v1/messages/batches", content=body, headers={"x-api-key": "k"}
+        )
+        assert r.status_code == 200
+        assert emu.anthropic.batches[r.json()["id"]].computed is None  # the per-request path

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import orjson
 import polars as pl
 
@@ -29,8 +30,10 @@ __all__ = ["AnthropicEmulator"]
 PREFIX = "/anthropic/v1"
 MAX_REQUESTS = 100_000
 MAX_BYTES = 256_000_000
-#: Batches where at least this many requests ran are answered in columns (see :mod:`columns`);
-#: smaller ones request by request, which is faster below it.
+#: Create bodies of at least this many clean requests are read, checked, answered and billed
+#: in columns (:func:`parse_batch`, :mod:`columns`), with no Python object per request; in
+#: other batches, when at least this many requests ran they are answered in columns. Smaller
+#: ones go request by request, which is faster below it.
 COLUMNS_FROM = 500
 _ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -55,6 +58,11 @@ class _Batch:
     results: bytes | None = None
     final: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    total: int = 0
+    # A big clean batch keeps columns, not ``requests``: its answers (:data:`_WORK`) are
+    # computed in a background thread from create on, and the results wait for them.
+    work: pl.DataFrame | None = None
+    computed: threading.Event | None = None
 
 
 class AnthropicEmulator(BatchStore[_Batch]):
@@ -130,6 +138,8 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 "request_too_large",
                 f"Request exceeds the maximum allowed number of bytes ({MAX_BYTES:,}).",
             )
+        if (fast := self._create_in_columns(request.body)) is not None:
+            return fast
         body = request.json() or {}
         reqs = body.get("requests")
         if not isinstance(reqs, list) or not reqs:
@@ -160,12 +170,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
             seen.add(cid)
         limit = self.ctx.faults.queue_limit_tokens
         if limit is not None and sum(input_tokens(e["params"]) for e in reqs) > limit:
-            return error(
-                429,
-                "rate_limit_error",
-                f"Batch queue full: this batch would exceed the limit of {limit:,} enqueued tokens.",
-                {"retry-after": "1"},
-            )
+            return _queue_full(limit)
         now = self.ctx.clock()
         timeline = Timeline(now, self.ctx.duration)
         if self.ctx.faults.org_queue_tokens is not None and not self.ctx.enqueue(
@@ -173,13 +178,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
             sum(input_tokens(e["params"]) for e in reqs),
             timeline,
         ):
-            return error(
-                429,
-                "rate_limit_error",
-                "Number of request tokens in the batch queue has exceeded your organization's "
-                "rate limit.",
-                {"retry-after": "1"},
-            )
+            return _org_refusal()
         faults = self.ctx.batch_faults()
         b = _Batch(
             self.ctx.new_id("msgbatch_"),
@@ -188,10 +187,68 @@ class AnthropicEmulator(BatchStore[_Batch]):
             reqs,
             faults.expire_at,
             faults,
+            total=len(reqs),
         )
         self.add(b.id, b)
         self.ctx.ledger.batch("anthropic", b.id, len(reqs), None)
         return Response.json(self.current(b, now))
+
+    def _create_in_columns(self, body: bytes) -> Response | None:
+        """The create of a big clean body, read and checked in columns; None when the body
+        needs the per-request reading (small, odd or refused: that path gives the errors)."""
+        if len(body) < COLUMNS_FROM * _MIN_REQUEST_BYTES or self.ctx.faults.reasoning:
+            return None
+        frame = parse_batch(body)
+        if frame is None or frame.height < COLUMNS_FROM:
+            return None
+        faults = self.ctx.faults
+        inputs = None
+        if faults.queue_limit_tokens is not None or faults.org_queue_tokens is not None:
+            inputs = _input_tokens(frame)
+        limit = faults.queue_limit_tokens
+        if limit is not None and inputs is not None and int(inputs.sum()) > limit:
+            return _queue_full(limit)
+        now = self.ctx.clock()
+        timeline = Timeline(now, self.ctx.duration)
+        if (
+            faults.org_queue_tokens is not None
+            and inputs is not None
+            and not self.ctx.enqueue(frame["model"][0], int(inputs.sum()), timeline)
+        ):
+            return _org_refusal()
+        batch_faults = self.ctx.batch_faults()
+        b = _Batch(
+            self.ctx.new_id("msgbatch_"),
+            now,
+            timeline,
+            [],
+            batch_faults.expire_at,
+            batch_faults,
+            total=frame.height,
+            computed=threading.Event(),
+        )
+        self.add(b.id, b)
+        self.ctx.ledger.batch("anthropic", b.id, frame.height, None)
+        threading.Thread(target=self._compute, args=(b, frame, inputs), daemon=True).start()
+        return Response.json(self.current(b, now))
+
+    def _compute(self, b: _Batch, frame: pl.DataFrame, inputs: pl.Series | None) -> None:
+        """The model's work for a columnar batch, off the request thread (as the real
+        service works asynchronously); an emulator bug errors every request visibly."""
+        try:
+            b.work = _answer_frame(frame, self.ctx, inputs)
+        except Exception as exc:
+            b.work = frame.select(
+                "custom_id",
+                pl.lit(None, pl.String).alias("message"),
+                pl.lit(f"Emulator error: {exc!r}").alias("problem"),
+                pl.lit(0, pl.Int64).alias("input_tokens"),
+                pl.lit(0, pl.Int64).alias("output_tokens"),
+                "model",
+            )
+        finally:
+            assert b.computed is not None
+            b.computed.set()
 
     def _batch(self, request: Request) -> _Batch | Response:
         b = self.batches.get(request.params["batch_id"])
@@ -279,7 +336,7 @@ class AnthropicEmulator(BatchStore[_Batch]):
             return b.final
         t = b.timeline
         phase = t.at(now)
-        total = len(b.requests)
+        total = b.total
         o: dict[str, Any] = {
             "id": b.id,
             "type": "message_batch",
@@ -311,6 +368,8 @@ class AnthropicEmulator(BatchStore[_Batch]):
     def _finish(
         self, b: _Batch, o: dict[str, Any], processed: float, rest: str, when: float
     ) -> dict[str, Any]:
+        if b.computed is not None:
+            return self._finish_columns(b, o, processed, rest, when)
         with b.lock:
             if b.final is not None:
                 return b.final
@@ -399,6 +458,54 @@ class AnthropicEmulator(BatchStore[_Batch]):
             )
             b.final = o
             b.requests = []  # frozen: only the results file is read from now on
+            return o
+
+    def _finish_columns(
+        self, b: _Batch, o: dict[str, Any], processed: float, rest: str, when: float
+    ) -> dict[str, Any]:
+        """:meth:`_finish` of a columnar batch: the same lines, counts and bills, in columns."""
+        assert b.computed is not None
+        b.computed.wait()  # a terminal state needs the model's work done
+        with b.lock:
+            if b.final is not None:
+                return b.final
+            work = b.work if b.work is not None else pl.DataFrame(schema=_WORK)
+            n = work.height
+            done = int(n * processed + 1e-9)
+            f = b.faults
+            ran = pl.int_range(n, eager=True) < done
+            hit = columns.hits(f.seed, "request_errors", f.request_errors, work["custom_id"])
+            ok = ran & ~hit & work["problem"].is_null()
+            errored = ran & ~ok
+            lines = _result_lines(work, ok, errored, rest)
+            billed = work.filter(ok)
+            if billed.height:
+                inp = billed["input_tokens"]
+                self.ctx.ledger.bill_many(
+                    "anthropic",
+                    b.id,
+                    billed["custom_id"],
+                    inp,
+                    billed["output_tokens"],
+                    model=billed["model"],
+                    at=self.ctx.clock(),
+                    cache_read=(inp * self.ctx.faults.cache_read).floor(),
+                    cache_write=(inp * self.ctx.faults.cache_write).floor(),
+                )
+            b.results = columns.finish_lines(lines, f, shuffle=True)
+            counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+            counts["succeeded"] = int(ok.sum())
+            counts["errored"] = int(errored.sum())
+            if n - done:
+                counts[rest] = n - done
+            o.update(
+                processing_status="ended",
+                request_counts=counts,
+                ended_at=rfc3339(when),
+                results_url=f"{self.ctx.base_url}{PREFIX}/messages/batches/{b.id}/results",
+            )
+            b.final = o
+            b.work = None  # frozen: only the results file is read from now on
             return o
 
     # sync ---------------------------------------------------------------------------------
@@ -525,27 +632,68 @@ def _answer_columns(
         },
         orient="row",
     )
+    done = _answer_frame(frame.rename({"i": "custom_id"}), ctx, schemas=schemas)
+    for i, m, n_in, n_out in zip(
+        done["custom_id"].to_list(),
+        done["message"].to_list(),
+        done["input_tokens"].to_list(),
+        done["output_tokens"].to_list(),
+        strict=True,
+    ):
+        out[int(i)] = (m, n_in, n_out)
+    return out
+
+
+#: A columnar batch's work, one row per request in input order: the message as JSON text (or
+#: the ``problem`` that errors it), the whole input and the output it bills, its model.
+_WORK = {
+    "custom_id": pl.String,
+    "message": pl.String,
+    "problem": pl.String,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+    "model": pl.String,
+}
+
+
+def _input_tokens(frame: pl.DataFrame) -> pl.Series:
+    """:func:`input_tokens` of every request of a frame of one model (``model``, ``system``,
+    ``user``, ``schema`` as text or null)."""
+    fam = tokenizers.family("anthropic", str(frame["model"][0]))
+    system = frame["system"].fill_null("")
+    system_tokens = fam.count_series(system, distinct=True)
+    extra = pl.select(
+        pl.when(system != "").then(fam.per_system + system_tokens).otherwise(0)
+    ).to_series()
+    schema = pl.select(
+        pl.when(frame["schema"].is_not_null()).then(fam.per_schema).otherwise(0)
+    ).to_series()
+    return (fam.frame + fam.count_series(frame["user"]) + extra + schema).cast(pl.Int64)
+
+
+def _answer_frame(
+    frame: pl.DataFrame,
+    ctx: Context,
+    inputs: pl.Series | None = None,
+    schemas: dict[str, dict[str, Any]] | None = None,
+) -> pl.DataFrame:
+    """The work (:data:`_WORK`) of requests in columns (``custom_id``, ``model``, ``system``,
+    ``user``, ``schema`` as JSON text or null, ``cap``): what :func:`respond` gives each, in
+    the frame's order (``inputs``: their input tokens, when already counted; ``schemas``: the
+    schema of each text, else parsed from it)."""
+    frame = frame.with_row_index("row")
+    if inputs is not None:
+        frame = frame.with_columns(inp=inputs)
     parts = []
-    for (model_name, key), group in frame.group_by(["model", "schema"], maintain_order=True):
-        fam = tokenizers.family("anthropic", str(model_name))
-        system_tokens = fam.count_series(group["system"], distinct=True)
-        user_tokens = fam.count_series(group["user"])
-        has_system = group["system"].fill_null("") != ""
-        inputs = (
-            fam.frame
-            + user_tokens
-            + pl.select(pl.when(has_system).then(fam.per_system + system_tokens).otherwise(0))
-            .to_series()
-            .cast(pl.Int64)
-            + (fam.per_schema if key is not None else 0)
-        )
-        said = columns.answers(
-            group["user"], schemas[key] if key is not None else None, group["cap"]
-        )
-        parts.append(
-            group.select("i", "model").hstack(said).with_columns(inp=inputs.cast(pl.Int64))
-        )
-    done = pl.concat(parts).sort("i")
+    for (_, key), group in frame.group_by(["model", "schema"], maintain_order=True):
+        if "inp" not in group.columns:
+            group = group.with_columns(inp=_input_tokens(group))
+        schema = None
+        if key is not None:
+            schema = schemas[key] if schemas is not None else orjson.loads(key)
+        said = columns.answers(group["user"], schema, group["cap"])
+        parts.append(group.select("row", "custom_id", "model", "inp").hstack(said))
+    done = pl.concat(parts).sort("row")
     inp = done["inp"]
     read = (inp * ctx.faults.cache_read).floor().cast(pl.Int64)
     write = (inp * ctx.faults.cache_write).floor().cast(pl.Int64)
@@ -573,15 +721,186 @@ def _answer_columns(
         ],
         done.height,
     )
-    for i, m, n_in, n_out in zip(
-        done["i"].to_list(),
-        message.to_list(),
-        inp.to_list(),
-        done["output_tokens"].to_list(),
-        strict=True,
-    ):
-        out[i] = (m, n_in, n_out)
-    return out
+    return pl.DataFrame(
+        {
+            "custom_id": done["custom_id"].cast(pl.String),
+            "message": message,
+            "problem": pl.Series([None] * done.height, dtype=pl.String),
+            "input_tokens": inp.cast(pl.Int64),
+            "output_tokens": done["output_tokens"].cast(pl.Int64),
+            "model": done["model"],
+        },
+        schema=_WORK,
+    )
+
+
+_ERRORED = (
+    ',"result":{"type":"errored","error":{"type":"error","error":{"type":'
+    '"invalid_request_error","message":'
+)
+
+
+def _result_lines(work: pl.DataFrame, ok: pl.Series, errored: pl.Series, rest: str) -> pl.DataFrame:
+    """(custom_id, line) of every request in input order, as :meth:`_finish` writes them: the
+    message of what succeeded, the error of what errored, ``rest`` for what never ran."""
+    head = '{"custom_id":' + columns.json_strings(work["custom_id"])
+    problem = columns.json_strings(work["problem"].fill_null(_FAULT_MESSAGE))
+    line = (
+        pl.select(
+            pl.when(ok)
+            .then(head + ',"result":{"type":"succeeded","message":' + work["message"] + "}}")
+            .when(errored)
+            .then(head + _ERRORED + problem + '},"request_id":null}}}')
+            .otherwise(head + ',"result":{"type":' + orjson.dumps(rest).decode() + "}}")
+        )
+        .to_series()
+        .rename("line")
+    )
+    return pl.DataFrame({"custom_id": work["custom_id"], "line": line}, schema=_LINES)
+
+
+_FAULT_MESSAGE = "Emulated invalid request (request_errors fault)."
+#: Bodies below COLUMNS_FROM times this many bytes cannot hold that many requests (the
+#: smallest request is longer), so they skip the columnar reader's fixed costs.
+_MIN_REQUEST_BYTES = 40
+
+
+def _queue_full(limit: int) -> Response:
+    return error(
+        429,
+        "rate_limit_error",
+        f"Batch queue full: this batch would exceed the limit of {limit:,} enqueued tokens.",
+        {"retry-after": "1"},
+    )
+
+
+def _org_refusal() -> Response:
+    return error(
+        429,
+        "rate_limit_error",
+        "Number of request tokens in the batch queue has exceeded your organization's rate limit.",
+        {"retry-after": "1"},
+    )
+
+
+_ID_PATTERN = "^[a-zA-Z0-9_-]{1,64}$"  # _ID's, without the newline `$` lets through
+# The fields of a request the columnar reader reads, in one parse per request; their JSON
+# types are checked before any is used.
+_PATHS = (
+    "$.custom_id",
+    "$.params",
+    "$.params.model",
+    "$.params.max_tokens",
+    "$.params.system",
+    "$.params.messages",
+    "$.params.output_config",
+    "$.params.output_config.format",
+    "$.params.output_config.format.schema",
+)
+# Not an object, or "requests" not an array: no requests, and the per-request path refuses it.
+_SPLIT_SQL = "SELECT json_extract(b, '$.requests[*]') AS e FROM body"
+_REQUESTS_SQL = f"""
+WITH f AS (SELECT n, e, json_extract(e, {list(_PATHS)}) AS v FROM requests)
+SELECT n, list_transform(v, lambda x: json_type(x)) AS t,
+    v[1]->>'$' AS custom_id, v[3]->>'$' AS model, (v[4]->>'$')::BIGINT AS cap,
+    v[5]->>'$' AS system,
+    json_transform(v[6], '[{{"role":"VARCHAR","content":"VARCHAR"}}]') AS messages,
+    list_transform(json_extract(v[6], '$[*]'),
+        lambda m: list_transform(json_type(m, ['$.role', '$.content']),
+            lambda x: coalesce(x, 'ABSENT')))
+        AS t_messages,
+    v[9]::VARCHAR AS schema
+FROM f ORDER BY n
+"""
+
+
+def parse_batch(body: bytes) -> pl.DataFrame | None:
+    """The requests of a create body in columns (custom_id, model, system, user, schema as
+    JSON text, cap), or None when the body needs the per-request reading: anything the create
+    refuses, or a shape the columns do not cover (content blocks, several models, a refused
+    model, ...). None is always safe; a frame only for bodies the per-request path takes whole
+    and answers without a per-request error."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return None
+    con = duckdb.connect()
+    try:
+        con.register("body", pl.DataFrame({"b": [text]}))
+        if not _one_requests_key(body, con):
+            return None
+        split = con.sql(_SPLIT_SQL).pl()
+        requests = split.select(pl.col("e").explode()).with_row_index("n")
+        if not 0 < requests.height <= MAX_REQUESTS or requests["e"].null_count():
+            return None
+        con.register("requests", requests)
+        r = con.sql(_REQUESTS_SQL).pl()
+    except duckdb.Error:  # not JSON: the per-request path says how
+        return None
+    finally:
+        con.close()
+    return _clean(r)
+
+
+def _one_requests_key(body: bytes, con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the body has one top-level "requests" (DuckDB reads the first of duplicate keys,
+    orjson the last). Inside a JSON string its quotes are escaped, so one unescaped
+    ``"requests"`` in the bytes is one key, and only a body with more needs a second parse."""
+    if body.count(b'"requests"') == 1:
+        return True
+    keys = con.sql("SELECT json_keys(b) AS k FROM body").pl()["k"][0]
+    return keys is not None and list(keys).count("requests") == 1
+
+
+def _clean(r: pl.DataFrame) -> pl.DataFrame | None:
+    """The frame :func:`parse_batch` gives, if every request has the covered shape."""
+    t = pl.col("t")
+
+    def typed(i: int, *types: str, absent: bool = False) -> pl.Expr:
+        kind = t.list.get(i - 1)
+        allowed = kind.is_in(list(types))
+        return (allowed | kind.is_null()) if absent else allowed.fill_null(False)
+
+    clean = r.select(
+        typed(1, "VARCHAR").all()
+        & pl.col("custom_id").str.contains(_ID_PATTERN).fill_null(False).all()
+        & (pl.col("custom_id").n_unique() == pl.len())
+        & typed(2, "OBJECT").all()
+        & typed(3, "VARCHAR").all()
+        & (pl.col("model").n_unique() == 1)
+        & typed(4, "UBIGINT", "BIGINT", "NULL", absent=True).all()
+        & typed(5, "VARCHAR", "NULL", absent=True).all()
+        & typed(6, "ARRAY", absent=True).all()
+        & typed(7, "OBJECT", "NULL", absent=True).all()
+        & typed(8, "OBJECT", "NULL", absent=True).all()
+        & typed(9, "OBJECT", "NULL", absent=True).all()
+        & pl.col("t_messages")
+        .list.eval(pl.element() == pl.lit(["VARCHAR", "VARCHAR"]))
+        .list.all()
+        .fill_null(True)
+        .all()
+    ).item()
+    if not clean:
+        return None
+    model_name = r["model"][0]
+    if model.model_problem("anthropic", model_name, embed=False) is not None:
+        return None
+    user = (
+        r.select("n", pl.col("messages").fill_null([]))
+        .explode("messages")
+        .unnest("messages")
+        .filter(pl.col("role") == "user")
+        .group_by("n")
+        .agg(pl.col("content").last().alias("user"))
+    )
+    return r.join(user, on="n", how="left", maintain_order="left").select(
+        "custom_id",
+        "model",
+        pl.col("system").replace("", None),
+        pl.col("user").fill_null(""),
+        pl.col("schema").replace("null", None),
+        "cap",
+    )
 
 
 def _texts(params: dict[str, Any]) -> tuple[str, str]:
