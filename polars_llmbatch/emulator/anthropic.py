@@ -450,15 +450,8 @@ class AnthropicEmulator(BatchStore[_Batch]):
                 )
             frame = pl.DataFrame({"custom_id": cids, "line": lines}, schema=_LINES)
             b.results = columns.finish_lines(frame, b.faults, shuffle=True)
-            o.update(
-                processing_status="ended",
-                request_counts=counts,
-                ended_at=rfc3339(when),
-                results_url=f"{self.ctx.base_url}{PREFIX}/messages/batches/{b.id}/results",
-            )
-            b.final = o
             b.requests = []  # frozen: only the results file is read from now on
-            return o
+            return self._ended(b, o, counts, when)
 
     def _finish_columns(
         self, b: _Batch, o: dict[str, Any], processed: float, rest: str, when: float
@@ -498,15 +491,21 @@ class AnthropicEmulator(BatchStore[_Batch]):
             counts["errored"] = int(errored.sum())
             if n - done:
                 counts[rest] = n - done
-            o.update(
-                processing_status="ended",
-                request_counts=counts,
-                ended_at=rfc3339(when),
-                results_url=f"{self.ctx.base_url}{PREFIX}/messages/batches/{b.id}/results",
-            )
-            b.final = o
             b.work = None  # frozen: only the results file is read from now on
-            return o
+            return self._ended(b, o, counts, when)
+
+    def _ended(
+        self, b: _Batch, o: dict[str, Any], counts: dict[str, int], when: float
+    ) -> dict[str, Any]:
+        """``o`` as the ended batch's final state (kept: it never changes again)."""
+        o.update(
+            processing_status="ended",
+            request_counts=counts,
+            ended_at=rfc3339(when),
+            results_url=f"{self.ctx.base_url}{PREFIX}/messages/batches/{b.id}/results",
+        )
+        b.final = o
+        return o
 
     # sync ---------------------------------------------------------------------------------
     def sync(self, request: Request) -> Response:
@@ -854,13 +853,7 @@ def _one_requests_key(body: bytes, con: duckdb.DuckDBPyConnection) -> bool:
 
 def _clean(r: pl.DataFrame) -> pl.DataFrame | None:
     """The frame :func:`parse_batch` gives, if every request has the covered shape."""
-    t = pl.col("t")
-
-    def typed(i: int, *types: str, absent: bool = False) -> pl.Expr:
-        kind = t.list.get(i - 1)
-        allowed = kind.is_in(list(types))
-        return (allowed | kind.is_null()) if absent else allowed.fill_null(False)
-
+    typed = columns.json_typed
     clean = r.select(
         typed(1, "VARCHAR").all()
         & pl.col("custom_id").str.contains(_ID_PATTERN).fill_null(False).all()

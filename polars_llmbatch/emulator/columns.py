@@ -33,6 +33,14 @@ __all__ = [
 ]
 
 
+def json_typed(i: int, *types: str, absent: bool = False) -> pl.Expr:
+    """Whether the ``i``-th (1-based) of the DuckDB JSON types listed in column ``t`` is one
+    of ``types`` (``absent``: or missing), per row: a body's shape checked in columns."""
+    kind = pl.col("t").list.get(i - 1)
+    allowed = kind.is_in(list(types))
+    return (allowed | kind.is_null()) if absent else allowed.fill_null(False)
+
+
 def md5_hex(texts: pl.Series) -> pl.Series:
     """The MD5 of each text's UTF-8 bytes, as 32 lowercase hex digits (DuckDB's kernel)."""
     con = duckdb.connect()

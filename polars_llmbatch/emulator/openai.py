@@ -746,13 +746,7 @@ def parse_chat(data: bytes, endpoint: str) -> pl.DataFrame | None:
         r = con.sql(_CHAT_SQL).pl()
     finally:
         con.close()
-    t = pl.col("t")
-
-    def typed(i: int, *types: str, absent: bool = False) -> pl.Expr:
-        kind = t.list.get(i - 1)
-        allowed = kind.is_in(list(types))
-        return (allowed | kind.is_null()) if absent else allowed.fill_null(False)
-
+    t, typed = pl.col("t"), columns.json_typed
     clean = r.select(
         pl.col("ok").all()
         & (pl.col("t_line") == "OBJECT").all()
