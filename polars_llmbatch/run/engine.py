@@ -328,7 +328,7 @@ class Engine:
         while left:
             if self.canceled() or self.deadline_reached():
                 start, stop = left[0].start, left[-1].stop
-                self._end_unplanned(_ids(todo, start, stop - start))
+                self._end_unplanned(_ids(todo, start, stop - start), mode)
                 break
             some, left = left[:WRITERS], left[WRITERS:]
             records = _write_planned(
@@ -339,19 +339,12 @@ class Engine:
             yield len(records)
         self.ckpt.append("planned_round", round=1, shards=len(shards) - len(left))
 
-    def _end_unplanned(self, ids: pl.Series) -> None:
+    def _end_unplanned(self, ids: pl.Series, mode: str) -> None:
         """Requests a cancel or the deadline left unplanned: ``canceled``, never sent."""
-        rows = missing_results(ids).with_columns(
-            pl.lit("canceled").alias("status"),
-            pl.lit("canceled before it was sent").alias("error"),
-            pl.lit(False).alias("retryable"),
+        rows = _unanswered(ids, "canceled", "canceled before it was sent", retryable=False)
+        self.ckpt.write_parquet(
+            self.ckpt.path / "results" / "unplanned.parquet", _stamped(rows, 1, -1, mode)
         )
-        rows = rows.select(list(RESULT_SCHEMA)).with_columns(
-            pl.lit(1, pl.Int32).alias("attempt"),
-            pl.lit(-1, pl.Int32).alias("shard"),
-            pl.lit(self.settings.mode).alias("mode"),
-        )
-        self.ckpt.write_parquet(self.ckpt.path / "results" / "unplanned.parquet", rows)
 
     def refresh(self) -> int:
         """Poll every live batch once and record what it says; collect those that ended
@@ -536,18 +529,10 @@ class Engine:
     def _refused_while_queued(self, s: ShardRecord) -> None:
         """A batch that failed for a full queue (OpenAI validates after the create): with
         others live, the queue holds less than they and it did together."""
-        others = [
-            r
-            for r in self.ckpt.shards().values()
-            if r.submitted and not r.done and r.mode == "batch" and r.index != s.index
-        ]
-        if others:
-            known = s.tokens > 0 and all(r.tokens for r in others)
-            self.learn_ceiling(
-                s,
-                sum(r.tokens for r in others) + s.tokens - 1 if known else None,
-                sum(r.requests for r in others) + s.requests - 1,
-            )
+        others = {i: r for i, r in self.ckpt.shards().items() if i != s.index}
+        queue = _Queue(self, others)
+        if queue.live:
+            queue.refused(s)
 
     def _fail_shard(
         self,
@@ -559,21 +544,14 @@ class Engine:
         status: str = "errored",
     ) -> None:
         ids = pl.read_parquet(self.ckpt.ids_file(s.index))["custom_id"]
-        rows = missing_results(ids).with_columns(
-            pl.lit(status).alias("status"),
-            pl.lit(error).alias("error"),
-            pl.lit(retryable).alias("retryable"),
-        )
+        rows = _unanswered(ids, status, error, retryable=retryable)
         self._write_results(s, rows)
         self.ckpt.append("done", shard=s.index, queue_limited=limited, counts=_counts(rows))
 
     def _write_results(self, s: ShardRecord, rows: pl.DataFrame) -> None:
-        rows = rows.select(list(RESULT_SCHEMA)).with_columns(
-            pl.lit(s.attempt, pl.Int32).alias("attempt"),
-            pl.lit(s.index, pl.Int32).alias("shard"),
-            pl.lit(s.mode).alias("mode"),
+        self.ckpt.write_parquet(
+            self.ckpt.result_file(s.index), _stamped(rows, s.attempt, s.index, s.mode)
         )
-        self.ckpt.write_parquet(self.ckpt.result_file(s.index), rows)
 
     def cancel(self) -> int:
         """Stop the job: nothing more is sent, and every live batch is asked to cancel; the
@@ -950,6 +928,24 @@ class _Queue:
         self.engine.learn_ceiling(
             s, self.tokens + s.tokens - 1 if known else None, self.requests + s.requests - 1
         )
+
+
+def _unanswered(ids: pl.Series, status: str, error: str, *, retryable: bool) -> pl.DataFrame:
+    """A result row of ``status`` for each of ``ids``, none of which was answered."""
+    return missing_results(ids).with_columns(
+        pl.lit(status).alias("status"),
+        pl.lit(error).alias("error"),
+        pl.lit(retryable).alias("retryable"),
+    )
+
+
+def _stamped(rows: pl.DataFrame, attempt: int, shard: int, mode: str) -> pl.DataFrame:
+    """Result rows as a results file holds them: the attempt, shard and mode they came by."""
+    return rows.select(list(RESULT_SCHEMA)).with_columns(
+        pl.lit(attempt, pl.Int32).alias("attempt"),
+        pl.lit(shard, pl.Int32).alias("shard"),
+        pl.lit(mode).alias("mode"),
+    )
 
 
 def _counts(rows: pl.DataFrame) -> dict[str, int]:

@@ -245,14 +245,12 @@ def _write_requests(
     offset = 0
     try:
         for piece in staged.pieces(["custom_id", "body", "row"]):
-            if excluded is None:
-                tokens = worst.slice(offset, piece.height)
-            else:
-                kept = (~piece["custom_id"].is_in(excluded.implode())).arg_true()
-                tokens = pl.repeat(None, piece.height, dtype=worst.dtype, eager=True).scatter(
-                    kept, worst.slice(offset, len(kept))
-                )
-            offset += len(tokens) if excluded is None else len(kept)
+            kept = None if excluded is None else ~piece["custom_id"].is_in(excluded.implode())
+            n = piece.height if kept is None else int(kept.sum())
+            tokens, offset = worst.slice(offset, n), offset + n
+            if kept is not None:  # the excluded ones' place held by a null
+                empty = pl.repeat(None, piece.height, dtype=worst.dtype, eager=True)
+                tokens = empty.scatter(kept.arg_true(), tokens)
             table = piece.with_columns(tokens.alias("worst_input_tokens")).to_arrow()
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema, compression="zstd")
