@@ -85,10 +85,10 @@ def test_staged_requests_are_the_prepared_ones(
 def test_the_slices_are_read_as_the_source_allows(tmp_path: Path, tickets: pl.DataFrame) -> None:
     tickets.write_parquet(tmp_path / "t.parquet")
     scan = pl.scan_parquet(tmp_path / "t.parquet")
-    assert stream._plain_scan(scan.select("body"))
-    assert not stream._plain_scan(scan.filter(pl.col("body").is_null()).select("body"))
-    assert not stream._plain_scan(scan.join(scan, on="ticket_id").select("body"))
-    assert not stream._plain_scan(pl.scan_csv(tmp_path / "none.csv", schema={"body": pl.String}))
+    assert stream.plain_scan(scan.select("body"))
+    assert not stream.plain_scan(scan.filter(pl.col("body").is_null()).select("body"))
+    assert not stream.plain_scan(scan.join(scan, on="ticket_id").select("body"))
+    assert not stream.plain_scan(pl.scan_csv(tmp_path / "none.csv", schema={"body": pl.String}))
 
 
 @pytest.mark.parametrize(

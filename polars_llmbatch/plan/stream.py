@@ -2,7 +2,7 @@
 
 Two passes, neither of which holds more than a few batches or buckets:
 
-1. **Render.** The frame is read a slice of ``batch_rows`` at a time (:func:`_slices`) and
+1. **Render.** The frame is read a slice of ``batch_rows`` at a time (:func:`slices`) and
    each slice goes through :func:`.render.render`, the same pure function another engine
    would run on its partitions; two slices at once, since polars and DuckDB work outside the
    GIL. Each row's key, ``custom_id`` and ``skipped`` go to ``rows/NNNNN.parquet``, in input
@@ -41,7 +41,7 @@ from polars_llmbatch.plan.requests import check_unique, sizes
 from polars_llmbatch.plan.spec import RequestSpec
 from polars_llmbatch.providers import Provider
 
-__all__ = ["BATCH_ROWS", "BUCKET_BYTES", "Staged", "stage"]
+__all__ = ["BATCH_ROWS", "BUCKET_BYTES", "Staged", "plain_scan", "slices", "stage"]
 
 #: Rows rendered at once: large enough that per-slice costs vanish, small enough that a few
 #: slices and their copies stay well under the memory goal (benchmarks/README.md).
@@ -181,7 +181,7 @@ def stage(
         shutil.rmtree(out)
     for sub in ("rows", "buckets", "requests"):
         (out / sub).mkdir(parents=True)
-    total, slices = _slices(frame, plan.columns, batch_rows)
+    total, parts = slices(frame, plan.columns, batch_rows)
     writers: list[ipc.RecordBatchFileWriter] = []
     rows = skipped = 0
 
@@ -203,7 +203,7 @@ def stage(
         with ThreadPoolExecutor(WORKERS) as pool:
             # a window of slices in flight: the oldest is taken (in order) as the next starts
             window: deque[Future[pl.DataFrame]] = deque()
-            for index, (offset, read) in enumerate(slices):
+            for index, (offset, read) in enumerate(parts):
                 window.append(pool.submit(one, index, offset, read))
                 if len(window) > WORKERS:
                     take(window.popleft().result())
@@ -228,7 +228,7 @@ def stage(
     return Staged(plan, out, rows, skipped, counts, prompt)
 
 
-def _slices(
+def slices(
     frame: pl.DataFrame | pl.LazyFrame, columns: list[str], batch_rows: int
 ) -> tuple[int, Iterator[tuple[int, Callable[[], pl.DataFrame]]]]:
     """The row count and ``(offset, read)`` of each slice of ``batch_rows`` rows.
@@ -247,7 +247,7 @@ def _slices(
         )
     lazy = frame.select(columns)
     total = lazy.select(pl.len()).collect().item()
-    if _plain_scan(lazy):
+    if plain_scan(lazy):
         return total, (
             (off, lambda off=off: lazy.slice(off, batch_rows).collect())  # type: ignore[misc]
             for off in range(0, total, batch_rows)
@@ -267,7 +267,7 @@ _NOT_PLAIN = ("SELECTION:", "FILTER", "JOIN", "SORT", "GROUP", "UNIQUE", "SLICE"
               "CONCAT", "PYTHON", "DF [", "EXPLODE", "PIVOT", "UNPIVOT", "CACHE", "WITH_COLUMNS")  # fmt: skip
 
 
-def _plain_scan(lazy: pl.LazyFrame) -> bool:
+def plain_scan(lazy: pl.LazyFrame) -> bool:
     """Whether ``lazy`` is one file scan, projected: a slice of it reads only its rows."""
     text = lazy.explain()
     return (
