@@ -17,6 +17,11 @@ times (medians):
    20,000 unique requests) and :func:`.shards.write_shards` (the shard files, fsynced): what
    ``llmbatch estimate`` plus ``llmbatch requests --write-to`` do, staged once. Timed per step.
 
+With ``--sink``, only this, in three processes: the whole job against the emulator, then
+``.sink_parquet`` of its LazyFrame result (``run``); the same call again on the finished
+checkpoint with the result joined on disk (``spill``, :mod:`.collect.spill`, the default from a
+million rows) and with polars' streaming join (``join``, the default below).
+
 With ``--batch``, also:
 
 3. ``batch``: ``scan_parquet(...).llm.batch(..., wait=False, max_in_flight=1)`` against the
@@ -68,6 +73,14 @@ def _status() -> dict[str, int]:
         if key in ("VmHWM", "RssAnon"):
             out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def _peak_and_reset() -> float:
+    """This process's peak resident set since the last reset (``VmHWM``), then a reset
+    (``/proc/self/clear_refs``), so the next phase's peak is its own."""
+    peak = _status()["VmHWM"]
+    Path("/proc/self/clear_refs").write_text("5")
+    return peak
 
 
 def _floor(files: list[str], out: str, queue: Any) -> None:
@@ -141,15 +154,68 @@ def _batch(files: list[str], out: str, queue: Any) -> None:
     queue.put({"seconds": seconds, **memory, "shards": shards, "checkpoint_bytes": ckpt})
 
 
-def _run(target: Any, files: list[str], scratch: Path) -> dict[str, Any]:
-    out = Path(tempfile.mkdtemp(dir=scratch))
+def _sink(files: list[str], out: str, queue: Any, join: str = "spill") -> None:
+    """The whole job (``join="run"``: submitted, waited on, collected) or its rerun on the
+    finished checkpoint, then ``.sink_parquet`` of the LazyFrame result: joined on disk
+    (``"spill"``, the default above a million rows) or by polars' streaming join (``"join"``,
+    what smaller jobs use), each in its own process."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_emulator import start_emulator
+
+    import polars_llmbatch  # noqa: F401
+    import polars_llmbatch.run.job as job_module
+    from polars_llmbatch.sample import CATEGORIES
+
+    if join == "join":
+        job_module.OUT_OF_CORE_ROWS = 2**62
+    phases: dict[str, float] = {}
+    result = job_module.Job.result
+
+    def timed_result(self: Any, **kw: Any) -> Any:  # each phase's own peak: reset, then read
+        phases["before_result"] = _peak_and_reset()
+        t = time.perf_counter()
+        out = result(self, **kw)
+        phases["result_seconds"] = time.perf_counter() - t
+        phases["result"] = _peak_and_reset()
+        return out
+
+    job_module.Job.result = timed_result  # type: ignore[method-assign]
+    emulator, url = start_emulator(0.5)
+    try:
+        started = time.perf_counter()
+        lf = pl.scan_parquet(files).llm.batch(
+            PROMPT, provider="openai", model="gpt-4o-mini", output=CATEGORIES,
+            max_output_tokens=20, checkpoint=Path(out) / "job", api_key="k", base_url=url,
+            progress=False, poll_interval=0.5,
+        )  # fmt: skip
+        ready = time.perf_counter() - started
+        lf.sink_parquet(Path(out) / "result.parquet")
+        seconds = time.perf_counter() - started
+        phases["sink"] = _peak_and_reset()
+    finally:
+        emulator.kill()
+    memory = {**_status(), **phases}
+    written = pl.scan_parquet(Path(out) / "result.parquet")
+    counts = dict(written.group_by("llm_status").len().collect().iter_rows())
+    queue.put({"join": join, "seconds": seconds, "until_result": ready, **memory,
+               "statuses": counts})  # fmt: skip
+
+
+def _run(
+    target: Any, files: list[str], scratch: Path, *extra: Any, out: Path | None = None
+) -> dict[str, Any]:
+    keep = out is not None
+    out = out or Path(tempfile.mkdtemp(dir=scratch))
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(files, str(out), queue))
+    proc = ctx.Process(target=target, args=(files, str(out), queue, *extra))
     proc.start()
     result = queue.get()
     proc.join()
-    shutil.rmtree(out)
+    if not keep:
+        shutil.rmtree(out)
     return result
 
 
@@ -160,7 +226,33 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/work/bench_data/p"))
     parser.add_argument("--scratch", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--batch", action="store_true", help="also time lf.llm.batch's start")
+    parser.add_argument(
+        "--sink",
+        action="store_true",
+        help="only run the job through the emulator and time lf.llm.batch(...).sink_parquet",
+    )
     args = parser.parse_args()
+    if args.sink:
+        for millions in args.sizes:
+            files = _files(args.data, millions)
+            out = Path(tempfile.mkdtemp(dir=args.scratch))
+            try:
+                runs = [
+                    _run(_sink, files, args.scratch, j, out=out) for j in ("run", "spill", "join")
+                ]
+            finally:
+                shutil.rmtree(out)
+            print(json.dumps({"millions": millions, "sink": runs}))
+            for r in runs:
+                print(
+                    f"{millions}M rows, {r['join']}: {r['seconds']:.1f} s ({r['until_result']:.1f} s "
+                    f"until the result LazyFrame), peak RSS {r['VmHWM'] / 2**20:,.0f} MB, "
+                    f"RssAnon {r['RssAnon'] / 2**20:,.0f} MB, {r['statuses']}; peaks: before "
+                    f"result() {r['before_result'] / 2**20:,.0f} MB, result() "
+                    f"{r['result'] / 2**20:,.0f} MB ({r['result_seconds']:.1f} s), sink "
+                    f"{r['sink'] / 2**20:,.0f} MB"
+                )
+        return
     print(f"polars {pl.__version__}; files of {FILE_ROWS:,} rows in {args.data}")
     rows = []
     for millions in args.sizes:

@@ -475,7 +475,7 @@ def _remembered(job: Any) -> dict[str, Any]:
 
 
 def _with_input_rows(
-    job: Any, out: pl.DataFrame, given: dict[str, Any]
+    job: Any, out: pl.DataFrame | pl.LazyFrame, given: dict[str, Any]
 ) -> pl.DataFrame | pl.LazyFrame:
     """The input rows with their results, as ``run`` writes them, when the input file ``run``
     read is still there unchanged; else the row key with the results (as ``results``)."""
@@ -493,6 +493,10 @@ def _with_input_rows(
     key = job._job["key"]
     rows = read_input(str(source))
     positional = key not in rows.collect_schema().names()
+    if isinstance(out, pl.LazyFrame):
+        # A huge job's result, joined on disk in the checkpoint's row order, which is the
+        # unchanged file's own: side by side, never through a join's hash table of every row.
+        return pl.concat([rows, out.drop(key)], how="horizontal")
     if positional:  # the row's position in a file: files keep their order
         rows = rows.with_row_index(key)
     # lazy: the input rows stream through to the output file, never collected whole

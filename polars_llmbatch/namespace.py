@@ -330,7 +330,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     """``batch`` and ``embed``: every check that needs no data, then prepare, checkpoint, run."""
     from polars_llmbatch.collect.reconcile import check_output_names, output_names
     from polars_llmbatch.run.engine import Settings
-    from polars_llmbatch.run.job import Job
+    from polars_llmbatch.run.job import Job, out_of_core_rows
     from polars_llmbatch.run.start import start
     from polars_llmbatch.run.transport import Transport, credentials
 
@@ -339,6 +339,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     check_caps(prov, args["max_shard_requests"], args["max_shard_bytes"], args["max_shard_tokens"])
     check_override(args["prices"])
     check_model(prov, args["model"], task, args["prices"])
+    out_of_core_rows()  # a bad POLARS_LLMBATCH_OUT_OF_CORE_ROWS fails now, not after paying
     max_attempts = args["max_attempts"]
     tags = args["tags"]
     # A missing key is an error now, before the frame is read or anything is written.

@@ -266,14 +266,18 @@ def test_quiet_run_writes_nothing_on_stderr_but_errors(workdir: Path) -> None:
     assert quiet.stdout.startswith("done: ")
 
 
+@pytest.mark.parametrize("spilled", [False, True])
 @pytest.mark.parametrize("id_args", [[], ["--id", "ticket_id"]])
 def test_resume_writes_what_run_would_have_to_the_output_run_was_given(
-    workdir: Path, id_args: list[str]
+    workdir: Path, id_args: list[str], spilled: bool
 ) -> None:
     """Ctrl-C (or --no-wait) after `run --output`, then `resume` without --output: the same
-    file, with the input rows and their results, as an uninterrupted run writes."""
+    file, with the input rows and their results, as an uninterrupted run writes (also when
+    the results are joined on disk, as a huge job's are)."""
     with serve(batch_seconds=0.3) as emu:
         env = env_for(emu)
+        # every job counts as huge when spilled; the plain run (whole.parquet) never does
+        env_huge = {**env, "POLARS_LLMBATCH_OUT_OF_CORE_ROWS": "0"} if spilled else env
         first = llmbatch(
             "run", "t.parquet", *RUN, *id_args, "--output", "out.parquet", "--no-wait",
             "--checkpoint", "runs/t", cwd=workdir, env=env,
@@ -281,8 +285,9 @@ def test_resume_writes_what_run_would_have_to_the_output_run_was_given(
         assert first.returncode == 4 and not (workdir / "out.parquet").exists()
         sub = workdir / "elsewhere"
         sub.mkdir()
-        resumed = llmbatch("resume", str(workdir / "runs" / "t"), cwd=sub, env=env)
+        resumed = llmbatch("resume", str(workdir / "runs" / "t"), cwd=sub, env=env_huge)
         assert resumed.returncode == 0, resumed.stderr
+        assert (workdir / "runs" / "t" / "derived").exists() == spilled
         whole = llmbatch(
             "run", "t.parquet", *RUN, *id_args, "--output", "whole.parquet",
             "--checkpoint", "runs/w", cwd=workdir, env=env,
@@ -293,3 +298,26 @@ def test_resume_writes_what_run_would_have_to_the_output_run_was_given(
     assert got.columns == expected.columns == [*pl.read_parquet(workdir / "t.parquet").columns,
                                                "label", "llm_status", "llm_error"]  # fmt: skip
     assert got.equals(expected)
+
+
+def test_run_joins_a_huge_jobs_results_on_disk(workdir: Path) -> None:
+    """`run --output` of a job that counts as huge writes what the in-memory join writes; a
+    bad setting of the variable is refused, naming it."""
+    with serve(batch_seconds=0.05) as emu:
+        env = env_for(emu)
+        huge = {**env, "POLARS_LLMBATCH_OUT_OF_CORE_ROWS": "0"}
+        args = ["run", "t.parquet", *RUN]
+        a = llmbatch(
+            *args, "--output", "a.parquet", "--checkpoint", "runs/a", cwd=workdir, env=huge
+        )
+        b = llmbatch(*args, "--output", "b.parquet", "--checkpoint", "runs/b", cwd=workdir, env=env)
+        assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+        sent = len(emu.ledger.batches)
+        bad = {**env, "POLARS_LLMBATCH_OUT_OF_CORE_ROWS": "lots"}
+        c = llmbatch(*args, "--output", "c.parquet", "--checkpoint", "runs/c", cwd=workdir, env=bad)
+        assert len(emu.ledger.batches) == sent  # the bad setting was refused before sending
+    assert list((workdir / "runs" / "a" / "derived").glob("result-*"))
+    assert not (workdir / "runs" / "b" / "derived").exists()
+    assert pl.read_parquet(workdir / "a.parquet").equals(pl.read_parquet(workdir / "b.parquet"))
+    assert c.returncode != 0 and "POLARS_LLMBATCH_OUT_OF_CORE_ROWS='lots'" in c.stderr
+    assert not (workdir / "runs" / "c").exists()

@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from polars_llmbatch.collect.reconcile import cost_of, read_results
+from polars_llmbatch.collect.reconcile import BOOKKEEPING, cost_of, read_results
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.prices import cost_expr, lookup_price
 from polars_llmbatch.providers import get_provider
@@ -205,7 +205,7 @@ def job_cells(
             return pl.DataFrame(schema=_CELLS)
     ckpt = Checkpoint(job_file.parent)
     if results is None:
-        results = read_results(ckpt)
+        results = read_results(ckpt, columns=BOOKKEEPING)
     results = results.filter((pl.col("mode") != "cached") & pl.col("input_tokens").is_not_null())
     if results.is_empty():
         return pl.DataFrame(schema=_CELLS)

@@ -10,6 +10,7 @@ file), ``skipped`` (its prompt rendered to null; never sent) or ``pending`` (not
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from polars_llmbatch.run.checkpoint import Checkpoint
 
 __all__ = [
+    "BOOKKEEPING",
     "STATUS_COLUMN",
     "best_results",
     "check_output_names",
@@ -56,21 +58,35 @@ NOT_IN_JOB = (
     "there when the job was created; run the job again on the new rows"
 )
 _EXTRA = {"attempt": pl.Int32(), "shard": pl.Int32(), "mode": pl.String()}
+#: The result columns bookkeeping reads (retries, spend, budgets): no texts, errors or vectors,
+#: which at millions of rows are nearly all of the bytes.
+BOOKKEEPING = tuple(c for c in (*RESULT_SCHEMA, *_EXTRA) if c not in ("text", "embedding", "error"))
 
 
-def read_results(ckpt: Checkpoint) -> pl.DataFrame:
-    """Every result row of the job (every attempt, and reused ones from the result cache)."""
-    files = sorted((ckpt.path / "results").glob("*.parquet"))
-    schema = {**RESULT_SCHEMA, **_EXTRA}
+def read_results(
+    ckpt: Checkpoint | None = None,
+    *,
+    files: Sequence[Path] | None = None,
+    columns: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    """Every result row of the job (every attempt, and reused ones from the result cache), or
+    of ``files``; only ``columns`` when given (the engine's bookkeeping never needs the texts
+    or vectors, which at millions of rows are most of the bytes)."""
+    if files is None:
+        assert ckpt is not None
+        files = sorted((ckpt.path / "results").glob("*.parquet"))
+    full = {**RESULT_SCHEMA, **_EXTRA}
+    schema = full if columns is None else {c: full[c] for c in columns}
     if not files:
         return pl.DataFrame(schema=schema)
     parts = []
     for f in files:
-        part = pl.read_parquet(f)
+        names = pl.read_parquet_schema(f)
         # Files written before a column existed (e.g. the cache token classes) read as null.
+        part = pl.read_parquet(f, columns=[c for c in schema if c in names])
         parts.append(
             part.select(
-                pl.col(c) if c in part.columns else pl.lit(None, dtype).alias(c)
+                pl.col(c) if c in names else pl.lit(None, dtype).alias(c)
                 for c, dtype in schema.items()
             )
         )
@@ -92,7 +108,7 @@ def spent(ckpt: Checkpoint, results: pl.DataFrame | None = None) -> float:
     """USD paid so far by this job: every attempt's billed tokens at the price in ``job.json``
     (batch or sync rate by how each shard ran). Reused (cached) results cost nothing here."""
     if results is None:
-        results = read_results(ckpt)
+        results = read_results(ckpt, columns=BOOKKEEPING)
     return float(_costs(results, ckpt.job().get("price") or {}).sum() or 0.0)
 
 

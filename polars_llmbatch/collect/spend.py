@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import polars as pl
 
-from polars_llmbatch.collect.reconcile import cost_of, read_results
+from polars_llmbatch.collect.reconcile import BOOKKEEPING, cost_of, read_results
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.run.checkpoint import Checkpoint, default_root
 
@@ -177,7 +177,7 @@ def _job_row(job_file: Path, *, cells: bool = False) -> tuple[dict[str, Any], pl
     read of its results."""
     ckpt = Checkpoint(job_file.parent)
     job = json.loads(job_file.read_text())
-    everything = read_results(ckpt)
+    everything = read_results(ckpt, columns=BOOKKEEPING)
     results = everything.filter(pl.col("mode") != "cached")
     price = job.get("price") or {}
     unpriced = results.filter(

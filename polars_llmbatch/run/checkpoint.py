@@ -14,6 +14,8 @@ fsynced line by line)::
     raw/NNNNN-K.jsonl         result files as downloaded, before anything parses them
     results/NNNNN.parquet     one row per request of the shard (results/cached.parquet: reused;
                               results/unplanned.parquet: what a cancel left unplanned)
+    derived/                  made again from results/ whenever missing: each results file's
+                              answers decoded (outputs/), a huge job's result (result-*/)
 
 A process killed at any instant leaves the directory readable: a torn last event line is
 ignored, and a half-written file is only ever a ``*.tmp`` that the next run overwrites.
@@ -55,6 +57,7 @@ _OWN_FILES = frozenset(
         "shards",
         "raw",
         "results",
+        "derived",
         ".lock",
     }
 )

@@ -28,7 +28,7 @@ import polars as pl
 
 from polars_llmbatch import options
 from polars_llmbatch._fs import fsync
-from polars_llmbatch.collect.reconcile import best_results, read_results, spent
+from polars_llmbatch.collect.reconcile import BOOKKEEPING, best_results, read_results, spent
 from polars_llmbatch.collect.results import RESULT_SCHEMA, missing_results
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.prices import HALF_PRICE_MODES, cost_expr
@@ -759,7 +759,7 @@ class Engine:
         under ``max_attempts`` plus the rounds :meth:`Job.retry` granted their status; none
         after a cancel), with their ``attempts`` so far; the budget is not asked here."""
         if results is None:
-            results = read_results(self.ckpt)
+            results = read_results(self.ckpt, columns=BOOKKEEPING)
         if self.canceled() or results.is_empty():
             return pl.DataFrame(schema={"custom_id": pl.String, "attempts": pl.UInt32})
         best = best_results(results)
@@ -799,7 +799,7 @@ class Engine:
         return (paid, more) if paid + more > self.settings.max_cost else None
 
     def _plan_retries(self, shards: dict[int, ShardRecord]) -> bool:
-        results = read_results(self.ckpt)
+        results = read_results(self.ckpt, columns=BOOKKEEPING)
         due = self.due_retries(shards, results)
         mode = self._round_mode()
         if (

@@ -11,8 +11,11 @@ import contextvars
 import html
 import logging
 import math
+import os
+import secrets
 import shlex
 import sys
+import tempfile
 import threading
 import weakref
 from collections import Counter
@@ -25,7 +28,9 @@ import polars as pl
 
 from polars_llmbatch import options
 from polars_llmbatch._checks import check_bool, check_checkpoint, check_seconds
+from polars_llmbatch.collect.decoded import decoded_outputs
 from polars_llmbatch.collect.reconcile import (
+    BOOKKEEPING,
     CID,
     IN_JOB,
     SKIPPED,
@@ -35,6 +40,7 @@ from polars_llmbatch.collect.reconcile import (
     spent,
     status_counts,
 )
+from polars_llmbatch.collect.spill import result_folder, spilled_counts, spilled_result
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.estimate import Estimate
 from polars_llmbatch.plan.prices import HALF_PRICE_MODES
@@ -46,6 +52,36 @@ from polars_llmbatch.run.engine import ONE_BY_ONE, Engine, Settings
 from polars_llmbatch.run.transport import Transport, credentials
 
 __all__ = ["RETRY_STATUSES", "Job", "JobStatus"]
+
+#: A job of this many input rows or more (reopened, or made from a LazyFrame) gets its
+#: result joined on disk: a LazyFrame over Parquet files (see :meth:`Job.result`). The
+#: environment variable ``POLARS_LLMBATCH_OUT_OF_CORE_ROWS`` sets another (a machine with
+#: little memory: lower).
+OUT_OF_CORE_ROWS = 1_000_000
+_OUT_OF_CORE_VAR = "POLARS_LLMBATCH_OUT_OF_CORE_ROWS"
+
+
+def out_of_core_rows() -> int:
+    """From how many input rows a job is joined and counted on disk: ``OUT_OF_CORE_ROWS``, or
+    the ``POLARS_LLMBATCH_OUT_OF_CORE_ROWS`` environment variable (checked here)."""
+    text = os.environ.get(_OUT_OF_CORE_VAR)
+    if text is None:
+        return OUT_OF_CORE_ROWS
+    try:
+        limit = int(text)
+        if limit < 0:
+            raise ValueError
+    except ValueError:
+        raise LlmBatchError(
+            f"{_OUT_OF_CORE_VAR}={text!r} is not a row count; set it to a whole number of rows "
+            "(0: always join on disk) or unset it"
+        ) from None
+    return limit
+
+
+def _huge(rows: int) -> bool:
+    return rows >= out_of_core_rows()
+
 
 #: The row statuses :meth:`Job.retry` sends again (errored: transient errors only).
 RETRY_STATUSES = ("expired", "missing", "errored")
@@ -426,10 +462,8 @@ class Job:
         if refresh:
             self._refresh()
         shards = self._ckpt.shards()
-        results = read_results(self._ckpt)
-        # the checkpoint's row table is scanned, never held: it has a row per input row
-        rows = self._rows if self._rows is not None else self._ckpt.scan_rows()
-        counts = self._status_counts(rows, results)
+        results = read_results(self._ckpt, columns=BOOKKEEPING)
+        counts = self._status_counts()
         phases = Counter(
             "done" if s.done else (s.phase or ("submitted" if s.submitted else "planned"))
             for s in shards.values()
@@ -467,17 +501,58 @@ class Job:
             retries_due=retries,
         )
 
-    def _status_counts(
-        self, rows: pl.DataFrame | pl.LazyFrame, results: pl.DataFrame
-    ) -> dict[str, int]:
+    def _status_counts(self) -> dict[str, int]:
         """Rows per status as ``result()`` counts them (the answers decoded and checked against
-        the schema), remembered until a results file changes: a repr asks often."""
+        the schema), remembered until a results file changes: a repr asks often. The
+        checkpoint's row table is streamed, never held (it has a row per input row); a huge
+        job's is counted a bucket at a time from the decoded answers (:mod:`.collect.spill`)."""
         files = sorted((self._ckpt.path / "results").glob("*.parquet"))
         key = tuple((f.name, st.st_size, st.st_mtime_ns) for f in files if (st := f.stat()))
-        which = rows.height if isinstance(rows, pl.DataFrame) else "checkpoint"
+        which = self._rows.height if self._rows is not None else "checkpoint"
         if self._counts is None or self._counts[0] != (key, which):
-            self._counts = ((key, which), status_counts(rows, results, self.spec))
+            if self._rows is None and _huge(self.estimate.rows):
+                counts = self._spilled_counts()
+            else:
+                rows = self._rows if self._rows is not None else self._ckpt.scan_rows()
+                counts = status_counts(rows, read_results(self._ckpt), self.spec)
+            self._counts = ((key, which), counts)
         return dict(self._counts[1])
+
+    def _spilled_counts(self) -> dict[str, int]:
+        derived = self._derived()
+        decoded = decoded_outputs(
+            self._ckpt.path,
+            self.spec,
+            price=self._job.get("price"),
+            name=self._job.get("output_name"),
+            folder=derived / "outputs",
+        )
+        frame, with_ids, _ = self._row_source(table=True)  # the job's rows, as status counts
+        return spilled_counts(
+            frame,
+            with_ids,
+            pl.scan_parquet(self._ckpt.path / "requests.parquet"),
+            decoded,
+            result_folder(derived, prefix="counts"),
+            n_rows=self.estimate.rows,
+        )
+
+    def _derived(self) -> Path:
+        """Where derived files go: the checkpoint's ``derived/``, or a temporary folder when
+        the checkpoint cannot be written (a shared, read-only copy)."""
+        derived = self._ckpt.path / "derived"
+        try:
+            derived.mkdir(exist_ok=True)
+            probe = derived / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+            probe.touch()
+            probe.unlink()
+        except OSError:
+            if self._tmp_derived is None:
+                self._tmp_derived = Path(tempfile.mkdtemp(prefix="llmbatch-derived-"))
+            derived = self._tmp_derived
+        return derived
+
+    _tmp_derived: Path | None = None
 
     def _refresh(self) -> None:
         if self._t is None or (self._thread is not None and self._thread.is_alive()):
@@ -493,9 +568,18 @@ class Job:
         For a job made from a LazyFrame this is a LazyFrame: the input plan with the answers
         joined on each row's request (its rendered text), never on its position, so a plan
         that gives its rows in another order when evaluated again still gets its own answers.
+
+        A job of :data:`OUT_OF_CORE_ROWS` (1,000,000) input rows or more, made from a
+        LazyFrame or reopened, is joined on disk instead, in bounded memory: the input is
+        evaluated once, here, and the result is a LazyFrame over Parquet files in the
+        checkpoint's ``derived/`` folder (``sink_parquet`` it, or collect it, before asking for
+        three more: only the newest three are kept).
         """
         usage = self._usage if usage is None else usage
         name = self._job.get("output_name")
+        lazy = isinstance(self._frame, pl.LazyFrame) and self._row_ids is not None
+        if (lazy or self._frame is None) and _huge(self.estimate.rows):
+            return self._spilled_result(usage, name)
         outputs = request_outputs(
             read_results(self._ckpt), self.spec, price=self._job.get("price"), name=name
         )
@@ -513,6 +597,52 @@ class Job:
             out = finish_rows(joined, self.spec, usage=usage, name=name)
             return pl.concat([self._frame, out], how="horizontal")
         return finish_rows(joined, self.spec, usage=usage, name=name, keep=[self._job["key"]])
+
+    def _spilled_result(self, usage: bool, name: str | None) -> pl.LazyFrame:
+        """A huge job's result joined on disk (:mod:`.collect.spill`): a scan of Parquet files
+        in the checkpoint's ``derived/`` folder (a temporary folder if it cannot be written)."""
+        derived = self._derived()
+        folder = result_folder(derived)
+        decoded = decoded_outputs(
+            self._ckpt.path,
+            self.spec,
+            price=self._job.get("price"),
+            name=name,
+            folder=derived / "outputs",
+        )
+        frame, with_ids, keep = self._row_source()
+        return spilled_result(
+            frame,
+            with_ids,
+            pl.scan_parquet(self._ckpt.path / "requests.parquet"),
+            decoded,
+            self.spec,
+            folder,
+            n_rows=self.estimate.rows,
+            keep=keep,
+            usage=usage,
+            name=name,
+        )
+
+    def _row_source(self, *, table: bool = False) -> tuple[pl.LazyFrame, Any, list[str]]:
+        """What a spilled result reads: the rows (the LazyFrame this object was made from,
+        or with ``table`` or without one the checkpoint's row table), how a slice of them gets
+        its request ids, and the caller's columns."""
+        if not table and isinstance(self._frame, pl.LazyFrame) and self._row_ids is not None:
+            row_ids = self._row_ids
+
+            def with_ids(lf: pl.LazyFrame) -> pl.LazyFrame:
+                return row_ids.attach(lf, CID).with_columns(pl.col(CID).is_null().alias(SKIPPED))
+
+            return self._frame, with_ids, self._frame.collect_schema().names()
+        key = self._job["key"]
+
+        def from_table(lf: pl.LazyFrame) -> pl.LazyFrame:
+            return lf.select(
+                pl.col(key), pl.col("custom_id").alias(CID), pl.col("skipped").alias(SKIPPED)
+            )
+
+        return self._ckpt.scan_rows(), from_table, [key]
 
     def _lazy_result(
         self,
