@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 import polars_llmbatch
+from polars_llmbatch.collect.reconcile import read_results, spent
 from polars_llmbatch.emulator import Faults, model, serve
 
 CATS = ["billing", "bug", "feature", "other"]
@@ -292,6 +293,40 @@ def test_retries_stop_at_max_cost(tmp_path: Path) -> None:
     assert "missing" in set(out["llm_status"]) and "succeeded" in set(out["llm_status"])
     events = (job.path / "events.jsonl").read_text()
     assert '"retries_skipped"' in events and '"reason":"max_cost"' in events
+
+
+def test_a_missing_answer_counts_at_its_worst_case_after_a_later_success(tmp_path: Path) -> None:
+    """The provider may have billed a result it never returned: the budget counts every
+    missing attempt at its worst case, even of a request a later attempt answered."""
+    from polars_llmbatch.run.engine import Engine, Settings
+
+    df = frame(40)
+    prices = {"input": 10.0, "output": 0.0}
+    faults = Faults(missing=0.3, seed=1, fault_batches=1)
+    with serve(batch_seconds=0.1, faults=faults) as emu:
+        job = run(df, emu, tmp_path, prices=prices, max_output_tokens=10, wait=False)
+        out = job.wait().result()
+        assert len(emu.ledger.batches) == 2  # the missing ones came back on the retry
+    assert set(out["llm_status"]) == {"succeeded"}
+    ckpt = job._ckpt
+    first = read_results(ckpt).filter(pl.col("attempt") == 1)
+    lost = first.filter(pl.col("status") == "missing").select("custom_id")
+    assert 0 < lost.height < 40
+    spent_so_far = spent(ckpt)
+    due = first.filter(pl.col("status") == "succeeded").head(1).select("custom_id")
+
+    def over(budget: float) -> tuple[float, float] | None:
+        engine = Engine(ckpt, job.provider, job.spec, None, Settings(max_cost=budget), key="")
+        return engine.over_budget(due)
+
+    per_request = Engine(ckpt, job.provider, job.spec, None, Settings(), key="")._worst(due)
+    unseen = Engine(ckpt, job.provider, job.spec, None, Settings(), key="")._worst(lost)
+    assert per_request > 0 and unseen >= lost.height * per_request * 0.5
+    # room for the one request and the paid bill, not for the answers never seen
+    assert over(spent_so_far + per_request * 1.01) == pytest.approx(
+        (spent_so_far + unseen, per_request)
+    )
+    assert over(spent_so_far + unseen + per_request * 1.01) is None
 
 
 def test_progress_bar_reports_rows_and_shards(tmp_path: Path, capsys) -> None:

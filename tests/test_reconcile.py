@@ -9,7 +9,13 @@ import polars as pl
 import pytest
 
 from polars_llmbatch.collect.reconcile import CID as CID_COLUMN
-from polars_llmbatch.collect.reconcile import INVALID, best_results, decode_outputs, join_rows
+from polars_llmbatch.collect.reconcile import (
+    INVALID,
+    best_results,
+    decode_outputs,
+    join_rows,
+    unsettled,
+)
 from polars_llmbatch.collect.results import RESULT_SCHEMA, finish_parse
 from polars_llmbatch.plan.outputs import parse_output
 from polars_llmbatch.plan.spec import RequestSpec
@@ -113,6 +119,34 @@ def test_a_later_success_wins_over_an_earlier_failure_and_never_the_reverse() ->
         ("a", "succeeded", "late"),
         ("b", "succeeded", "ok"),
     ]
+
+
+def test_unsettled_keeps_every_attempt_of_the_requests_a_retry_can_pick(tmp_path: Path) -> None:
+    """Hand-made results over three files: a request is unsettled when none of its attempts
+    succeeded and one ended unanswered; all its rows come back, in file order."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    rounds = [
+        [("a", "expired"), ("b", "succeeded"), ("c", "missing"), ("d", "errored"), ("e", "errored")],
+        [("a", "succeeded"), ("c", "missing"), ("d", "canceled")],
+        [("c", "errored"), ("f", "succeeded")],
+    ]  # fmt: skip
+    for n, rows in enumerate(rounds, 1):
+        frame = results([(cid, status, "x" if status == "succeeded" else None)
+                         for cid, status in rows], attempt=n)  # fmt: skip
+        frame.write_parquet(folder / f"{n:05d}.parquet")
+    got = unsettled(Checkpoint(tmp_path))
+    # a and b and f succeeded at some attempt; c, d and e never did
+    assert got.select("custom_id", "attempt", "status").rows() == [
+        ("c", 1, "missing"), ("d", 1, "errored"), ("e", 1, "errored"),
+        ("c", 2, "missing"), ("d", 2, "canceled"),
+        ("c", 3, "errored"),
+    ]  # fmt: skip
+    (folder / "00001.parquet").unlink()
+    (folder / "00002.parquet").unlink()
+    assert unsettled(Checkpoint(tmp_path)).select("custom_id").to_series().to_list() == ["c"]
+    (folder / "00003.parquet").unlink()
+    assert unsettled(Checkpoint(tmp_path)).is_empty()
 
 
 def test_duplicate_lines_keep_the_success() -> None:

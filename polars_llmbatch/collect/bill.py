@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from polars_llmbatch.collect.reconcile import BOOKKEEPING, cost_of, read_results
+from polars_llmbatch.collect.reconcile import cost_of, scan_results
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.prices import cost_expr, lookup_price
 from polars_llmbatch.providers import get_provider
@@ -192,7 +192,10 @@ _CELLS = {
 
 
 def job_cells(
-    job_file: Path, *, job: dict[str, Any] | None = None, results: pl.DataFrame | None = None
+    job_file: Path,
+    *,
+    job: dict[str, Any] | None = None,
+    results: pl.DataFrame | pl.LazyFrame | None = None,
 ) -> pl.DataFrame:
     """A job's billed results (reused ones aside) per day × model × tier: requests, tokens,
     cost at the rate paid and at the sync rate (the job's recorded prices), with the job's
@@ -204,16 +207,13 @@ def job_cells(
         except (OSError, ValueError):
             return pl.DataFrame(schema=_CELLS)
     ckpt = Checkpoint(job_file.parent)
-    if results is None:
-        results = read_results(ckpt, columns=BOOKKEEPING)
-    results = results.filter((pl.col("mode") != "cached") & pl.col("input_tokens").is_not_null())
-    if results.is_empty():
-        return pl.DataFrame(schema=_CELLS)
+    scan = scan_results(ckpt) if results is None else results.lazy()  # streamed, not held
+    billed = scan.filter((pl.col("mode") != "cached") & pl.col("input_tokens").is_not_null())
     created = dt.datetime.fromisoformat(job["created"]).astimezone(dt.timezone.utc).date()
     days = _shard_days(ckpt)
     price = job.get("price") or {}
     cells = (
-        results.with_columns(
+        billed.with_columns(
             day=pl.col("shard")
             .replace_strict(days, default=None, return_dtype=pl.Date)
             .fill_null(created),
@@ -229,7 +229,10 @@ def job_cells(
             pl.col("cost").sum(),
             pl.col("cost_at_sync").sum(),
         )
+        .collect(engine="streaming")
     )
+    if cells.is_empty():
+        return pl.DataFrame(schema=_CELLS)
     return cells.with_columns(
         job=pl.lit(job_file.parent.name),
         provider=pl.lit(job["spec"]["provider"]),

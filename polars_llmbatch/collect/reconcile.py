@@ -35,8 +35,10 @@ __all__ = [
     "read_results",
     "request_outputs",
     "row_status",
+    "scan_results",
     "spent",
     "status_counts",
+    "unsettled",
 ]
 
 STATUS_COLUMN = "llm_status"
@@ -72,25 +74,64 @@ def read_results(
     """Every result row of the job (every attempt, and reused ones from the result cache), or
     of ``files``; only ``columns`` when given (the engine's bookkeeping never needs the texts
     or vectors, which at millions of rows are most of the bytes)."""
+    return _results(ckpt, files, columns).collect()
+
+
+def scan_results(ckpt: Checkpoint, columns: Sequence[str] = BOOKKEEPING) -> pl.LazyFrame:
+    """:func:`read_results` as a plan, for sums and filters that need not hold the rows."""
+    return _results(ckpt, None, columns)
+
+
+def _results(
+    ckpt: Checkpoint | None, files: Sequence[Path] | None, columns: Sequence[str] | None
+) -> pl.LazyFrame:
     if files is None:
         assert ckpt is not None
         files = sorted((ckpt.path / "results").glob("*.parquet"))
     full = {**RESULT_SCHEMA, **_EXTRA}
     schema = full if columns is None else {c: full[c] for c in columns}
     if not files:
-        return pl.DataFrame(schema=schema)
+        return pl.LazyFrame(schema=schema)
     parts = []
     for f in files:
         names = pl.read_parquet_schema(f)
         # Files written before a column existed (e.g. the cache token classes) read as null.
-        part = pl.read_parquet(f, columns=[c for c in schema if c in names])
         parts.append(
-            part.select(
+            pl.scan_parquet(f).select(
                 pl.col(c) if c in names else pl.lit(None, dtype).alias(c)
                 for c, dtype in schema.items()
             )
         )
     return pl.concat(parts)
+
+
+#: The statuses of an attempt that ended without an answer: only a request with one of these,
+#: and no success, can be sent again.
+UNANSWERED = ("canceled", "expired", "missing", "errored")
+
+
+def unsettled(ckpt: Checkpoint) -> pl.DataFrame:
+    """Every result row (:data:`BOOKKEEPING`, in :func:`read_results`' order) of the requests
+    with no success yet and some attempt that ended unanswered: all a retry round can pick
+    from, and all :func:`best_results` needs to pick it. At millions of rows the settled rest
+    (nearly all of them) stays on disk: only the ids are streamed past, twice."""
+    scan = scan_results(ckpt).with_row_index("__order")
+    failed = scan.filter(pl.col("status").is_in(UNANSWERED)).select("custom_id").unique().collect()
+    if failed.is_empty():
+        return pl.DataFrame(schema=scan.drop("__order").collect_schema())
+    won = (
+        scan.filter(pl.col("status") == "succeeded")
+        .select("custom_id")
+        .join(failed.lazy(), on="custom_id", how="semi")  # the small side is the table
+        .collect()
+    )
+    open_ = failed.join(won, on="custom_id", how="anti")
+    return (
+        scan.join(open_.lazy(), on="custom_id", how="semi")
+        .collect()
+        .sort("__order")
+        .drop("__order")
+    )
 
 
 def best_results(results: pl.DataFrame) -> pl.DataFrame:
@@ -107,9 +148,11 @@ def best_results(results: pl.DataFrame) -> pl.DataFrame:
 def spent(ckpt: Checkpoint, results: pl.DataFrame | None = None) -> float:
     """USD paid so far by this job: every attempt's billed tokens at the price in ``job.json``
     (batch or sync rate by how each shard ran). Reused (cached) results cost nothing here."""
-    if results is None:
-        results = read_results(ckpt, columns=BOOKKEEPING)
-    return float(_costs(results, ckpt.job().get("price") or {}).sum() or 0.0)
+    price = ckpt.job().get("price") or {}
+    if results is None:  # summed as the rows stream past
+        total = scan_results(ckpt).select(cost_of(price).sum()).collect(engine="streaming")
+        return float(total.item() or 0.0)
+    return float(_costs(results, price).sum() or 0.0)
 
 
 def cost_of(price: dict[str, Any], *, at_sync: bool = False) -> pl.Expr:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import polars as pl
 
-from polars_llmbatch.collect.reconcile import BOOKKEEPING, cost_of, read_results
+from polars_llmbatch.collect.reconcile import cost_of, scan_results
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.run.checkpoint import Checkpoint, default_root
 
@@ -177,12 +177,15 @@ def _job_row(job_file: Path, *, cells: bool = False) -> tuple[dict[str, Any], pl
     read of its results."""
     ckpt = Checkpoint(job_file.parent)
     job = json.loads(job_file.read_text())
-    everything = read_results(ckpt, columns=BOOKKEEPING)
+    everything = scan_results(ckpt)  # summed as the rows stream past: no job is held whole
     results = everything.filter(pl.col("mode") != "cached")
     price = job.get("price") or {}
-    unpriced = results.filter(
-        pl.col("input_tokens").is_not_null() & cost_of(price).is_null()
-    ).height
+    unpriced = (
+        results.filter(pl.col("input_tokens").is_not_null() & cost_of(price).is_null())
+        .select(pl.len())
+        .collect(engine="streaming")
+        .item()
+    )
     if unpriced:
         warnings.warn(
             f"{unpriced:,} result(s) of {job_file.parent.name!r} have tokens of a class the "
@@ -190,13 +193,17 @@ def _job_row(job_file: Path, *, cells: bool = False) -> tuple[dict[str, Any], pl
             "out of cost",
             stacklevel=3,
         )
-    figures = results.select(
-        pl.col("input_tokens").is_not_null().sum().cast(pl.Int64).alias("requests"),
-        pl.col("input_tokens").sum().cast(pl.Int64),
-        pl.col("output_tokens").sum().cast(pl.Int64),
-        cost_of(price).sum().alias("cost"),
-        cost_of(price, at_sync=True).sum().alias("cost_at_sync"),
-    ).row(0, named=True)
+    figures = (
+        results.select(
+            pl.col("input_tokens").is_not_null().sum().cast(pl.Int64).alias("requests"),
+            pl.col("input_tokens").sum().cast(pl.Int64),
+            pl.col("output_tokens").sum().cast(pl.Int64),
+            cost_of(price).sum().alias("cost"),
+            cost_of(price, at_sync=True).sum().alias("cost_at_sync"),
+        )
+        .collect(engine="streaming")
+        .row(0, named=True)
+    )
     estimate = job.get("estimate") or {}
     estimated = estimate.get("cost_sync" if job.get("mode") == "sync" else "cost_batch")
     created = dt.datetime.fromisoformat(job["created"]).astimezone(dt.timezone.utc)

@@ -28,7 +28,7 @@ import polars as pl
 
 from polars_llmbatch import options
 from polars_llmbatch._fs import fsync
-from polars_llmbatch.collect.reconcile import BOOKKEEPING, best_results, read_results, spent
+from polars_llmbatch.collect.reconcile import best_results, scan_results, spent, unsettled
 from polars_llmbatch.collect.results import RESULT_SCHEMA, missing_results
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.prices import HALF_PRICE_MODES, cost_expr
@@ -757,9 +757,10 @@ class Engine:
     ) -> pl.DataFrame:
         """The requests a retry round would send now (expired, missing, transiently errored,
         under ``max_attempts`` plus the rounds :meth:`Job.retry` granted their status; none
-        after a cancel), with their ``attempts`` so far; the budget is not asked here."""
+        after a cancel), with their ``attempts`` so far; the budget is not asked here.
+        ``results``: :func:`.reconcile.unsettled` (read when not given) or any superset."""
         if results is None:
-            results = read_results(self.ckpt, columns=BOOKKEEPING)
+            results = unsettled(self.ckpt)
         if self.canceled() or results.is_empty():
             return pl.DataFrame(schema={"custom_id": pl.String, "attempts": pl.UInt32})
         best = best_results(results)
@@ -784,22 +785,26 @@ class Engine:
             )
         )
 
-    def over_budget(
-        self, due: pl.DataFrame, results: pl.DataFrame, mode: str | None = None
-    ) -> tuple[float, float] | None:
+    def over_budget(self, due: pl.DataFrame, mode: str | None = None) -> tuple[float, float] | None:
         """``(spent, retries' worst case)`` when sending ``due`` (in ``mode``, default the
         job's) could take the job past ``max_cost``, else None."""
         if self.settings.max_cost is None or due.is_empty():
             return None
-        # A missing result may still have been billed, unseen: count it at its worst case,
-        # so max_cost stays a bound on what the provider can charge.
-        unseen = results.filter(pl.col("status") == "missing").select("custom_id")
-        paid = spent(self.ckpt, results) + self._worst(unseen)
+        # A missing result may still have been billed, unseen: count it at its worst case
+        # (every attempt's, a later success or not), so max_cost stays a bound on what the
+        # provider can charge.
+        unseen = (
+            scan_results(self.ckpt, ["custom_id", "status"])
+            .filter(pl.col("status") == "missing")
+            .select("custom_id")
+            .collect()
+        )
+        paid = spent(self.ckpt) + self._worst(unseen)
         more = self._worst(due.select("custom_id"), mode)
         return (paid, more) if paid + more > self.settings.max_cost else None
 
     def _plan_retries(self, shards: dict[int, ShardRecord]) -> bool:
-        results = read_results(self.ckpt, columns=BOOKKEEPING)
+        results = unsettled(self.ckpt)
         due = self.due_retries(shards, results)
         mode = self._round_mode()
         if (
@@ -817,7 +822,7 @@ class Engine:
             )
         if due.is_empty():
             return False
-        over = self.over_budget(due, results, mode)
+        over = self.over_budget(due, mode)
         if over is not None:
             paid, more = over
             log.warning(

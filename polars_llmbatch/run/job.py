@@ -30,7 +30,6 @@ from polars_llmbatch import options
 from polars_llmbatch._checks import check_bool, check_checkpoint, check_seconds
 from polars_llmbatch.collect.decoded import decoded_outputs
 from polars_llmbatch.collect.reconcile import (
-    BOOKKEEPING,
     CID,
     IN_JOB,
     SKIPPED,
@@ -462,7 +461,6 @@ class Job:
         if refresh:
             self._refresh()
         shards = self._ckpt.shards()
-        results = read_results(self._ckpt, columns=BOOKKEEPING)
         counts = self._status_counts()
         phases = Counter(
             "done" if s.done else (s.phase or ("submitted" if s.submitted else "planned"))
@@ -471,11 +469,11 @@ class Job:
         open_shards = [s for s in shards.values() if not s.done]
         planning = not self._ckpt.planning_done()
         retries = 0
-        if not open_shards and not planning and results.height:
+        if not open_shards and not planning:
             # Read-only questions of the checkpoint: no transport needed.
             engine = Engine(self._ckpt, self.provider, self.spec, None, self._settings, key="")
-            due = engine.due_retries(shards, results)
-            if engine.over_budget(due, results) is None:
+            due = engine.due_retries(shards)
+            if engine.over_budget(due) is None:
                 retries = due.height
         done = not open_shards and counts["pending"] == 0 and retries == 0
         if done:
@@ -495,7 +493,7 @@ class Job:
         return JobStatus(
             rows={k: v for k, v in counts.items()},
             shards=dict(phases),
-            spent=spent(self._ckpt, results),
+            spent=spent(self._ckpt),
             done=done,
             state=state,
             retries_due=retries,
