@@ -123,23 +123,29 @@ def _pipeline(files: list[str], out: str, queue: Any) -> None:
     })  # fmt: skip
 
 
+def _job(files: list[str], out: str, url: str, **kw: Any) -> Any:
+    """The benchmark's job (:data:`PROMPT`, a 4-category enum) over ``files`` against the
+    emulator at ``url``, checkpointed in ``out/job``."""
+    import polars_llmbatch  # noqa: F401
+    from polars_llmbatch.sample import CATEGORIES
+
+    return pl.scan_parquet(files).llm.batch(
+        PROMPT, provider="openai", model="gpt-4o-mini", output=CATEGORIES,
+        max_output_tokens=20, checkpoint=Path(out) / "job", api_key="k", base_url=url,
+        progress=False, **kw,
+    )  # fmt: skip
+
+
 def _batch(files: list[str], out: str, queue: Any) -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_emulator import start_emulator
 
-    import polars_llmbatch  # noqa: F401
-    from polars_llmbatch.sample import CATEGORIES
-
     emulator, url = start_emulator(60.0)
     try:
         started = time.perf_counter()
-        job = pl.scan_parquet(files).llm.batch(
-            PROMPT, provider="openai", model="gpt-4o-mini", output=CATEGORIES,
-            max_output_tokens=20, checkpoint=Path(out) / "job", api_key="k", base_url=url,
-            wait=False, max_in_flight=1, progress=False,
-        )  # fmt: skip
+        job = _job(files, out, url, wait=False, max_in_flight=1)
         seconds = time.perf_counter() - started
         memory = _status()  # before anything reads the results or the row table back
         job.close()
@@ -166,7 +172,6 @@ def _sink(files: list[str], out: str, queue: Any, join: str = "spill") -> None:
 
     import polars_llmbatch  # noqa: F401
     import polars_llmbatch.run.job as job_module
-    from polars_llmbatch.sample import CATEGORIES
 
     if join == "join":
         job_module.OUT_OF_CORE_ROWS = 2**62
@@ -185,11 +190,7 @@ def _sink(files: list[str], out: str, queue: Any, join: str = "spill") -> None:
     emulator, url = start_emulator(0.5)
     try:
         started = time.perf_counter()
-        lf = pl.scan_parquet(files).llm.batch(
-            PROMPT, provider="openai", model="gpt-4o-mini", output=CATEGORIES,
-            max_output_tokens=20, checkpoint=Path(out) / "job", api_key="k", base_url=url,
-            progress=False, poll_interval=0.5,
-        )  # fmt: skip
+        lf = _job(files, out, url, poll_interval=0.5)
         ready = time.perf_counter() - started
         lf.sink_parquet(Path(out) / "result.parquet")
         seconds = time.perf_counter() - started

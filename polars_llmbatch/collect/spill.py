@@ -15,6 +15,7 @@ a plan that gives its rows in another order each time still gets each row its ow
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import shutil
@@ -95,69 +96,61 @@ def spilled_result(
     ``with_ids`` adds each row's :data:`CID` and :data:`SKIPPED` to a slice of it;
     ``requests``: the job's requests (``custom_id``); ``n_rows``: about how many rows
     ``frame`` gives (it sizes the buckets)."""
+    with _removed_on_failure(folder):
+        k = max(1, math.ceil(n_rows / BUCKET_ROWS))
+        schema = with_ids(frame).collect_schema()
+        inputs = _partition(_numbered(frame, with_ids), k, folder / "in")
+        known = _partition(_in_job(requests), k, folder / "ids")
+        answers = _partition(decoded.frames(), k, folder / "answers")
+        result_schema = _finish(
+            pl.DataFrame(schema={ROW: pl.UInt64, **schema}), decoded, spec, usage, name, keep
+        ).schema
+        chunks = folder / "chunks"
+        for b in range(k):
+            part = _read(inputs.get(b), {ROW: pl.UInt64(), **schema})
+            if part.height:
+                done = _finish(
+                    part.join(_known(known.get(b), answers.get(b), decoded), on=CID, how="left"),
+                    decoded,
+                    spec,
+                    usage,
+                    name,
+                    keep,
+                )
+                for (c,), piece in (
+                    done.with_columns((pl.col(ROW) // CHUNK_ROWS).alias(_CHUNK))
+                    .partition_by(_CHUNK, as_dict=True, include_key=False)
+                    .items()
+                ):
+                    (chunks / f"{c:06d}").mkdir(parents=True, exist_ok=True)
+                    piece.write_parquet(chunks / f"{c:06d}" / f"{b:05d}.parquet", compression="lz4")
+            for path in (inputs.get(b), known.get(b), answers.get(b)):
+                if path is not None:
+                    path.unlink()
+        parts = folder / "parts"
+        parts.mkdir()
+        files = []
+        for c in sorted(chunks.iterdir()) if chunks.exists() else []:
+            ordered = pl.read_parquet(sorted(c.iterdir())).sort(ROW).drop(ROW)
+            files.append(parts / f"{c.name}.parquet")
+            ordered.write_parquet(files[-1], compression="lz4")
+            shutil.rmtree(c)
+        if not files:  # no rows at all: one empty file keeps the schema
+            files.append(parts / "000000.parquet")
+            pl.DataFrame(schema=result_schema).drop(ROW).write_parquet(files[-1])
+        for sub in ("in", "ids", "answers", "chunks"):
+            shutil.rmtree(folder / sub, ignore_errors=True)
+        return pl.scan_parquet(files)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path) -> Iterator[None]:
+    """A half-made result is no result: nothing is left to read it by."""
     try:
-        return _spill(frame, with_ids, requests, decoded, spec, folder, n_rows, keep, usage, name)
-    except BaseException:  # a half-made result is no result: nothing is left to read it by
+        yield
+    except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-
-
-def _spill(
-    frame: pl.LazyFrame,
-    with_ids: Callable[[pl.LazyFrame], pl.LazyFrame],
-    requests: pl.LazyFrame,
-    decoded: Decoded,
-    spec: RequestSpec,
-    folder: Path,
-    n_rows: int,
-    keep: list[str],
-    usage: bool,
-    name: str | None,
-) -> pl.LazyFrame:
-    k = max(1, math.ceil(n_rows / BUCKET_ROWS))
-    schema = with_ids(frame).collect_schema()
-    inputs = _partition(_numbered(frame, with_ids), k, folder / "in")
-    known = _partition(_in_job(requests), k, folder / "ids")
-    answers = _partition(decoded.frames(), k, folder / "answers")
-    result_schema = _finish(
-        pl.DataFrame(schema={ROW: pl.UInt64, **schema}), decoded, spec, usage, name, keep
-    ).schema
-    chunks = folder / "chunks"
-    for b in range(k):
-        part = _read(inputs.get(b), {ROW: pl.UInt64(), **schema})
-        if part.height:
-            done = _finish(
-                part.join(_known(known.get(b), answers.get(b), decoded), on=CID, how="left"),
-                decoded,
-                spec,
-                usage,
-                name,
-                keep,
-            )
-            for (c,), piece in (
-                done.with_columns((pl.col(ROW) // CHUNK_ROWS).alias(_CHUNK))
-                .partition_by(_CHUNK, as_dict=True, include_key=False)
-                .items()
-            ):
-                (chunks / f"{c:06d}").mkdir(parents=True, exist_ok=True)
-                piece.write_parquet(chunks / f"{c:06d}" / f"{b:05d}.parquet", compression="lz4")
-        for path in (inputs.get(b), known.get(b), answers.get(b)):
-            if path is not None:
-                path.unlink()
-    parts = folder / "parts"
-    parts.mkdir()
-    files = []
-    for c in sorted(chunks.iterdir()) if chunks.exists() else []:
-        ordered = pl.read_parquet(sorted(c.iterdir())).sort(ROW).drop(ROW)
-        files.append(parts / f"{c.name}.parquet")
-        ordered.write_parquet(files[-1], compression="lz4")
-        shutil.rmtree(c)
-    if not files:  # no rows at all: one empty file keeps the schema
-        files.append(parts / "000000.parquet")
-        pl.DataFrame(schema=result_schema).drop(ROW).write_parquet(files[-1])
-    for sub in ("in", "ids", "answers", "chunks"):
-        shutil.rmtree(folder / sub, ignore_errors=True)
-    return pl.scan_parquet(files)
 
 
 def spilled_counts(
