@@ -1,4 +1,5 @@
-"""Durable writes: what is on disk after ``fsync`` survives a crash or a power cut."""
+"""Durable writes (what is on disk after ``fsync`` survives a crash or a power cut) and the
+OS's file locks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["fsync"]
+__all__ = ["fsync", "lock_fd"]
 
 
 def fsync(path: Path) -> None:
@@ -25,3 +26,16 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lock_fd(fd: int, *, blocking: bool = False) -> None:
+    """Take the OS's exclusive lock on ``fd`` (released when it is closed, or the process
+    dies); without ``blocking``, OSError when another holds it."""
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -37,7 +37,7 @@ from typing import Any
 
 import polars as pl
 
-from polars_llmbatch._fs import fsync
+from polars_llmbatch._fs import fsync, lock_fd
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.stored import ROW_GROUP
 
@@ -250,7 +250,7 @@ class Checkpoint:
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                _lock(fd, blocking=blocking)
+                lock_fd(fd, blocking=blocking)
             except OSError:
                 raise LockedError(
                     f"the job in {str(self.path)!r} is being run by another process or Job "
@@ -384,17 +384,6 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 class LockedError(LlmBatchError):
     """Another runner holds the job."""
-
-
-def _lock(fd: int, *, blocking: bool = False) -> None:
-    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-        import msvcrt
-
-        msvcrt.locking(fd, msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _now() -> str:
