@@ -215,3 +215,55 @@ def test_the_row_setting_chooses_the_join(tmp_path: Path, monkeypatch: pytest.Mo
         monkeypatch.setenv("POLARS_LLMBATCH_OUT_OF_CORE_ROWS", str(len(BODIES)))
         batch(_frame().lazy(), emu, tmp_path / "j", output="answer").collect()
         assert len(list((tmp_path / "j" / "derived").glob("result-*"))) == 1
+
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from polars_llmbatch.collect.spill import result_folder
+with result_folder(Path(sys.argv[1])) as folder:
+    print(folder, flush=True)
+    sys.stdin.readline()  # held until the test says so (or kills this process)
+"""
+
+
+@pytest.mark.parametrize("ending", ["finished", "killed"])
+def test_a_result_another_process_is_making_is_never_pruned(tmp_path: Path, ending: str) -> None:
+    """Two notebooks on one job: results made meanwhile by one leave the other's folder alone
+    while it is being made; once its maker is done (or killed -9) it is pruned as usual."""
+    import subprocess
+    import sys
+
+    derived = tmp_path / "dérivé 'x'"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(derived)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        held = Path(holder.stdout.readline().strip())
+        assert held.is_dir()
+        made = []
+        for _ in range(spill.KEEP_RESULTS + 2):
+            with spill.result_folder(derived) as folder:
+                (folder / "part").write_text("x")
+            made.append(folder)
+        assert held.is_dir()  # the oldest, but held
+        assert sorted(derived.iterdir()) == sorted([held, *made[-spill.KEEP_RESULTS :]])
+        if ending == "finished":
+            holder.communicate("\n", timeout=60)
+        else:
+            holder.kill()
+            holder.wait(timeout=60)
+    finally:
+        holder.kill()
+    assert held.is_dir()  # nothing removes a folder before the next result is made
+    with spill.result_folder(derived) as newest:
+        pass
+    assert sorted(derived.iterdir()) == sorted([*made[-(spill.KEEP_RESULTS - 1) :], newest])
+
+
+def test_a_result_that_fails_leaves_no_folder(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), spill.result_folder(tmp_path) as folder:
+        (folder / "half").write_text("x")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

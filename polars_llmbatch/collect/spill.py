@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import secrets
 import shutil
 import time
@@ -28,6 +29,7 @@ from typing import Any
 
 import polars as pl
 
+from polars_llmbatch._fs import lock_fd
 from polars_llmbatch.collect.decoded import ATTEMPT, SHARD, Decoded, best_pick
 from polars_llmbatch.collect.reconcile import (
     CID,
@@ -62,20 +64,48 @@ ROW = INTERNAL_PREFIX + "row"
 _BUCKET = INTERNAL_PREFIX + "bucket"
 _CHUNK = INTERNAL_PREFIX + "chunk"
 #: Spilled results kept in a checkpoint's ``derived/`` (the newest; older ones are removed
-#: when a new one is made, so a LazyFrame from long ago may find its files gone).
+#: when a new one is made, unless another process is still making them; so a LazyFrame
+#: from long ago may find its files gone).
 KEEP_RESULTS = 3
 
 
-def result_folder(derived: Path, prefix: str = "result") -> Path:
-    """A new folder for a spilled result under ``derived``, after removing all but the newest
-    :data:`KEEP_RESULTS` - 1 earlier ones (of the same ``prefix``)."""
+@contextlib.contextmanager
+def result_folder(derived: Path, prefix: str = "result") -> Iterator[Path]:
+    """A new folder for a spilled result under ``derived``, held while the block runs (the
+    OS's lock on its ``.lock``: a killed process lets go) and removed if the block fails.
+    Earlier folders of the same ``prefix`` beyond the newest :data:`KEEP_RESULTS` are removed
+    first, except those another process holds: its result is still being made."""
     derived.mkdir(parents=True, exist_ok=True)
-    earlier = sorted(derived.glob(f"{prefix}-*"))  # names sort by time
-    for old in earlier[: max(0, len(earlier) - (KEEP_RESULTS - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
     folder = derived / f"{prefix}-{time.time_ns():020d}-{secrets.token_hex(4)}"
     folder.mkdir()
-    return folder
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        lock_fd(fd)  # a new file: nobody else can hold it yet
+        earlier = sorted(p for p in derived.glob(f"{prefix}-*") if p != folder)  # by time
+        for old in earlier[: max(0, len(earlier) - (KEEP_RESULTS - 1))]:
+            _remove_unless_held(old)
+        yield folder
+    except BaseException:  # a half-made result is no result: nothing is left to read it by
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _remove_unless_held(folder: Path) -> None:
+    try:
+        fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # gone already (another process pruned it), or not ours to touch
+        return
+    try:
+        lock_fd(fd)
+    except OSError:
+        os.close(fd)
+        return  # being made right now
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def spilled_result(
@@ -95,62 +125,51 @@ def spilled_result(
     ``folder/parts``, in the order of the one evaluation of ``frame`` made here.
     ``with_ids`` adds each row's :data:`CID` and :data:`SKIPPED` to a slice of it;
     ``requests``: the job's requests (``custom_id``); ``n_rows``: about how many rows
-    ``frame`` gives (it sizes the buckets)."""
-    with _removed_on_failure(folder):
-        k = max(1, math.ceil(n_rows / BUCKET_ROWS))
-        schema = with_ids(frame).collect_schema()
-        inputs = _partition(_numbered(frame, with_ids), k, folder / "in")
-        known = _partition(_in_job(requests), k, folder / "ids")
-        answers = _partition(decoded.frames(), k, folder / "answers")
-        result_schema = _finish(
-            pl.DataFrame(schema={ROW: pl.UInt64, **schema}), decoded, spec, usage, name, keep
-        ).schema
-        chunks = folder / "chunks"
-        for b in range(k):
-            part = _read(inputs.get(b), {ROW: pl.UInt64(), **schema})
-            if part.height:
-                done = _finish(
-                    part.join(_known(known.get(b), answers.get(b), decoded), on=CID, how="left"),
-                    decoded,
-                    spec,
-                    usage,
-                    name,
-                    keep,
-                )
-                for (c,), piece in (
-                    done.with_columns((pl.col(ROW) // CHUNK_ROWS).alias(_CHUNK))
-                    .partition_by(_CHUNK, as_dict=True, include_key=False)
-                    .items()
-                ):
-                    (chunks / f"{c:06d}").mkdir(parents=True, exist_ok=True)
-                    piece.write_parquet(chunks / f"{c:06d}" / f"{b:05d}.parquet", compression="lz4")
-            for path in (inputs.get(b), known.get(b), answers.get(b)):
-                if path is not None:
-                    path.unlink()
-        parts = folder / "parts"
-        parts.mkdir()
-        files = []
-        for c in sorted(chunks.iterdir()) if chunks.exists() else []:
-            ordered = pl.read_parquet(sorted(c.iterdir())).sort(ROW).drop(ROW)
-            files.append(parts / f"{c.name}.parquet")
-            ordered.write_parquet(files[-1], compression="lz4")
-            shutil.rmtree(c)
-        if not files:  # no rows at all: one empty file keeps the schema
-            files.append(parts / "000000.parquet")
-            pl.DataFrame(schema=result_schema).drop(ROW).write_parquet(files[-1])
-        for sub in ("in", "ids", "answers", "chunks"):
-            shutil.rmtree(folder / sub, ignore_errors=True)
-        return pl.scan_parquet(files)
-
-
-@contextlib.contextmanager
-def _removed_on_failure(folder: Path) -> Iterator[None]:
-    """A half-made result is no result: nothing is left to read it by."""
-    try:
-        yield
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    ``frame`` gives (it sizes the buckets); ``folder``: from :func:`result_folder`."""
+    k = max(1, math.ceil(n_rows / BUCKET_ROWS))
+    schema = with_ids(frame).collect_schema()
+    inputs = _partition(_numbered(frame, with_ids), k, folder / "in")
+    known = _partition(_in_job(requests), k, folder / "ids")
+    answers = _partition(decoded.frames(), k, folder / "answers")
+    result_schema = _finish(
+        pl.DataFrame(schema={ROW: pl.UInt64, **schema}), decoded, spec, usage, name, keep
+    ).schema
+    chunks = folder / "chunks"
+    for b in range(k):
+        part = _read(inputs.get(b), {ROW: pl.UInt64(), **schema})
+        if part.height:
+            done = _finish(
+                part.join(_known(known.get(b), answers.get(b), decoded), on=CID, how="left"),
+                decoded,
+                spec,
+                usage,
+                name,
+                keep,
+            )
+            for (c,), piece in (
+                done.with_columns((pl.col(ROW) // CHUNK_ROWS).alias(_CHUNK))
+                .partition_by(_CHUNK, as_dict=True, include_key=False)
+                .items()
+            ):
+                (chunks / f"{c:06d}").mkdir(parents=True, exist_ok=True)
+                piece.write_parquet(chunks / f"{c:06d}" / f"{b:05d}.parquet", compression="lz4")
+        for path in (inputs.get(b), known.get(b), answers.get(b)):
+            if path is not None:
+                path.unlink()
+    parts = folder / "parts"
+    parts.mkdir()
+    files = []
+    for c in sorted(chunks.iterdir()) if chunks.exists() else []:
+        ordered = pl.read_parquet(sorted(c.iterdir())).sort(ROW).drop(ROW)
+        files.append(parts / f"{c.name}.parquet")
+        ordered.write_parquet(files[-1], compression="lz4")
+        shutil.rmtree(c)
+    if not files:  # no rows at all: one empty file keeps the schema
+        files.append(parts / "000000.parquet")
+        pl.DataFrame(schema=result_schema).drop(ROW).write_parquet(files[-1])
+    for sub in ("in", "ids", "answers", "chunks"):
+        shutil.rmtree(folder / sub, ignore_errors=True)
+    return pl.scan_parquet(files)
 
 
 def spilled_counts(

@@ -526,14 +526,15 @@ class Job:
             folder=derived / "outputs",
         )
         frame, with_ids, _ = self._row_source(table=True)  # the job's rows, as status counts
-        return spilled_counts(
-            frame,
-            with_ids,
-            pl.scan_parquet(self._ckpt.path / "requests.parquet"),
-            decoded,
-            result_folder(derived, prefix="counts"),
-            n_rows=self.estimate.rows,
-        )
+        with result_folder(derived, prefix="counts") as folder:
+            return spilled_counts(
+                frame,
+                with_ids,
+                pl.scan_parquet(self._ckpt.path / "requests.parquet"),
+                decoded,
+                folder,
+                n_rows=self.estimate.rows,
+            )
 
     def _derived(self) -> Path:
         """Where derived files go: the checkpoint's ``derived/``, or a temporary folder when
@@ -600,7 +601,6 @@ class Job:
         """A huge job's result joined on disk (:mod:`.collect.spill`): a scan of Parquet files
         in the checkpoint's ``derived/`` folder (a temporary folder if it cannot be written)."""
         derived = self._derived()
-        folder = result_folder(derived)
         decoded = decoded_outputs(
             self._ckpt.path,
             self.spec,
@@ -609,18 +609,19 @@ class Job:
             folder=derived / "outputs",
         )
         frame, with_ids, keep = self._row_source()
-        return spilled_result(
-            frame,
-            with_ids,
-            pl.scan_parquet(self._ckpt.path / "requests.parquet"),
-            decoded,
-            self.spec,
-            folder,
-            n_rows=self.estimate.rows,
-            keep=keep,
-            usage=usage,
-            name=name,
-        )
+        with result_folder(derived) as folder:
+            return spilled_result(
+                frame,
+                with_ids,
+                pl.scan_parquet(self._ckpt.path / "requests.parquet"),
+                decoded,
+                self.spec,
+                folder,
+                n_rows=self.estimate.rows,
+                keep=keep,
+                usage=usage,
+                name=name,
+            )
 
     def _row_source(self, *, table: bool = False) -> tuple[pl.LazyFrame, Any, list[str]]:
         """What a spilled result reads: the rows (the LazyFrame this object was made from,
