@@ -90,31 +90,44 @@ def shard_tokens(provider: str, tmp_path: Path) -> int:
         return sum(b["input_tokens"] for b in emu.ledger.billed)
 
 
-def check_held_under_the_ceiling(ckpt: Path) -> int:
-    """Fold the event log as the engine sees it: every batch created after a queue refusal
-    was learned kept the live batches' worst-case tokens and requests under the ceiling (or
-    went alone). Returns the refusals learned."""
-    tokens: dict[int, tuple[int, int]] = {}
+def check_held_under_the_ceiling(ckpt: Path) -> tuple[int, int]:
+    """Fold the event log by the documented rule: after a queue refusal, every batch created
+    kept the live batches' worst-case tokens and requests under the ceiling (or went alone);
+    the ceiling rises by the largest shard once as many batches have ended as were live at
+    the refusal. Returns (refusals, the ones that came before the queue turned over since the
+    last): the second must stay 0, or the engine knocked without waiting for room."""
+    sizes: dict[int, tuple[int, int]] = {}
     live: set[int] = set()
     ceiling: tuple[int, int] | None = None
-    learned = 0
+    learned = hasty = 0
+    turnover = ended = 0
+    raised = False
     for line in (ckpt / "events.jsonl").read_text().splitlines():
         e = json.loads(line)
         if e["event"] == "planned":
-            tokens.update({s["shard"]: (s["tokens"], s["requests"]) for s in e["shards"]})
+            sizes.update({s["shard"]: (s["tokens"], s["requests"]) for s in e["shards"]})
         elif e["event"] == "queue_full":
             learned += 1
+            others = live - {e["shard"]}
+            hasty += ceiling is not None and not raised and bool(others)
             ceiling = (e["tokens"], e["requests"])
+            turnover, ended, raised = max(1, len(others)), 0, False
         elif e["event"] == "submitted":
             if ceiling is not None and live:
-                t = sum(tokens[i][0] for i in live) + tokens[e["shard"]][0]
-                r = sum(tokens[i][1] for i in live) + tokens[e["shard"]][1]
+                t = sum(sizes[i][0] for i in live) + sizes[e["shard"]][0]
+                r = sum(sizes[i][1] for i in live) + sizes[e["shard"]][1]
                 assert t <= ceiling[0] and r <= ceiling[1], (e, live, ceiling)
             live.add(e["shard"])
-        elif e["event"] == "done":
+        elif e["event"] == "done" and e["shard"] in live:
             live.discard(e["shard"])
-    assert all(t > 0 for t, _ in tokens.values())  # every shard's queue share is known
-    return learned
+            if ceiling is not None and not e["queue_limited"]:
+                ended += 1
+                if ended == turnover:  # the queue turned over: probe one shard more
+                    ceiling = (ceiling[0] + max(t for t, _ in sizes.values()),
+                               ceiling[1] + max(r for _, r in sizes.values()))  # fmt: skip
+                    ended, raised = 0, True
+    assert all(t > 0 for t, _ in sizes.values())  # every shard's queue share is known
+    return learned, hasty
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -131,19 +144,22 @@ def test_a_full_queue_is_learned_and_the_live_batches_kept_under_it(
     assert set(out["llm_status"]) == {"succeeded"}
     ckpt = Checkpoint(tmp_path / "j")
     assert ckpt.queue_ceiling() is not None  # learned, and kept for a restart
-    assert check_held_under_the_ceiling(tmp_path / "j") >= 1
+    learned, hasty = check_held_under_the_ceiling(tmp_path / "j")
     events = [json.loads(line) for line in (ckpt.events_file).read_text().splitlines()]
     if provider == "openai":
         # OpenAI takes the create and fails the batch at validation: the shards sent before
-        # the first failure was seen are refused, and come back at half size at the end.
+        # the first failure was seen are refused, and come back in smaller shards at the end.
         refused = sum(s.queue_limited for s in ckpt.shards().values())
-        assert refused >= 1 and created == 8 + 2 * refused
+        assert learned >= 1 and refused >= 1
     else:
-        # Anthropic and Gemini refuse the create (429): once; the engine then waits for room
-        # instead of knocking again on every pass.
+        # Anthropic and Gemini refuse the create (429). The engine then waits for room: it
+        # probes one shard more only once the queue has turned over, never on every pass.
         intents = sum(e["event"] == "intent" for e in events)
-        assert intents - sum(e["event"] == "submitted" for e in events) == 1
+        refused = intents - sum(e["event"] == "submitted" for e in events)
+        assert refused == learned >= 1 and hasty == 0
         assert created == 8 and most_live(tmp_path / "j") == 2
+        # the 8 shards drain 2 at a time: a probe after each turnover but the last
+        assert refused <= 1 + (8 - 2) // 2
 
 
 def test_a_cancel_from_another_process_mid_planning_stops_it(tmp_path: Path, monkeypatch) -> None:
@@ -240,3 +256,48 @@ def test_a_refusal_among_shards_of_unknown_tokens_bounds_requests_only(tmp_path:
     assert engine._Queue(run, ckpt.shards()).holds(records[1])  # 10 + 10 > 19
     records[2].requests = 9
     assert not engine._Queue(run, ckpt.shards()).holds(records[2])  # 10 + 9: no token bound
+
+
+def test_the_ceiling_rises_by_a_shard_once_the_queue_has_turned_over(tmp_path: Path) -> None:
+    """Hand-made log: two live batches, a third refused. Other jobs' batches share the queue
+    unseen, so once two of this job's batches have ended the ceiling rises by the largest
+    shard (and the next create probes it); a refusal lowers it again. A restart folds the
+    same log to the same ceiling."""
+    from polars_llmbatch.plan.requests import build_spec
+
+    spec, prov = build_spec(provider="openai", model="gpt-4o-mini")
+    ckpt = Checkpoint(tmp_path / "j")
+    ckpt.path.mkdir()
+    sizes = [(100, 10), (100, 10), (100, 10), (150, 12), (100, 10), (100, 10)]
+    shards = [
+        {"shard": i, "attempt": 1, "requests": r, "tokens": t, "sha256": "x", "tag": f"t{i}",
+         "filename": f"{i:05d}.jsonl"}
+        for i, (t, r) in enumerate(sizes)
+    ]  # fmt: skip
+    ckpt.append("planned", shards=shards)
+    for i in (0, 1):
+        ckpt.append("submitted", shard=i, remote_id=f"b{i}")
+    run = engine.Engine(ckpt, prov, spec, None, engine.Settings(), key="row_nr")
+    records = ckpt.shards()
+    engine._Queue(run, records).refused(records[2])
+    assert ckpt.queue_ceiling() == (299, 29)  # 3 x 100 tokens and 3 x 10 requests, less one
+    ckpt.append("done", shard=0, queue_limited=False, counts={"succeeded": 10})
+    assert ckpt.queue_ceiling() == (299, 29)  # one of the two: not turned over yet
+    ckpt.append("submitted", shard=2, remote_id="b2")
+    ckpt.append("done", shard=1, queue_limited=False, counts={"succeeded": 10})
+    assert ckpt.queue_ceiling() == (449, 41)  # + the largest shard (150 tokens, 12 requests)
+    assert Checkpoint(tmp_path / "j").queue_ceiling() == (449, 41)  # a restart folds the same
+    queue = engine._Queue(run, ckpt.shards())  # shard 2 live: 100 tokens, 10 requests
+    assert not queue.holds(ckpt.shards()[3])  # 100 + 150 <= 449: the probe goes
+    queue.took(ckpt.shards()[3])
+    ckpt.append("submitted", shard=3, remote_id="b3")
+    # a batch that fails for the full queue does not count as room made
+    ckpt.append("submitted", shard=4, remote_id="b4")
+    ckpt.append("done", shard=4, queue_limited=True, counts={"errored": 10})
+    assert ckpt.queue_ceiling() == (449, 41)
+    queue.refused(ckpt.shards()[5])  # 2 and 3 live, 5 refused: 349 tokens, 31 requests, less one
+    assert ckpt.queue_ceiling() == (349, 31)
+    ckpt.append("done", shard=2, queue_limited=False, counts={"succeeded": 10})
+    assert ckpt.queue_ceiling() == (349, 31)
+    ckpt.append("done", shard=3, queue_limited=False, counts={"succeeded": 12})
+    assert ckpt.queue_ceiling() == (499, 43)

@@ -317,17 +317,42 @@ class Checkpoint:
         return any(e.get("event") == "planned_round" for e in self.events())
 
     def queue_ceiling(self) -> tuple[int | None, int] | None:
-        """``(tokens, requests)``: the least the provider's queue has refused, less one, in
-        each unit (``queue_full`` events). A refusal does not say which limit it hit (OpenAI and
-        Gemini count enqueued tokens, Anthropic queued requests), so both bound the batches
-        the engine keeps live."""
-        seen = [
-            (e["tokens"], e["requests"]) for e in self.events() if e.get("event") == "queue_full"
-        ]
-        if not seen:
-            return None
-        tokens = [t for t, _ in seen if t is not None]  # None: the shards' tokens were unknown
-        return (min(tokens) if tokens else None), min(r for _, r in seen)
+        """``(tokens, requests)`` the live batches stay under, from the provider's queue
+        refusals (``queue_full`` events: what was live with the refused batch, less one); None
+        until one. A refusal does not say which limit it hit (OpenAI and Gemini count enqueued
+        tokens, Anthropic queued requests), so both bound the batches the engine keeps live.
+
+        Other jobs of the organisation share the queue unseen, so a ceiling is not forever:
+        once as many of this job's batches have ended as were live at the last refusal (the
+        queue has turned over), it rises by the job's largest shard, and the next create
+        probes it (a refusal lowers it again). Folded from the log: a restart sees the same."""
+        ceiling: tuple[int | None, int] | None = None
+        sizes: dict[int, tuple[int, int]] = {}
+        live: set[int] = set()
+        turnover = ended = 0
+        for e in self.events():
+            kind = e.get("event")
+            if kind == "planned":
+                for s in e["shards"]:
+                    sizes[s["shard"]] = (int(s.get("tokens") or 0), int(s["requests"]))
+            elif kind == "submitted":
+                live.add(e["shard"])
+            elif kind == "queue_full":
+                ceiling = (e["tokens"], e["requests"])  # the engine took the least already
+                turnover, ended = max(1, len(live - {e["shard"]})), 0
+            elif kind == "done" and e["shard"] in live:
+                live.discard(e["shard"])
+                if ceiling is not None and not e.get("queue_limited"):
+                    ended += 1
+                    if ended >= turnover:
+                        tokens = max(t for t, _ in sizes.values())
+                        requests = max(r for _, r in sizes.values())
+                        ceiling = (
+                            None if ceiling[0] is None else ceiling[0] + tokens,
+                            ceiling[1] + requests,
+                        )
+                        ended = 0
+        return ceiling
 
     def shards(self) -> dict[int, ShardRecord]:
         """Every shard's current record, folded from the event log."""

@@ -54,7 +54,6 @@ ONE_BY_ONE = ("sync", "flex")
 FLEX_TIMEOUT = 900.0
 #: Requests per shard in sync mode: the unit that is checkpointed together.
 SYNC_SHARD_REQUESTS = 1_000
-_UNREAD = object()  # the queue ceiling, not read from the checkpoint yet
 
 
 @dataclass(frozen=True)
@@ -193,7 +192,6 @@ class Engine:
         )
         self.fallback: str = job.get("fallback") or "sync"
         self._deadline_said = False
-        self._ceiling: object = _UNREAD
         self._not_found: set[int] = set()  # intents looked up by this runner: never created
 
     # the loop ------------------------------------------------------------------------------
@@ -358,19 +356,13 @@ class Engine:
         return ended
 
     # the provider's queue -------------------------------------------------------------------
-    def ceiling(self) -> tuple[int | None, int] | None:
-        """``(tokens, requests)`` the live batches stay under, learned from the provider's
-        queue refusals (:meth:`.Checkpoint.queue_ceiling`; tokens None while no refusal
-        counted them); None until one."""
-        if self._ceiling is _UNREAD:
-            self._ceiling = self.ckpt.queue_ceiling()
-        return self._ceiling  # type: ignore[return-value]
-
-    def learn_ceiling(self, s: ShardRecord, tokens: int | None, requests: int) -> None:
+    def learn_ceiling(
+        self, s: ShardRecord, tokens: int | None, requests: int
+    ) -> tuple[int | None, int]:
         """Record a queue refusal of ``s`` with ``tokens`` / ``requests`` (its own included,
         less one; tokens None when a shard's are unknown) live: the queue's limit is under
-        that, for this job's model."""
-        old = self.ceiling()
+        that, for this job's model. Returns the ceiling from now on."""
+        old = self.ckpt.queue_ceiling()
         t = None if tokens is None else max(tokens, 0)
         if old is not None and old[0] is not None:
             t = old[0] if t is None else min(old[0], t)
@@ -383,8 +375,9 @@ class Engine:
                 "?" if new[0] is None else f"{new[0]:,}",
                 f"{new[1]:,}",
             )
-            self.ckpt.append("queue_full", shard=s.index, tokens=new[0], requests=new[1])
-            self._ceiling = new
+        # recorded even when unchanged: a refusal starts the wait for the next probe anew
+        self.ckpt.append("queue_full", shard=s.index, tokens=new[0], requests=new[1])
+        return new
 
     # batch mode ----------------------------------------------------------------------------
     def _submit(self, s: ShardRecord, queue: _Queue) -> bool:
@@ -910,15 +903,16 @@ class _Queue:
         self.requests = sum(r.requests for r in live)
         # a shard recorded before shards kept their tokens counts 0: the token sum is unknown
         self.tokens_known = all(r.tokens for r in live)
+        # what the provider's queue refused, less one (raised once the queue turns over)
+        self.ceiling = engine.ckpt.queue_ceiling()
 
     def holds(self, s: ShardRecord) -> bool:
         limit = self.engine.settings.max_in_flight
         if limit is not None and self.live >= limit:
             return True
-        ceiling = self.engine.ceiling()
-        if ceiling is None or not self.live:
+        if self.ceiling is None or not self.live:
             return False
-        tokens, requests = ceiling
+        tokens, requests = self.ceiling
         over_tokens = tokens is not None and self.tokens + s.tokens > tokens
         return over_tokens or self.requests + s.requests > requests
 
@@ -930,7 +924,7 @@ class _Queue:
 
     def refused(self, s: ShardRecord) -> None:
         known = self.tokens_known and s.tokens > 0
-        self.engine.learn_ceiling(
+        self.ceiling = self.engine.learn_ceiling(
             s, self.tokens + s.tokens - 1 if known else None, self.requests + s.requests - 1
         )
 
