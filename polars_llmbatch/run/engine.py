@@ -890,7 +890,8 @@ class Engine:
 class _Queue:
     """The batches a pass sees live at the provider, and what may join them: at most
     ``max_in_flight``, and (once the provider has refused one for a full queue) no more
-    worst-case tokens or requests than were live when it refused, less one. With nothing live
+    worst-case tokens or requests than were live when it refused, less one (raised as the
+    queue turns over: :meth:`.Checkpoint.queue_ceiling`). With nothing live
     a shard is always sent: alone, a refusal means it is over the limit by itself (split)."""
 
     def __init__(self, engine: Engine, shards: dict[int, ShardRecord]) -> None:
