@@ -328,7 +328,11 @@ class LlmNamespace:
 
 def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict[str, Any]) -> Any:
     """``batch`` and ``embed``: every check that needs no data, then prepare, checkpoint, run."""
-    from polars_llmbatch.collect.reconcile import check_output_names, output_names
+    from polars_llmbatch.collect.reconcile import (
+        INTERNAL_PREFIX,
+        check_output_names,
+        output_names,
+    )
     from polars_llmbatch.run.engine import Settings
     from polars_llmbatch.run.job import Job, out_of_core_rows
     from polars_llmbatch.run.start import start
@@ -340,6 +344,13 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
     check_override(args["prices"])
     check_model(prov, args["model"], task, args["prices"])
     out_of_core_rows()  # a bad POLARS_LLMBATCH_OUT_OF_CORE_ROWS fails now, not after paying
+    given = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
+    ours = [c for c in given if c.startswith(INTERNAL_PREFIX)]
+    if ours:  # the results' joins add columns of these names: a clash would fail after paying
+        raise LlmBatchError(
+            f"the frame has column(s) {ours}: names starting with {INTERNAL_PREFIX!r} are "
+            "polars_llmbatch's own; rename them before the call (frame.rename({...}))"
+        )
     max_attempts = args["max_attempts"]
     tags = args["tags"]
     # A missing key is an error now, before the frame is read or anything is written.
@@ -374,8 +385,7 @@ def _run(frame: pl.DataFrame | pl.LazyFrame, prompt: Any, task: Task, args: dict
             )
         name = args.get("name") if task == "embed" else None
         check_output_names(prepared.spec, prepared.key, name)
-        names = frame.collect_schema().names() if isinstance(frame, pl.LazyFrame) else frame.columns
-        clash = [c for c in output_names(prepared.spec, name, args["usage"]) if c in names]
+        clash = [c for c in output_names(prepared.spec, name, args["usage"]) if c in given]
         if clash:
             raise LlmBatchError(
                 f"the frame already has column(s) {clash}, which the results would add; rename them "

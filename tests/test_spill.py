@@ -267,3 +267,17 @@ def test_a_result_that_fails_leaves_no_folder(tmp_path: Path) -> None:
         (folder / "half").write_text("x")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_column_with_the_internal_prefix_is_refused_before_anything_is_sent(
+    tmp_path: Path, lazy: bool
+) -> None:
+    """The on-disk join numbers and buckets rows in columns of its own: a caller's column of
+    such a name would clash after the batch was paid for, so it is refused first."""
+    frame = pl.DataFrame({"__llmbatch_row": [1, 2], "body": ["a", "b"]})
+    with serve(batch_seconds=0.05) as emu:
+        with pytest.raises(LlmBatchError, match=r"\['__llmbatch_row'\].*rename them"):
+            batch(frame.lazy() if lazy else frame, emu, tmp_path / "j", "openai", output=["a", "b"])
+        assert emu.ledger.batches == []
+    assert not (tmp_path / "j").exists()
