@@ -41,18 +41,17 @@ def check_bool(name: str, value: Any) -> None:
 
 
 def check_checkpoint(checkpoint: Any) -> None:
-    """A local folder: a URL (``s3://…``) would silently become a local folder named ``s3:``,
-    and a file cannot hold a job."""
+    """A local folder, or an object store's URL (``s3://bucket/prefix``): any other URL would
+    silently become a local folder named ``ftp:``, and a file cannot hold a job."""
     if checkpoint is None:
         return
     if not isinstance(checkpoint, (str, Path)):
         raise LlmBatchError(f"checkpoint= must be a folder path, got {type(checkpoint).__name__}")
     if _URL.match(str(checkpoint)):
-        raise LlmBatchError(
-            f"checkpoint={str(checkpoint)!r} is a URL; checkpoints in object stores are not "
-            "supported yet, so nothing would be kept there. Pass a local folder (a bucket "
-            "mounted as a folder works)"
-        )
+        from polars_llmbatch.run.store import check_url
+
+        check_url(str(checkpoint))  # an object store's, or a clear error
+        return
     if Path(checkpoint).exists() and not Path(checkpoint).is_dir():
         raise LlmBatchError(
             f"checkpoint={str(checkpoint)!r} is a file; a checkpoint is a folder: name a new "

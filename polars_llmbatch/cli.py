@@ -373,7 +373,7 @@ def _run(frame: pl.LazyFrame, args: argparse.Namespace) -> int:
     job = method(args.prompt, **kw)
     try:
         _remember(job, args.input, args.output)
-        _say(args, f"job {job.id}: checkpoint {job.path}")
+        _say(args, f"job {job.id}: checkpoint {job._ckpt.location}")
         if not args.no_wait:
             job.wait(timeout=args.timeout)
         job._stop_background()  # this process exits: the job waits in its checkpoint
@@ -401,8 +401,8 @@ def _still_running(job: Any, *, submitted_only: bool = False) -> int:
     else:
         what = f"still {st.state}"
     print(
-        f"{what}. Follow it with: llmbatch status {job.path}; go on with: llmbatch resume "
-        f"{job.path}",
+        f"{what}. Follow it with: llmbatch status {job._ckpt.location}; go on with: "
+        f"llmbatch resume {job._ckpt.location}",
         file=sys.stderr,
     )
     return EXIT_RUNNING

@@ -498,7 +498,7 @@ def _job_exists(checkpoint: str | Path | None) -> bool:
     """Whether ``checkpoint`` already holds a job: a re-run reattaches and pilots nothing."""
     from polars_llmbatch.run.checkpoint import Checkpoint
 
-    return checkpoint is not None and Checkpoint(Path(checkpoint)).exists()
+    return checkpoint is not None and Checkpoint(checkpoint).exists()
 
 
 _REQUEST_ARGS = ("provider", "model", "output", "system", "id", "task", "on_null")

@@ -481,7 +481,8 @@ OPTIONS: tuple[Option, ...] = (
         "checkpoint",
         "str | Path | None",
         None,
-        "the job's folder (default: one named by the job under the user cache folder); a "
+        "the job's folder, or an object store's prefix (`s3://bucket/jobs/x`, gs://, az://; "
+        "the [s3] extra); default: a folder named by the job under the user cache folder. A "
         "pilot is kept next to it",
         _RUN | {"estimate"},
         check=_checkpoint,

@@ -69,8 +69,8 @@ def test_a_bare_word_prompt_that_is_no_column_is_refused(emu, tmp_path: Path) ->
         ({"poll_interval": float("inf")}, "poll_interval= must be a finite number"),
         ({"wait": "no"}, "wait= must be True or False"),
         ({"output": ["billing"]}, "give at least two"),
-        ({"checkpoint": "s3://bucket/runs/t1"}, "is a URL; checkpoints in object stores"),
-        ({"checkpoint": "gs://b/x"}, "is a URL"),
+        ({"checkpoint": "s3://bucket"}, "needs a bucket and a prefix"),
+        ({"checkpoint": "ftp://b/x"}, "not an object store"),
     ],
 )
 def test_every_option_is_checked_for_type_and_range(emu, tmp_path: Path, kw, match) -> None:

@@ -19,6 +19,11 @@ fsynced line by line)::
 
 A process killed at any instant leaves the directory readable: a torn last event line is
 ignored, and a half-written file is only ever a ``*.tmp`` that the next run overwrites.
+
+A checkpoint in an object store (``s3://bucket/prefix``, run/store.py) holds the same files
+as objects, each uploaded before the event naming it; its event log is one object per event,
+created only if absent, and its runner lock is a lease (run/lease.py). A local folder under
+the cache root mirrors it, and everything reads the mirror.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
+import math
 import os
 import secrets
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +48,11 @@ import polars as pl
 from polars_llmbatch._fs import fsync, lock_fd
 from polars_llmbatch.errors import LlmBatchError
 from polars_llmbatch.plan.stored import ROW_GROUP
+from polars_llmbatch.run.store import Remote, is_remote, mirror_folder, redact
 
 __all__ = ["Checkpoint", "LockedError", "ShardRecord", "default_root"]
+
+log = logging.getLogger("polars_llmbatch")
 
 #: The checkpoint format written; :data:`READS` the ones read. 2: the first round is planned
 #: by the engine (``rolling``), which a reader of format 1 would take for a finished job.
@@ -61,6 +72,11 @@ _OWN_FILES = frozenset(
         ".lock",
     }
 )
+#: What an object-store checkpoint holds besides (its lease; the event log's folder).
+_OWN_OBJECTS = _OWN_FILES | {"lock.json", "events"}
+#: Seconds between looks at an object-store checkpoint's new events (another process's
+#: cancel, say) while reading its log.
+SYNC_SECONDS = 1.0
 
 
 def default_root() -> Path:
@@ -122,10 +138,18 @@ class Checkpoint:
     """Read and write one job directory. Only the engine and :class:`Job` write to it."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        #: The job's store in an object-store checkpoint, None in a local one.
+        self.remote = Remote(path) if is_remote(path) else None  # type: ignore[arg-type]
+        #: Where the job is, as the user names it (a folder, or the store's URL).
+        self.location = self.remote.url if self.remote else str(path)
+        #: The local folder everything reads (an object-store checkpoint's mirror).
+        self.path = mirror_folder(self.location) if self.remote else Path(path)
+        self._lease: Any = None
+        self._pulled = False
+        self._synced = -math.inf
 
     def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r})"
+        return f"Checkpoint({self.location!r})"
 
     # files ---------------------------------------------------------------------------------
     @property
@@ -153,11 +177,15 @@ class Checkpoint:
         return self.path / "raw" / f"{index:05d}-{k}.jsonl"
 
     def exists(self) -> bool:
+        if self.remote is not None:
+            return self._fetch_job()
         return self.job_file.is_file()
 
     # creation ------------------------------------------------------------------------------
     def check_writable(self) -> None:
         """Fail early (before any request is sent) when the directory cannot be written."""
+        if self.remote is not None:
+            self._check_remote_writable()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             # A name of this process's own: two processes probing one folder at once must not
@@ -186,14 +214,18 @@ class Checkpoint:
                 if entry.name == ".lock":  # held by whoever is creating the job: keep it
                     continue
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if self.remote is not None:
+                for key in [m["path"] for m in self.remote.list()]:
+                    if key != "lock.json":
+                        self.remote.delete(key)
         for sub in ("shards", "raw", "results"):
             (self.path / sub).mkdir(exist_ok=True)
         if isinstance(rows, pl.LazyFrame):
-            _atomic(self.path / "rows.parquet", rows.sink_parquet)
+            self._write(self.path / "rows.parquet", rows.sink_parquet)
         else:
             self.write_parquet(self.path / "rows.parquet", rows)
         if callable(requests):
-            _atomic(self.path / "requests.parquet", requests)
+            self._write(self.path / "requests.parquet", requests)
         else:
             # small row groups: the first round is planned from this file a row group at a time
             self.write_parquet(self.path / "requests.parquet", requests, row_group_size=ROW_GROUP)
@@ -204,17 +236,29 @@ class Checkpoint:
     def unfinished(self) -> bool:
         """A folder holding only what :meth:`begin` and the first plan write, without
         ``job.json``: a job whose creation was interrupted before anything could be sent."""
+        if self.remote is not None:
+            names = self._remote_names()
+            return "job.json" not in names and names <= _OWN_OBJECTS
         if not self.path.is_dir() or self.exists():
             return False
         names = {p.name.removesuffix(".tmp") for p in self.path.iterdir()}
         return names <= _OWN_FILES
 
+    def occupied(self) -> bool:
+        """Whether the place holds something that is neither a job nor an unfinished one
+        (other files: a checkpoint holds one job)."""
+        if self.remote is not None:
+            return not self._remote_names() <= _OWN_OBJECTS
+        return self.path.exists() and any(self.path.iterdir()) and not self.unfinished()
+
     def job(self) -> dict[str, Any]:
+        if self.remote is not None and not self._pulled:
+            self.pull()
         try:
             job = json.loads(self.job_file.read_text())
         except FileNotFoundError:
             raise LlmBatchError(
-                f"{str(self.path)!r} is not a polars_llmbatch checkpoint (no job.json)"
+                f"{self.location!r} is not a polars_llmbatch checkpoint (no job.json)"
             ) from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise LlmBatchError(
@@ -239,13 +283,20 @@ class Checkpoint:
         return pl.read_parquet(self.path / "requests.parquet")
 
     @contextlib.contextmanager
-    def lock(self, *, blocking: bool = False) -> Iterator[None]:
+    def lock(self, *, blocking: bool = False, patient: bool = False) -> Iterator[None]:
         """Hold the job for one runner: a second process (or a second ``Job`` object) that
         tries to run the same job while one does gets a clear error instead of submitting
         every shard again. The lock is the OS's, so a killed process releases it.
 
         ``blocking`` waits for the holder instead: creating a job takes it that way, so two
-        processes starting the same call make one job, the second reattaching to it."""
+        processes starting the same call make one job, the second reattaching to it.
+
+        In an object store the lock is a lease (run/lease.py): ``patient`` (a runner) waits
+        out a killed holder's lease instead of refusing it."""
+        if self.remote is not None:
+            with self._leased(blocking=blocking, patient=patient):
+                yield
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -263,19 +314,35 @@ class Checkpoint:
 
     # atomic writes -------------------------------------------------------------------------
     def write_bytes(self, path: Path, data: bytes) -> None:
-        _atomic(path, lambda tmp: tmp.write_bytes(data))
+        self._write(path, lambda tmp: tmp.write_bytes(data))
 
     def write_parquet(
         self, path: Path, frame: pl.DataFrame, *, row_group_size: int | None = None
     ) -> None:
-        _atomic(path, lambda tmp: frame.write_parquet(tmp, row_group_size=row_group_size))
+        self._write(path, lambda tmp: frame.write_parquet(tmp, row_group_size=row_group_size))
+
+    def _write(self, path: Path, write: Callable[[Path], object]) -> None:
+        _atomic(path, write)
+        self.keep(path)
+
+    def keep(self, path: Path) -> None:
+        """Make a file just written into the folder part of the checkpoint: in an object
+        store, upload it (before any event names it); a local folder's fsync already did."""
+        if self.remote is not None:
+            self.remote.write(path.relative_to(self.path).as_posix(), path)
 
     # the event log -------------------------------------------------------------------------
     def append(self, event: str, **fields: Any) -> None:
         """Append one event and fsync it before returning: once this returns, a crash cannot
         undo it."""
+        if self.remote is not None:
+            self._append_remote(event, fields)
+            return
         record = {"at": _now(), "event": event, **fields}
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        self._append_line(line)
+
+    def _append_line(self, line: bytes) -> None:
         fd = os.open(self.events_file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if os.fstat(fd).st_size:
@@ -289,6 +356,8 @@ class Checkpoint:
 
     def events(self) -> Iterator[dict[str, Any]]:
         """The events in order. A torn last line (a crash mid-append) is skipped."""
+        if self.remote is not None and time.monotonic() - self._synced >= SYNC_SECONDS:
+            self.sync()
         try:
             data = self.events_file.read_bytes()
         except FileNotFoundError:
@@ -395,6 +464,193 @@ class Checkpoint:
                 rec.remote_id = rec.phase = rec.status = None
                 rec.intent_at = None
         return shards
+
+    # an object-store checkpoint --------------------------------------------------------------
+    def pull(self) -> None:
+        """Fill the mirror from the store: every file it lacks (or holds a different size
+        of), then the new events."""
+        assert self.remote is not None
+        self._fetch_job()
+        for sub in ("shards", "raw", "results"):  # a store has no empty folders
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        self._pull_files()
+        self.sync()
+        self._pulled = True
+
+    def sync(self) -> None:
+        """Catch the mirror's event log up with the store's (another process's events, and
+        the files they name)."""
+        assert self.remote is not None
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self._events_locked():
+            foreign = self._sync_locked()
+        self._synced = time.monotonic()
+        if foreign:
+            self._pull_files()
+
+    def _sync_locked(self) -> bool:
+        """Append the store's events after the mirror's last; whether there were any."""
+        assert self.remote is not None
+        last = self._last_seq()
+        keys = []
+        for meta in self.remote.list("events/", after=_event_key(last)):
+            if meta["path"] != _event_key(last + 1 + len(keys)):
+                break  # only ever one past the last is created: nothing else belongs here
+            keys.append(meta["path"])
+        if not keys:
+            return False
+        lines = self.remote.read_many(keys)
+        self._append_line(b"".join(line.rstrip(b"\n") + b"\n" for line in lines))
+        return True
+
+    def _append_remote(self, event: str, fields: dict[str, Any]) -> None:
+        """Create the event's object one past the last one seen (never overwriting another
+        writer's), then mirror it; a lost race reads the winner's events and goes on."""
+        assert self.remote is not None
+        if self._lease is not None:
+            self._lease.check()  # a runner that lost its lease writes nothing more
+        foreign = False
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self._events_locked():
+            unseen = 0
+            while True:
+                seq = self._last_seq() + 1
+                record = {"at": _now(), "event": event, **fields, "seq": seq}
+                line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+                if self.remote.create(_event_key(seq), line) is not None:
+                    self._append_line(line)
+                    break
+                if self._sync_locked():
+                    foreign, unseen = True, 0
+                    continue
+                # lost to a create still being completed (S3's 409): it lists in a moment
+                unseen += 1
+                if unseen > 20:
+                    raise LlmBatchError(
+                        f"{self.location}/{_event_key(seq)} cannot be created and is not "
+                        "listed; the event log cannot be appended to (was it changed by hand?)"
+                    )
+                time.sleep(0.05 * unseen)
+        if foreign:
+            self._pull_files()
+
+    def _last_seq(self) -> int:
+        """The number of the mirror's last whole event (0 before the first)."""
+        try:
+            size = self.events_file.stat().st_size
+        except FileNotFoundError:
+            return 0
+        chunk = 1 << 16
+        with self.events_file.open("rb") as f:
+            while True:
+                start = max(0, size - chunk)
+                f.seek(start)
+                lines = f.read(size - start).split(b"\n")
+                for line in reversed(lines[1:] if start else lines):  # the first: partial
+                    try:
+                        seq = json.loads(line).get("seq")
+                    except ValueError:
+                        continue  # a torn line: its event is fetched again from the store
+                    if isinstance(seq, int):
+                        return seq
+                if start == 0:
+                    return 0
+                chunk *= 4
+
+    @contextlib.contextmanager
+    def _events_locked(self) -> Iterator[None]:
+        """The mirror's log is appended by one process of this machine at a time."""
+        fd = os.open(self.path / ".events.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            lock_fd(fd, blocking=True)
+            yield
+        finally:
+            os.close(fd)
+
+    def _pull_files(self) -> None:
+        assert self.remote is not None
+        for meta in list(self.remote.list()):
+            key = meta["path"]
+            if key.startswith(("events/", ".write-test")) or key == "lock.json":
+                continue
+            local = self.path / key
+            if not (local.is_file() and local.stat().st_size == meta["size"]):
+                self._download(key, local)
+
+    def _fetch_job(self) -> bool:
+        """The store's job.json into the mirror; whether there is one. A mirror of another
+        job (the prefix was emptied and a new job started there) is emptied first: its files
+        and events are not this job's."""
+        assert self.remote is not None
+        got = self.remote.read("job.json")
+        data = got[0] if got is not None else None
+        try:
+            mirrored: bytes | None = self.job_file.read_bytes()
+        except FileNotFoundError:
+            mirrored = None
+        if mirrored is not None and mirrored != data:
+            log.info("the mirror of %s held another job; emptied", self.location)
+            for entry in self.path.iterdir():
+                if entry.name != ".events.lock":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            self._pulled = False
+        if data is None:
+            return False
+        if mirrored != data:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / f".job.json.{os.getpid()}-{secrets.token_hex(3)}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, self.job_file)
+        return True
+
+    def _download(self, key: str, local: Path) -> None:
+        assert self.remote is not None
+        local.parent.mkdir(parents=True, exist_ok=True)
+        # a name of this process's own: a reader and the runner may both be filling it
+        tmp = local.with_name(f".{local.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
+        try:
+            self.remote.download(key, tmp)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _remote_names(self) -> set[str]:
+        """The top-level names in the store's prefix (write probes left out)."""
+        assert self.remote is not None
+        names = {m["path"].split("/", 1)[0] for m in self.remote.list()}
+        return {n for n in names if not n.startswith(".write-test")}
+
+    def _check_remote_writable(self) -> None:
+        assert self.remote is not None
+        probe = f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self.remote.write(probe, b"")
+            self.remote.delete(probe)
+        except Exception as exc:
+            raise LlmBatchError(
+                f"checkpoint {self.location!r} cannot be written ({redact(str(exc))}); check "
+                "the bucket's name and the store's credentials in the environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ...)"
+            ) from None
+
+    @contextlib.contextmanager
+    def _leased(self, *, blocking: bool, patient: bool) -> Iterator[None]:
+        from polars_llmbatch.run.lease import Lease
+
+        assert self.remote is not None
+        lease = Lease(self.remote, LockedError)
+        lease.acquire(blocking=blocking, patient=patient)
+        self._lease = lease
+        try:
+            self.sync()  # what the last holder wrote, before acting on it
+            yield
+        finally:
+            self._lease = None
+            lease.release()
+
+
+def _event_key(seq: int) -> str:
+    return f"events/{seq:010d}.json"
 
 
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:

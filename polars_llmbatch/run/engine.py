@@ -132,7 +132,8 @@ def _write_planned(
     tokens: pl.Series | None,
 ) -> list[dict[str, Any]]:
     """Write ``shards``' files and id lists; their ``planned`` records."""
-    write_shard_files(source, shards, ckpt.path / "shards")
+    for path in write_shard_files(source, shards, ckpt.path / "shards"):
+        ckpt.keep(path)
     records = []
     for s in shards:
         ids = _ids(source, s.start, s.n_requests)
@@ -206,7 +207,7 @@ class Engine:
         have passed (and the first round is wholly planned) or ``stop`` is set (False). Safe
         to interrupt at any point; the next run resumes. Sync shards stop sending at the
         deadline too (what is in flight lands)."""
-        with self.ckpt.lock():
+        with self.ckpt.lock(patient=True):
             return self._run(timeout, retry=retry, stop=stop)
 
     def _run(self, timeout: float | None, *, retry: bool, stop: threading.Event | None) -> bool:

@@ -254,16 +254,16 @@ class Job:
         self._interrupt_said = True
         print(
             "\nInterrupted. The remote batches keep running and the checkpoint is "
-            f"consistent:\n  {self.path}\n{self._next_steps()}",
+            f"consistent:\n  {self._ckpt.location}\n{self._next_steps()}",
             file=sys.stderr,
         )
 
     def _next_steps(self) -> str:
         """How to go on with this job, in the words of the interface the user is in."""
         if self.interface == "cli":
-            quoted = shlex.quote(str(self.path))
+            quoted = shlex.quote(self._ckpt.location)
             return f"Resume: llmbatch resume {quoted}; cancel: llmbatch cancel {quoted}"
-        path = repr(str(self.path))
+        path = repr(self._ckpt.location)
         return (
             f"Resume: polars_llmbatch.Job.open({path}).wait() (or re-run the same call); "
             f"cancel: polars_llmbatch.Job.open({path}).cancel()"
@@ -673,7 +673,7 @@ class Job:
             f"Job {self.id} ({self.spec.provider} {self.spec.model}, {self.mode}, "
             f"{st.state})\n"
             f"  rows:   {rows}\n  shards: {shards}\n  spent:  ${st.spent:,.4f}\n"
-            f"  path:   {self.path}"
+            f"  path:   {self._ckpt.location}"
         )
 
     def _repr_html_(self) -> str:
@@ -694,7 +694,7 @@ class Job:
             f"{html.escape(st.state)}) — spent ${st.spent:,.4f}<br>"
             '<div style="display:flex;gap:2em">'
             f"{table('rows by status', st.rows)}{table('shards by state', st.shards)}</div>"
-            f"<small>{html.escape(str(self.path))}</small>"
+            f"<small>{html.escape(self._ckpt.location)}</small>"
         )
 
 

@@ -69,11 +69,15 @@ class Pilot:
         return asdict(self)
 
 
-def pilot_place(checkpoint: str | Path | None, prepared: Prepared, n: int) -> Path:
+def pilot_place(checkpoint: str | Path | None, prepared: Prepared, n: int) -> str | Path:
     """Where the pilot of ``n`` requests of a job is kept: next to the job's checkpoint (or
     next to where the job's default checkpoint goes)."""
     from polars_llmbatch.run.checkpoint import default_root
     from polars_llmbatch.run.start import _dirname
+    from polars_llmbatch.run.store import check_url, is_remote
+
+    if is_remote(checkpoint):  # an object store's prefix: the pilot's is a sibling
+        return f"{check_url(str(checkpoint))}-pilot{n}"
 
     job = (
         Path(checkpoint)

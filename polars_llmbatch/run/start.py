@@ -26,6 +26,7 @@ from polars_llmbatch.plan.subset import Subset
 from polars_llmbatch.run.cache import cached_results, subset
 from polars_llmbatch.run.checkpoint import Checkpoint, default_root
 from polars_llmbatch.run.engine import Settings
+from polars_llmbatch.run.store import is_remote
 from polars_llmbatch.run.transport import Transport
 
 __all__ = ["AUTO_SYNC_MAX_REQUESTS", "AUTO_SYNC_MAX_SAVINGS", "choose_mode", "start"]
@@ -66,27 +67,37 @@ def start(
     """
     if mode not in ("batch", "sync", "flex", "auto"):
         raise LlmBatchError(f"mode= must be 'batch', 'sync', 'flex' or 'auto', not {mode!r}")
+    remote = is_remote(checkpoint)
     root = Path(checkpoint).parent if checkpoint is not None else default_root() / "jobs"
     # Creation holds the job folder's lock (waiting for another creator): two processes
     # starting the same call make one job, and the second reattaches to it.
-    place = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, "batch")
+    place: str | Path = (
+        str(checkpoint)
+        if remote
+        else Path(checkpoint)
+        if checkpoint is not None
+        else root / _dirname(prepared, "batch")
+    )
     with _creating(place):
         modes = ("batch", "sync", "flex") if mode == "auto" else (mode,)
         places = (
-            [Path(checkpoint)]
-            if checkpoint is not None
-            else [root / _dirname(prepared, m) for m in modes]
+            [place] if checkpoint is not None else [root / _dirname(prepared, m) for m in modes]
         )
         for candidate in places:  # reattach: the same call finds its job again
             found = Checkpoint(candidate)
             if found.exists():
                 _check_same(found, prepared, found.job()["mode"] if mode == "auto" else mode)
                 return found, None
-        cache = cached_results(
-            prepared,
-            root,
-            exclude=Path(checkpoint) if checkpoint else None,
-            base_url=transport.base_url,
+        # The result cache reads the local sibling folders; an object-store job has none.
+        cache = (
+            pl.DataFrame()
+            if remote
+            else cached_results(
+                prepared,
+                root,
+                exclude=Path(checkpoint) if checkpoint else None,
+                base_url=transport.base_url,
+            )
         )
         todo: Prepared | Staged | Subset = prepared
         if cache.height:
@@ -101,13 +112,13 @@ def start(
         if mode == "auto":
             mode = choose_mode(est, max_cost, deadline=deadline, fallback=fallback)
             log.info("mode='auto' runs this job in %s mode (%d requests)", mode, todo.n_requests)
-        path = Path(checkpoint) if checkpoint is not None else root / _dirname(prepared, mode)
+        path = place if checkpoint is not None else root / _dirname(prepared, mode)
         ckpt = Checkpoint(path)
         est.check_budget(max_cost, mode)
-        if path.exists() and any(path.iterdir()) and not ckpt.unfinished():
+        if ckpt.occupied():
             raise LlmBatchError(
-                f"checkpoint={str(path)!r} is a folder with other files in it; name a new or empty "
-                "folder (a checkpoint holds one job)"
+                f"checkpoint={ckpt.location!r} is a folder with other files in it; name a new "
+                "or empty folder (a checkpoint holds one job)"
             )
         ckpt.check_writable()
         price = est.price
@@ -174,9 +185,15 @@ def start(
 
 
 @contextlib.contextmanager
-def _creating(place: Path) -> Iterator[None]:
+def _creating(place: str | Path) -> Iterator[None]:
     """Hold ``place``'s lock, waiting for another creator; a folder this made and left with
     nothing but the lock (a start refused over budget, say) is removed again."""
+    if not isinstance(place, Path):  # an object store's: nothing made here to remove
+        ckpt = Checkpoint(place)
+        ckpt.check_writable()
+        with ckpt.lock(blocking=True):
+            yield
+        return
     made = not place.exists()
     try:
         Checkpoint(place.parent).check_writable()
@@ -276,24 +293,24 @@ def _check_same(ckpt: Checkpoint, prepared: Prepared | Staged, mode: str) -> Non
         diff = [k for k in ours if ours[k] != theirs.get(k)]
         shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in diff[:3])
         raise LlmBatchError(
-            f"checkpoint {str(ckpt.path)!r} holds a job with a different spec ({shown}); "
+            f"checkpoint {ckpt.location!r} holds a job with a different spec ({shown}); "
             "use another checkpoint= for this call (results of identical requests are reused)"
         )
     if job["job_id"] != prepared.job_id and job.get("prompt", prepared.prompt) != prepared.prompt:
         raise LlmBatchError(
-            f"checkpoint {str(ckpt.path)!r} holds a job with another prompt "
+            f"checkpoint {ckpt.location!r} holds a job with another prompt "
             f"({job['prompt']!r} there, {prepared.prompt!r} now); use another checkpoint= for "
             "this call (results of identical requests are reused)"
         )
     if job["job_id"] != prepared.job_id:
         raise LlmBatchError(
-            f"checkpoint {str(ckpt.path)!r} holds the same spec over different rows "
+            f"checkpoint {ckpt.location!r} holds the same spec over different rows "
             f"({job['requests']:,} unique requests there, {prepared.n_requests:,} now: "
             "rows were added, removed or changed); use another checkpoint= in the same folder: "
             "results already paid for are reused"
         )
     if job["mode"] != mode:
         raise LlmBatchError(
-            f"checkpoint {str(ckpt.path)!r} runs in {job['mode']} mode, not {mode}; pass "
+            f"checkpoint {ckpt.location!r} runs in {job['mode']} mode, not {mode}; pass "
             f"mode={job['mode']!r} to reattach, or another checkpoint="
         )
