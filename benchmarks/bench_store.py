@@ -70,8 +70,12 @@ def main() -> None:
     ob_get = timed(lambda i: bytes(obstore.get(store, f"{run}/e{i}").bytes()))
     bo_get = timed(lambda i: client.get_object(Bucket="bench", Key=f"b/{run}/e{i}")["Body"].read())
     print(f"event ({len(event)} B), median of {N}:")
-    print(f"  create-only put  obstore {ob_put:6.2f} ms   boto3 {bo_put:6.2f} ms  ({bo_put / ob_put:.2f}x)")
-    print(f"  get              obstore {ob_get:6.2f} ms   boto3 {bo_get:6.2f} ms  ({bo_get / ob_get:.2f}x)")
+    print(
+        f"  create-only put  obstore {ob_put:6.2f} ms   boto3 {bo_put:6.2f} ms  ({bo_put / ob_put:.2f}x)"
+    )
+    print(
+        f"  get              obstore {ob_get:6.2f} ms   boto3 {bo_get:6.2f} ms  ({bo_get / ob_get:.2f}x)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "shard.parquet"
@@ -92,7 +96,9 @@ def main() -> None:
             3,
         )
         print(f"shard file ({size:.0f} MB), median of 3:")
-        print(f"  obstore {ob:7.0f} ms   boto3 upload_file {bo:7.0f} ms   polars write_parquet {pw:7.0f} ms")
+        print(
+            f"  obstore {ob:7.0f} ms   boto3 upload_file {bo:7.0f} ms   polars write_parquet {pw:7.0f} ms"
+        )
 
         from polars_llmbatch.emulator import serve
 
@@ -116,7 +122,9 @@ def main() -> None:
             return time.perf_counter() - t
 
         with serve(batch_seconds=0.0) as emu:
-            local = [job(str(Path(tmp) / f"local{i}" / "job")) for i in range(3)]  # no siblings: no cache
+            local = [
+                job(str(Path(tmp) / f"local{i}" / "job")) for i in range(3)
+            ]  # no siblings: no cache
             client.create_bucket(Bucket="jobs")  # its own bucket: moto lists by scanning one
             remote = [job(f"s3://jobs/{run}-{i}/job") for i in range(3)]
         lm, rm = statistics.median(local), statistics.median(remote)

@@ -336,3 +336,104 @@ def test_a_mirror_of_an_older_job_at_the_same_prefix_is_not_read_as_the_new_one(
     assert old.height == 10 and new.height == 30
     assert set(new["llm_status"]) == {"succeeded"}
     assert Job.open(s3).status().rows.get("succeeded") == 30
+
+
+SYNC_CHILD = """
+import os, signal, sys
+import polars as pl
+import polars_llmbatch
+from polars_llmbatch.run import transport
+
+url, ckpt, die_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+request = transport.Transport.request
+sent = [0]
+def dying_request(self, method, path, **kw):
+    if method == "POST" and path.endswith("/chat/completions"):
+        sent[0] += 1
+        if sent[0] == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # answers so far in the .part file
+    return request(self, method, path, **kw)
+transport.Transport.request = dying_request
+df = pl.DataFrame({"body": [f"ticket {i}" for i in range(90)]})
+out = df.llm.batch("Classify: {body}", provider="openai", model="gpt-4o-mini",
+                   output=["billing", "bug", "feature", "other"], checkpoint=ckpt,
+                   api_key="k", base_url=url, progress=False, mode="sync", concurrency=2)
+out.select("llm_status").write_json(os.environ["OUT"])
+"""
+
+
+@pytest.mark.parametrize("mirror", ["kept", "fresh (another machine)"])
+def test_kill_9_in_sync_mode_with_an_s3_checkpoint_loses_no_uploaded_answer(
+    s3: str, tmp_path: Path, mirror: str
+) -> None:
+    script = tmp_path / "sync_child.py"
+    script.write_text(SYNC_CHILD)
+    out, first = tmp_path / "out.json", tmp_path / "cache-a"
+    second = first if mirror == "kept" else tmp_path / "cache-b"
+
+    def child(cache: Path, die_at: int) -> int:
+        env = {**os.environ, "OUT": str(out), "POLARS_LLMBATCH_CACHE": str(cache)}
+        run = subprocess.run(
+            [sys.executable, str(script), emu.openai_url, s3, str(die_at)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        if run.returncode not in (0, -signal.SIGKILL):
+            raise AssertionError(run.stderr)
+        return run.returncode
+
+    with serve(batch_seconds=0.05) as emu:
+        assert child(first, 75) == -signal.SIGKILL
+        answered = len(emu.ledger.billed)
+        assert child(second, 0) == 0
+        billed = len(emu.ledger.billed)  # a sync call is billed without a custom_id
+    assert set(pl.read_json(out)["llm_status"]) == {"succeeded"}
+    again = billed - 90
+    if mirror == "kept":
+        # every answer written was on this machine's disk; the other thread's request in
+        # flight at the kill was billed, never answered (as with a local folder)
+        assert again <= 1
+    else:
+        # the store had the answers up to the last upload (every 50): only those since (and
+        # the one in flight) were sent again
+        assert answered >= 73 and 0 < again <= answered - 50
+
+
+def test_a_cancel_from_another_machine_stops_the_submission(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polars_llmbatch.providers.openai import OpenAI
+
+    df = pl.DataFrame({"body": [f"ticket {i}" for i in range(32)]})
+    creates: list[str] = []
+    submit = OpenAI.submit
+
+    def submit_and_cancel_at_the_third(self, t, spec, data, *, tag, kind):  # type: ignore[no-untyped-def]
+        if len(creates) == 2:  # meanwhile, a cancel on another machine (a mirror of its own)
+            with monkeypatch.context() as m:
+                m.setenv("POLARS_LLMBATCH_CACHE", str(tmp_path / "elsewhere"))
+                Job.open(s3, api_key="k", base_url=emu.openai_url).cancel(wait=False)
+        remote_id = submit(self, t, spec, data, tag=tag, kind=kind)
+        creates.append(remote_id)
+        return remote_id
+
+    monkeypatch.setattr(OpenAI, "submit", submit_and_cancel_at_the_third)
+    with serve(batch_seconds=60) as emu:
+        job = df.llm.batch(
+            "Answer: {body}",
+            provider="openai",
+            model="gpt-4o-mini",
+            checkpoint=s3,
+            api_key="k",
+            base_url=emu.openai_url,
+            progress=False,
+            poll_interval=0.02,
+            max_shard_requests=1,
+            wait=False,
+        )
+        job.wait(timeout=5)
+        # the third create was under way when the cancel came; none was made after it
+        assert len(creates) == 3 and len(emu.ledger.batches) == 3
+        assert emu.ledger.billed == []

@@ -571,11 +571,19 @@ class Checkpoint:
         assert self.remote is not None
         for meta in list(self.remote.list()):
             key = meta["path"]
-            if key.startswith(("events/", ".write-test")) or key == "lock.json":
+            if key.startswith(("events/", ".write-test")) or key in ("lock.json", "job.json"):
+                continue
+            if key.endswith(".part"):  # merged with the local one when its shard is sent
                 continue
             local = self.path / key
-            if not (local.is_file() and local.stat().st_size == meta["size"]):
+            if not local.is_file():  # each file is written once: one in the mirror is it
                 self._download(key, local)
+
+    def fetch_part(self, part: Path) -> bytes | None:
+        """The store's copy of a sync shard's answers so far (``raw/NNNNN-0.part``)."""
+        assert self.remote is not None
+        got = self.remote.read(part.relative_to(self.path).as_posix())
+        return got[0] if got is not None else None
 
     def _fetch_job(self) -> bool:
         """The store's job.json into the mirror; whether there is one. A mirror of another

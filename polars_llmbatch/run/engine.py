@@ -54,6 +54,9 @@ ONE_BY_ONE = ("sync", "flex")
 FLEX_TIMEOUT = 900.0
 #: Requests per shard in sync mode: the unit that is checkpointed together.
 SYNC_SHARD_REQUESTS = 1_000
+#: In an object store, a sync shard's answers so far are uploaded after this many more
+#: answers or seconds, whichever comes first.
+PART_UPLOAD = (50, 2.0)
 
 
 @dataclass(frozen=True)
@@ -570,6 +573,8 @@ class Engine:
         the part of the event log written since the last call is read."""
         if self._canceled:
             return True
+        if self.ckpt.remote is not None:
+            self.ckpt.sync()  # a cancel from another machine reaches the mirror first
         with self._events_lock:  # sync senders ask from several threads: one reader at a time
             try:
                 with open(self.ckpt.events_file, "rb") as f:
@@ -689,6 +694,8 @@ class Engine:
         part = final.with_suffix(".part")
         if final.exists() and not part.exists():  # renamed, then killed before the event
             os.replace(final, part)
+        if self.ckpt.remote is not None:  # answers another machine had sent, kept in the store
+            _merge_part(part, self.ckpt.fetch_part(part), self.provider)
         done_ids = _part_ids(part, self.provider)
         if s.intent_at is None:
             self.ckpt.append("intent", shard=s.index, tag=s.tag, sha256=s.sha256, attempt=s.attempt)
@@ -707,6 +714,9 @@ class Engine:
         extra: dict[str, Any] = {"timeout": FLEX_TIMEOUT} if flex else {}
 
         skipped = threading.Event()
+        # In an object store, the answers so far are uploaded every PART_UPLOAD answers or
+        # seconds: a resume on another machine sends again only those since.
+        uploaded = [time.monotonic(), 0]
 
         def send_one(item: tuple[str, str]) -> None:
             custom_id, body = item
@@ -730,9 +740,17 @@ class Engine:
                 status = exc.status or 503  # a connection that never answered: transient
                 payload = self.provider.error_body(str(exc))
             line = self.provider.sync_line(custom_id, status, payload) + b"\n"
-            with lock, open(part, "ab") as f:
-                f.write(line)
-                f.flush()
+            with lock:
+                with open(part, "ab") as f:
+                    f.write(line)
+                    f.flush()
+                uploaded[1] += 1
+                if self.ckpt.remote is not None and (
+                    uploaded[1] >= PART_UPLOAD[0]
+                    or time.monotonic() - uploaded[0] >= PART_UPLOAD[1]
+                ):
+                    self.ckpt.keep(part)  # under the lock: no answer is written meanwhile
+                    uploaded[:] = [time.monotonic(), 0]
 
         with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
             list(pool.map(send_one, todo.iter_rows()))
@@ -742,6 +760,7 @@ class Engine:
         if skipped.is_set():
             return False  # the answers so far are in the .part file; the rest come next run
         part.replace(final)
+        self.ckpt.keep(final)
         self.ckpt.append("fetched", shard=s.index, files=[str(final.relative_to(self.ckpt.path))])
         return True
 
@@ -959,6 +978,31 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _merge_part(part: Path, stored: bytes | None, provider: Provider) -> None:
+    """Add to the local ``.part`` the answers in the store's copy it lacks (sent from another
+    machine, or before this mirror was made); either may hold answers the other does not."""
+    import orjson
+
+    if not stored:
+        return
+    have = _part_ids(part, provider)
+    extra = []
+    for line in stored.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            custom_id = str(provider.line_id(orjson.loads(line)))
+        except orjson.JSONDecodeError:
+            break
+        if custom_id not in have:
+            have.add(custom_id)
+            extra.append(line)
+    if extra:
+        with open(part, "ab") as f:
+            f.write(b"".join(extra))
+        fsync(part)
 
 
 def _part_ids(part: Path, provider: Provider) -> set[str]:
