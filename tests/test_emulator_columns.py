@@ -533,3 +533,209 @@ def test_the_anthropic_columnar_reader_skips_small_bodies() -> None:
         )
         assert r.status_code == 200
         assert emu.anthropic.batches[r.json()["id"]].computed is None  # the per-request path
+
+
+# ---- a Gemini batch file read in columns (emulator/gemini_columns.py) ------------------------
+
+
+def gemini_file(n: int, *, output: Any = CATS, cap: int | None = 20, system: str | None = None):
+    """A batch file of ``n`` hard-to-escape prompts, as the library writes it for Gemini."""
+    from polars_llmbatch.providers import gemini as provider
+
+    df = pl.DataFrame({"body": [f"{i}: {b}" for i, b in enumerate(texts(n, seed=8))]})
+    options = {"max_output_tokens": cap} if cap is not None else {}
+    p = prepare(
+        df,
+        "Classify: {body}",
+        provider="gemini",
+        model="gemini-2.5-flash",
+        output=output,
+        system=system,
+        options=options,
+    )
+    keep = provider.INLINE_MAX_BYTES
+    provider.INLINE_MAX_BYTES = 0  # the file form
+    try:
+        (s,) = plan(p)
+        return shard_bytes(p, s)
+    finally:
+        provider.INLINE_MAX_BYTES = keep
+
+
+def run_gemini_file(
+    data: bytes, faults: Faults, *, in_columns: bool, monkeypatch, cancel: bool = False
+) -> Any:
+    """Upload, create (cancel) and end a file batch over HTTP: the operation, the responses
+    file's lines and the bills, with fresh names blanked; or the create's refusal."""
+    from polars_llmbatch.emulator import gemini
+
+    monkeypatch.setattr(gemini, "COLUMNS_FROM", 0 if in_columns else 10**9)
+    with serve(batch_seconds=30, faults=faults) as emu:
+        start = 1_800_000_000.0  # the same clock in both runs: the same times in the operation
+        emu.ctx.clock = lambda: start
+        c = httpx.Client(base_url=emu.gemini_url, headers={"x-goog-api-key": "k"}, timeout=60)
+        r = c.post(
+            "/upload/v1beta/files",
+            headers={"x-goog-upload-command": "start"},
+            json={"file": {"displayName": "in"}},
+        )
+        r = c.post(
+            r.headers["x-goog-upload-url"],
+            content=data,
+            headers={"x-goog-upload-command": "upload, finalize"},
+        )
+        name = r.json()["file"]["name"]
+        body = {"batch": {"displayName": "t", "inputConfig": {"fileName": name}}}
+        r = c.post("/v1beta/models/gemini-2.5-flash:batchGenerateContent", json=body)
+        if r.status_code != 200:
+            c.close()
+            return r.status_code, r.text.replace(name, "FILE")
+        op = r.json()
+        if cancel:
+            emu.ctx.clock = lambda: start + 15  # halfway: about half the requests ran
+            assert c.post(f"/v1beta/{op['name']}:cancel").status_code == 200
+        emu.ctx.clock = lambda: start + 90
+        op = c.get(f"/v1beta/{op['name']}").json()
+        assert op.get("done"), op
+        out = (op.get("response") or {}).get("responsesFile")
+        raw = c.get(f"/download/v1beta/{out}:download", params={"alt": "media"}).text if out else ""
+        bills = [(x["custom_id"], x["input_tokens"], x["output_tokens"]) for x in emu.ledger.billed]
+        c.close()
+    batch_id = op["name"].split("/", 1)[1]
+    blank = json.loads(json.dumps(op).replace(batch_id, "ID").replace(name, "FILE"))
+    return {"op": blank, "lines": [_blank(x) for x in raw.split("\n")[:-1]], "bills": bills}
+
+
+GEMINI_FILE_CASES = {
+    "enum-cached": ({}, Faults(cache_read=0.25)),
+    "text-cut-system": ({"output": None, "cap": 4, "system": "Be brief."}, Faults()),
+    "no-cap": ({"cap": None}, Faults()),
+    "faults": (
+        {},
+        Faults(seed=5, request_errors=0.1, missing=0.05, duplicates=0.05, malformed=0.05),
+    ),
+    "expired": ({"output": None}, Faults(seed=2, expire_at=0.6)),
+    "queue-full": ({}, Faults(queue_limit_tokens=10)),
+    "queue-room": ({}, Faults(queue_limit_tokens=10**9, request_errors=0.2, seed=7)),
+    "org-full": ({}, Faults(org_queue_tokens=10)),
+    "org-room": ({}, Faults(org_queue_tokens=10**9, fault_batches=1, missing=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", [*GEMINI_FILE_CASES, "cancelled"])
+def test_a_gemini_file_read_in_columns_equals_it_read_line_by_line(case, monkeypatch) -> None:
+    from polars_llmbatch.emulator import gemini_columns
+
+    shape, faults = GEMINI_FILE_CASES.get(case, ({}, Faults()))
+    data = gemini_file(600, **shape)
+    assert gemini_columns.parse_file(data, "gemini-2.5-flash") is not None  # the columns' path
+    cancel = case == "cancelled"
+    by_line = run_gemini_file(
+        data, faults, in_columns=False, monkeypatch=monkeypatch, cancel=cancel
+    )
+    in_columns = run_gemini_file(
+        data, faults, in_columns=True, monkeypatch=monkeypatch, cancel=cancel
+    )
+    if case.endswith("-full"):
+        assert by_line[0] == 429
+    elif case == "expired":
+        assert not by_line["lines"] and "response" not in by_line["op"]
+    else:
+        assert len(by_line["lines"]) > (250 if cancel else 500)
+    assert in_columns == by_line
+
+
+def _gemini_line(i: int, **change: Any) -> str:
+    line: dict[str, Any] = {
+        "key": f"k{i}",
+        "request": {
+            "contents": [{"role": "user", "parts": [{"text": f"hello {i}"}]}],
+            "systemInstruction": {"parts": [{"text": "Be brief."}]},
+            "generationConfig": {"maxOutputTokens": 9},
+        },
+    }
+    for path, value in change.items():
+        *parents, last = path.split("__")
+        node: Any = line
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        if value is KeyError:
+            node.pop(last)
+        else:
+            node[last] = value
+    return json.dumps(line)
+
+
+# Files the create refuses (the same 400 either way), then files it takes whose shape the
+# columnar reader leaves to the per-request path.
+GEMINI_REFUSED = {
+    "not-json": lambda lines: [*lines[:3], "{not json", *lines[3:]],
+    "no-key": lambda lines: [*lines, _gemini_line(99, key=KeyError)],
+    "no-request": lambda lines: [*lines, _gemini_line(99, request=KeyError)],
+}
+GEMINI_UNUSUAL = {
+    "numeric-key": lambda lines: [*lines, _gemini_line(99, key=99)],
+    "two-contents": lambda lines: [
+        *lines,
+        _gemini_line(
+            99, request__contents=[{"parts": [{"text": "a"}]}, {"parts": [{"text": "b"}]}]
+        ),
+    ],
+    "two-parts": lambda lines: [
+        *lines,
+        _gemini_line(99, request__contents=[{"parts": [{"text": "a"}, {"text": "b"}]}]),
+    ],
+    "model-role": lambda lines: [*lines, _gemini_line(99, request__contents__0__role="model")],
+    "snake-config": lambda lines: [
+        *lines,
+        _gemini_line(99, request__generation_config={"max_output_tokens": 3}),
+    ],
+    "snake-system": lambda lines: [
+        *lines,
+        _gemini_line(99, request__system_instruction={"parts": [{"text": "s"}]}),
+    ],
+    "cap-float": lambda lines: [
+        *lines,
+        _gemini_line(99, request__generationConfig={"maxOutputTokens": 2.5}),
+    ],
+    "cap-huge": lambda lines: [
+        *lines,
+        _gemini_line(99, request__generationConfig={"maxOutputTokens": 2**64 - 1}),
+    ],
+    "schema-list": lambda lines: [
+        *lines,
+        _gemini_line(99, request__generationConfig={"responseJsonSchema": [1]}),
+    ],
+    "system-two-parts": lambda lines: [
+        *lines,
+        _gemini_line(99, request__systemInstruction={"parts": [{"text": "a"}, {"text": "b"}]}),
+    ],
+    "cr-lines": lambda lines: ["\r\n".join(lines)],
+    "no-contents": lambda lines: [*lines, _gemini_line(99, request__contents=KeyError)],
+}
+
+
+@pytest.mark.parametrize("bad", [*GEMINI_REFUSED, *GEMINI_UNUSUAL])
+def test_the_gemini_columnar_reader_takes_only_files_taken_whole(bad, monkeypatch) -> None:
+    from polars_llmbatch.emulator import gemini_columns
+
+    good = [_gemini_line(i) for i in range(20)]
+    parsed = gemini_columns.parse_file(("\n".join(good) + "\n").encode(), "gemini-2.5-flash")
+    assert parsed is not None and parsed["key"].to_list() == [f"k{i}" for i in range(20)]
+    data = ("\n".join({**GEMINI_REFUSED, **GEMINI_UNUSUAL}[bad](good)) + "\n").encode()
+    assert gemini_columns.parse_file(data, "gemini-2.5-flash") is None
+    outcomes = [
+        run_gemini_file(data, Faults(), in_columns=c, monkeypatch=monkeypatch)
+        for c in (False, True)
+    ]
+    assert outcomes[0] == outcomes[1]
+    refused = isinstance(outcomes[0], tuple)
+    assert refused == (bad in GEMINI_REFUSED)
+
+
+def test_the_gemini_columnar_reader_refuses_a_model_the_service_does_not_have() -> None:
+    from polars_llmbatch.emulator import gemini_columns
+
+    data = ("\n".join(_gemini_line(i) for i in range(5)) + "\n").encode()
+    assert gemini_columns.parse_file(data, "gemini-2.5-flash") is not None
+    assert gemini_columns.parse_file(data, "gemini-nonexistent-9") is None

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import polars as pl
 
-from polars_llmbatch.emulator import columns, model, tokenizers
+from polars_llmbatch.emulator import columns, gemini_columns, model, tokenizers
 from polars_llmbatch.emulator.context import Context
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.emulator.http import Request, Response, Router
@@ -39,6 +39,14 @@ _TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main."
 
 def error(status: int, code: str, message: str) -> Response:
     return Response.json({"error": {"code": status, "message": message, "status": code}}, status)
+
+
+def _queue_full(model_name: str, limit: int) -> Response:
+    return error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        f"Enqueued token limit exceeded for model {model_name}: limit {limit:,}.",
+    )
 
 
 def rfc3339(t: float) -> str:
@@ -95,6 +103,11 @@ class _Batch:
     faults: Faults = field(default_factory=Faults)
     final: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    total: int = 0  # its requests
+    # A file read in columns (gemini_columns): no entries; the answers (``work``) computed
+    # in a background thread from create on, and the results wait for them.
+    work: pl.DataFrame | None = None
+    computed: threading.Event | None = None
 
 
 class GeminiEmulator(BatchStore[_Batch]):
@@ -326,6 +339,8 @@ class GeminiEmulator(BatchStore[_Batch]):
             f = self.files.get(file_name)
             if f is None:
                 return error(404, "NOT_FOUND", f"File {file_name} not found")
+            if (fast := self._create_in_columns(model_name, kind, batch, f)) is not None:
+                return fast
             for n, raw in enumerate(f.data.splitlines(), start=1):
                 if not raw.strip():
                     continue
@@ -353,22 +368,13 @@ class GeminiEmulator(BatchStore[_Batch]):
             limit is not None
             and sum(input_tokens(model_name, req) for _, req, _ in entries) > limit
         ):
-            return error(
-                429,
-                "RESOURCE_EXHAUSTED",
-                f"Enqueued token limit exceeded for model {model_name}: limit {limit:,}.",
-            )
+            return _queue_full(model_name, limit)
         now = self.ctx.clock()
         timeline = Timeline(now, self.ctx.duration)
         if self.ctx.faults.org_queue_tokens is not None and not self.ctx.enqueue(
             model_name, sum(input_tokens(model_name, req) for _, req, _ in entries), timeline
         ):
-            return error(
-                429,
-                "RESOURCE_EXHAUSTED",
-                f"Enqueued token limit exceeded for model {model_name}: limit "
-                f"{self.ctx.faults.org_queue_tokens:,}.",
-            )
+            return _queue_full(model_name, self.ctx.faults.org_queue_tokens)
         b = _Batch(
             id=self.ctx.new_id("", 36),
             model=model_name,
@@ -380,12 +386,77 @@ class GeminiEmulator(BatchStore[_Batch]):
             inline=not file_name,
             input_file=file_name,
             expire_at=None,
+            total=len(entries),
         )
         b.faults = self.ctx.batch_faults()
         b.expire_at = b.faults.expire_at
         self.add(b.id, b)
         self.ctx.ledger.batch("gemini", f"batches/{b.id}", len(entries), b.display_name)
         return Response.json(self.operation(b, now))
+
+    def _create_in_columns(
+        self, model_name: str, kind: str, batch: dict[str, Any], f: _File
+    ) -> Response | None:
+        """The create of a big clean file of generate requests, read in columns; None when
+        the file needs the per-request reading (small, odd or refused: that path gives the
+        errors)."""
+        faults = self.ctx.faults
+        if kind != "generate" or faults.reasoning or f.data.count(b"\n") < COLUMNS_FROM:
+            return None
+        frame = gemini_columns.parse_file(f.data, model_name)
+        if frame is None or frame.height < COLUMNS_FROM:
+            return None
+        inputs = None
+        if faults.queue_limit_tokens is not None or faults.org_queue_tokens is not None:
+            inputs = gemini_columns.input_tokens(model_name, frame)
+        limit = faults.queue_limit_tokens
+        if limit is not None and inputs is not None and int(inputs.sum()) > limit:
+            return _queue_full(model_name, limit)
+        now = self.ctx.clock()
+        timeline = Timeline(now, self.ctx.duration)
+        if (
+            faults.org_queue_tokens is not None
+            and inputs is not None
+            and not self.ctx.enqueue(model_name, int(inputs.sum()), timeline)
+        ):
+            return _queue_full(model_name, faults.org_queue_tokens)
+        b = _Batch(
+            id=self.ctx.new_id("", 36),
+            model=model_name,
+            kind=kind,
+            display_name=_get(batch, "displayName", "display_name"),
+            created_at=now,
+            timeline=timeline,
+            entries=[],
+            inline=False,
+            input_file=f.name,
+            expire_at=None,
+            total=frame.height,
+            computed=threading.Event(),
+        )
+        b.faults = self.ctx.batch_faults()
+        b.expire_at = b.faults.expire_at
+        self.add(b.id, b)
+        self.ctx.ledger.batch("gemini", f"batches/{b.id}", frame.height, b.display_name)
+        threading.Thread(target=self._compute, args=(b, frame, inputs), daemon=True).start()
+        return Response.json(self.operation(b, now))
+
+    def _compute(self, b: _Batch, frame: pl.DataFrame, inputs: pl.Series | None) -> None:
+        """The model's work for a columnar batch, off the request thread (as the real
+        service works asynchronously); an emulator bug errors every request visibly."""
+        try:
+            b.work = gemini_columns.answer_frame(b.model, frame, b.faults.cache_read, inputs)
+        except Exception as exc:
+            b.work = frame.select(
+                "key",
+                pl.lit(None, pl.String).alias("response"),
+                pl.lit(0, pl.Int64).alias("input_tokens"),
+                pl.lit(0, pl.Int64).alias("output_tokens"),
+                pl.lit(f"Emulator error: {exc!r}").alias("problem"),
+            )
+        finally:
+            assert b.computed is not None
+            b.computed.set()
 
     def _batch(self, request: Request, param: str = "batch_id") -> _Batch | Response:
         b = self.batches.get(request.params[param].partition(":")[0])
@@ -454,7 +525,7 @@ class GeminiEmulator(BatchStore[_Batch]):
             return op
         t = b.timeline
         phase = t.at(now)
-        total = len(b.entries)
+        total = b.total
         done = int(total * phase.progress)
         stats = {"requestCount": str(total)}
         if done:
@@ -498,6 +569,9 @@ class GeminiEmulator(BatchStore[_Batch]):
             self._finish(b, "BATCH_STATE_SUCCEEDED", 1.0, phase.since)
 
     def _finish(self, b: _Batch, state: str, processed: float, when: float) -> None:
+        if b.computed is not None:
+            self._finish_columns(b, state, processed, when)
+            return
         with b.lock:
             if b.final is not None:
                 return
@@ -570,20 +644,79 @@ class GeminiEmulator(BatchStore[_Batch]):
                 stats["failedRequestCount"] = str(failed)
             if total - ok - failed:
                 stats["pendingRequestCount"] = str(total - ok - failed)
-            meta = self._meta(b, state, when, stats)
-            meta["endTime"] = rfc3339(when)
-            op: dict[str, Any] = {"name": f"batches/{b.id}", "metadata": meta, "done": True}
-            if state != "BATCH_STATE_EXPIRED":  # an expired job has no results at all
-                output = self._output(b, responses)
-                out_type = (
-                    "GenerateContentBatchOutput"
-                    if b.kind == "generate"
-                    else "EmbedContentBatchOutput"
-                )
-                meta["output"] = output
-                op["response"] = {"@type": _TYPE + out_type, **output}
-            b.final = op
+            output = None if expired else self._output(b, responses)
+            self._close(b, state, when, stats, output)
             b.entries = []  # frozen: what it was made from is not needed again
+
+    def _close(
+        self,
+        b: _Batch,
+        state: str,
+        when: float,
+        stats: dict[str, str],
+        output: dict[str, Any] | None,
+    ) -> None:
+        """The ended batch's operation (kept: it never changes again); an expired job has
+        no ``output`` at all."""
+        meta = self._meta(b, state, when, stats)
+        meta["endTime"] = rfc3339(when)
+        op: dict[str, Any] = {"name": f"batches/{b.id}", "metadata": meta, "done": True}
+        if output is not None:
+            out_type = (
+                "GenerateContentBatchOutput" if b.kind == "generate" else "EmbedContentBatchOutput"
+            )
+            meta["output"] = output
+            op["response"] = {"@type": _TYPE + out_type, **output}
+        b.final = op
+
+    def _finish_columns(self, b: _Batch, state: str, processed: float, when: float) -> None:
+        """:meth:`_finish` of a batch read in columns: the same file, counts and bills."""
+        assert b.computed is not None
+        b.computed.wait()  # a terminal state needs the model's work done
+        with b.lock:
+            if b.final is not None:
+                return
+            work = b.work
+            assert work is not None
+            n, f = work.height, b.faults
+            expired = state == "BATCH_STATE_EXPIRED"
+            ran = pl.int_range(n, eager=True) < int(n * processed + 1e-9)
+            hit = columns.hits(f.seed, "request_errors", f.request_errors, work["key"])
+            problem = work["problem"] if "problem" in work.columns else None
+            ok = ran & ~hit if problem is None else ran & ~hit & problem.is_null()
+            errored = ran & ~ok
+            billed = work.filter(ok)
+            if billed.height and not expired:  # an expired job delivers nothing: no bill
+                inp = billed["input_tokens"]
+                self.ctx.ledger.bill_many(
+                    "gemini",
+                    f"batches/{b.id}",
+                    billed["key"],
+                    inp,
+                    billed["output_tokens"],
+                    model=b.model,
+                    at=self.ctx.clock(),
+                    cache_read=(inp * self.ctx.faults.cache_read).floor(),
+                    kind="completion",
+                )
+            stats = {"requestCount": str(n)}
+            n_ok, n_failed = int(ok.sum()), int(errored.sum())
+            if n_ok:
+                stats["successfulRequestCount"] = str(n_ok)
+            if n_failed:
+                stats["failedRequestCount"] = str(n_failed)
+            if n - n_ok - n_failed:
+                stats["pendingRequestCount"] = str(n - n_ok - n_failed)
+            output = None
+            if not expired:
+                message = "Emulated invalid request (request_errors fault)."
+                if problem is not None:  # the emulator's own failure, said on every line
+                    message = problem.drop_nulls().first() or message
+                error_body = {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}
+                lines = gemini_columns.result_lines(work, ok, errored, error_body)
+                output = self._responses_file(b, lines)
+            self._close(b, state, when, stats, output)
+            b.work = None  # frozen: only the results file is read from now on
 
     @staticmethod
     def _answer(b: _Batch, req: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
@@ -618,7 +751,11 @@ class GeminiEmulator(BatchStore[_Batch]):
             {"custom_id": [key for key, _ in responses], "line": lines},
             schema={"custom_id": pl.String, "line": pl.String},
         )
-        data = columns.finish_lines(frame, faults, shuffle=False)
+        return self._responses_file(b, frame)
+
+    def _responses_file(self, b: _Batch, frame: pl.DataFrame) -> dict[str, Any]:
+        """The responses file of ``(custom_id, line)`` rows, after the line faults."""
+        data = columns.finish_lines(frame, b.faults, shuffle=False)
         name = f"files/batch-{b.id}"
         f = _File(name, name, "application/jsonl", data, self.ctx.clock(), source="GENERATED")
         with self.lock:
@@ -651,7 +788,7 @@ def _answer_columns(
             every.append(_text(_get(req, "systemInstruction", "system_instruction")))
         except Exception:
             continue
-        if (cap is not None and type(cap) is not int) or (
+        if (cap is not None and (type(cap) is not int or not -(2**63) <= cap < 2**63)) or (
             schema is not None and not isinstance(schema, dict)
         ):
             continue
@@ -686,36 +823,7 @@ def _answer_columns(
         .with_columns(inp=pl.col("inp").fill_null(0) + pl.col("schema_n"))
     )
     inp, n_out = done["inp"], done["output_tokens"]
-    cached = (inp * faults.cache_read).floor().cast(pl.Int64)
-    when = pl.when
-    resp = columns.concat(
-        [
-            '{"candidates":[{"content":{"role":"model","parts":[{"text":',
-            columns.json_strings(done["text"]),
-            '}]},"finishReason":',
-            done["cut"].replace_strict(
-                {True: '"MAX_TOKENS"', False: '"STOP"'}, return_dtype=pl.String
-            ),
-            ',"index":0}],"usageMetadata":{"promptTokenCount":',
-            inp.cast(pl.String),
-            ',"totalTokenCount":',
-            (inp + n_out).cast(pl.String),
-            pl.select(
-                when(cached > 0)
-                .then(',"cachedContentTokenCount":' + cached.cast(pl.String))
-                .otherwise(pl.lit(""))
-            ).to_series(),
-            pl.select(
-                when(n_out > 0)
-                .then(',"candidatesTokenCount":' + n_out.cast(pl.String))
-                .otherwise(pl.lit(""))
-            ).to_series(),
-            '},"modelVersion":' + orjson.dumps(model_name).decode() + ',"responseId":"',
-            columns.md5_hex(done["text"]).str.head(22),
-            '"}',
-        ],
-        done.height,
-    )
+    resp = gemini_columns.response_json(model_name, done, faults.cache_read)
     for i, r, a, z in zip(
         done["i"].to_list(), resp.to_list(), inp.to_list(), n_out.to_list(), strict=True
     ):
