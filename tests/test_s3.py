@@ -437,3 +437,31 @@ def test_a_cancel_from_another_machine_stops_the_submission(
         # the third create was under way when the cancel came; none was made after it
         assert len(creates) == 3 and len(emu.ledger.batches) == 3
         assert emu.ledger.billed == []
+
+
+def test_the_cli_runs_resumes_and_reads_a_job_in_s3(s3: str, tmp_path: Path) -> None:
+    from test_cli_jobs import RUN, llmbatch
+
+    from polars_llmbatch.sample import tickets
+
+    tickets(200).write_parquet(tmp_path / "t.parquet")
+    with serve(batch_seconds=0.5) as emu:
+        env = {"OPENAI_API_KEY": "test", "OPENAI_BASE_URL": emu.openai_url}
+        env["POLARS_LLMBATCH_CACHE"] = str(tmp_path / "machine-a")
+        r = llmbatch(
+            "run", "t.parquet", *RUN, "--checkpoint", s3, "--no-wait", cwd=tmp_path, env=env
+        )
+        assert r.returncode == 4 and f"llmbatch status {s3}" in r.stderr
+        env["POLARS_LLMBATCH_CACHE"] = str(tmp_path / "machine-b")  # resumed elsewhere
+        s = llmbatch(
+            "status", s3, cwd=tmp_path, env={"POLARS_LLMBATCH_CACHE": env["POLARS_LLMBATCH_CACHE"]}
+        )
+        assert s.returncode == 4 and "running" in s.stdout and s3 in s.stdout
+        r = llmbatch(
+            "resume", s3, "--output", "out.parquet", "--quiet", "--poll-interval", "0.05",
+            cwd=tmp_path, env=env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert len(emu.ledger.batches) == 1
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out.height == 200 and {"ticket_id", "label", "llm_status"} <= set(out.columns)
