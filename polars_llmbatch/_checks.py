@@ -13,6 +13,8 @@ from polars_llmbatch.errors import LlmBatchError
 __all__ = ["check_bool", "check_checkpoint", "check_positive_int", "check_seconds"]
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+#: What ``Path`` makes of a URL (``s3:/bucket``); two letters at least, so ``C:/`` is a drive.
+_COLLAPSED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]+:/[^/]")
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -47,6 +49,12 @@ def check_checkpoint(checkpoint: Any) -> None:
         return
     if not isinstance(checkpoint, (str, Path)):
         raise LlmBatchError(f"checkpoint= must be a folder path, got {type(checkpoint).__name__}")
+    if isinstance(checkpoint, Path) and _COLLAPSED_URL.match(str(checkpoint)):
+        # Path("s3://b/p") is "s3:/b/p": a local folder named "s3:" would hold the job
+        raise LlmBatchError(
+            f"checkpoint={str(checkpoint)!r} looks like a URL made into a Path, which drops one "
+            "of its slashes; pass the URL as a string (checkpoint='s3://bucket/prefix')"
+        )
     if _URL.match(str(checkpoint)):
         from polars_llmbatch.run.store import check_url
 

@@ -161,9 +161,14 @@ def _child_script(tmp_path: Path) -> Path:
 
 
 def _child(script: Path, url: str, ckpt: str, stage: str, out: Path, cache: Path) -> int:
+    return _run(script, [url, ckpt, stage, "openai", "gpt-4o-mini", "batch"], out, cache)
+
+
+def _run(script: Path, args: list[str], out: Path, cache: Path) -> int:
+    """``script`` in a child with its own cache (mirror) folder; killed or finished."""
     env = {**os.environ, "OUT": str(out), "POLARS_LLMBATCH_CACHE": str(cache)}
     run = subprocess.run(
-        [sys.executable, str(script), url, ckpt, stage, "openai", "gpt-4o-mini", "batch"],
+        [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -372,17 +377,7 @@ def test_kill_9_in_sync_mode_with_an_s3_checkpoint_loses_no_uploaded_answer(
     second = first if mirror == "kept" else tmp_path / "cache-b"
 
     def child(cache: Path, die_at: int) -> int:
-        env = {**os.environ, "OUT": str(out), "POLARS_LLMBATCH_CACHE": str(cache)}
-        run = subprocess.run(
-            [sys.executable, str(script), emu.openai_url, s3, str(die_at)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=env,
-        )
-        if run.returncode not in (0, -signal.SIGKILL):
-            raise AssertionError(run.stderr)
-        return run.returncode
+        return _run(script, [emu.openai_url, s3, str(die_at)], out, cache)
 
     with serve(batch_seconds=0.05) as emu:
         assert child(first, 75) == -signal.SIGKILL
@@ -465,3 +460,22 @@ def test_the_cli_runs_resumes_and_reads_a_job_in_s3(s3: str, tmp_path: Path) -> 
         assert len(emu.ledger.batches) == 1
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert out.height == 200 and {"ticket_id", "label", "llm_status"} <= set(out.columns)
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "lease", "match"),
+    [
+        (Path("s3://llmbatch-test/jobs/x"), "30", "pass the URL as a string"),
+        (None, "nan", "POLARS_LLMBATCH_LEASE_SECONDS='nan'"),
+        (None, "1", "at least"),
+    ],
+)
+def test_a_path_made_of_a_url_or_a_bad_lease_term_is_refused_before_sending(
+    s3: str, checkpoint: Path | None, lease: str, match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POLARS_LLMBATCH_LEASE_SECONDS", lease)
+    with serve(batch_seconds=0.05) as emu:
+        with pytest.raises(LlmBatchError, match=match):
+            _batch(_frame(5), checkpoint or s3, emu.openai_url)
+        assert not emu.ledger.batches and not emu.ledger.uploads
+    assert not Path("s3:").exists()

@@ -369,10 +369,35 @@ class GeminiEmulator(BatchStore[_Batch]):
             and sum(input_tokens(model_name, req) for _, req, _ in entries) > limit
         ):
             return _queue_full(model_name, limit)
+        b = self._admit(
+            model_name,
+            kind,
+            batch,
+            lambda: sum(input_tokens(model_name, req) for _, req, _ in entries),
+            entries=entries,
+            input_file=file_name,
+            total=len(entries),
+        )
+        return b if isinstance(b, Response) else Response.json(self.operation(b, b.created_at))
+
+    def _admit(
+        self,
+        model_name: str,
+        kind: str,
+        batch: dict[str, Any],
+        tokens: Any,
+        *,
+        entries: list[tuple[str, dict[str, Any], dict[str, Any] | None]],
+        input_file: str | None,
+        total: int,
+        computed: threading.Event | None = None,
+    ) -> _Batch | Response:
+        """A created batch, once the organisation's queue (``org_queue_tokens``) takes its
+        ``tokens()``; the refusal otherwise."""
         now = self.ctx.clock()
         timeline = Timeline(now, self.ctx.duration)
         if self.ctx.faults.org_queue_tokens is not None and not self.ctx.enqueue(
-            model_name, sum(input_tokens(model_name, req) for _, req, _ in entries), timeline
+            model_name, tokens(), timeline
         ):
             return _queue_full(model_name, self.ctx.faults.org_queue_tokens)
         b = _Batch(
@@ -383,16 +408,17 @@ class GeminiEmulator(BatchStore[_Batch]):
             created_at=now,
             timeline=timeline,
             entries=entries,
-            inline=not file_name,
-            input_file=file_name,
+            inline=input_file is None,
+            input_file=input_file,
             expire_at=None,
-            total=len(entries),
+            total=total,
+            computed=computed,
         )
         b.faults = self.ctx.batch_faults()
         b.expire_at = b.faults.expire_at
         self.add(b.id, b)
-        self.ctx.ledger.batch("gemini", f"batches/{b.id}", len(entries), b.display_name)
-        return Response.json(self.operation(b, now))
+        self.ctx.ledger.batch("gemini", f"batches/{b.id}", total, b.display_name)
+        return b
 
     def _create_in_columns(
         self, model_name: str, kind: str, batch: dict[str, Any], f: _File
@@ -412,34 +438,20 @@ class GeminiEmulator(BatchStore[_Batch]):
         limit = faults.queue_limit_tokens
         if limit is not None and inputs is not None and int(inputs.sum()) > limit:
             return _queue_full(model_name, limit)
-        now = self.ctx.clock()
-        timeline = Timeline(now, self.ctx.duration)
-        if (
-            faults.org_queue_tokens is not None
-            and inputs is not None
-            and not self.ctx.enqueue(model_name, int(inputs.sum()), timeline)
-        ):
-            return _queue_full(model_name, faults.org_queue_tokens)
-        b = _Batch(
-            id=self.ctx.new_id("", 36),
-            model=model_name,
-            kind=kind,
-            display_name=_get(batch, "displayName", "display_name"),
-            created_at=now,
-            timeline=timeline,
+        b = self._admit(
+            model_name,
+            kind,
+            batch,
+            lambda: int(inputs.sum()) if inputs is not None else 0,
             entries=[],
-            inline=False,
             input_file=f.name,
-            expire_at=None,
             total=frame.height,
             computed=threading.Event(),
         )
-        b.faults = self.ctx.batch_faults()
-        b.expire_at = b.faults.expire_at
-        self.add(b.id, b)
-        self.ctx.ledger.batch("gemini", f"batches/{b.id}", frame.height, b.display_name)
+        if isinstance(b, Response):
+            return b
         threading.Thread(target=self._compute, args=(b, frame, inputs), daemon=True).start()
-        return Response.json(self.operation(b, now))
+        return Response.json(self.operation(b, b.created_at))
 
     def _compute(self, b: _Batch, frame: pl.DataFrame, inputs: pl.Series | None) -> None:
         """The model's work for a columnar batch, off the request thread (as the real
