@@ -649,15 +649,8 @@ class GeminiEmulator(BatchStore[_Batch]):
                     else (billed["i"] * self.ctx.faults.cache_read).floor(),
                     kind="embedding" if b.kind == "embed" else "completion",
                 )
-            stats = {"requestCount": str(total)}
-            if ok:
-                stats["successfulRequestCount"] = str(ok)
-            if failed:
-                stats["failedRequestCount"] = str(failed)
-            if total - ok - failed:
-                stats["pendingRequestCount"] = str(total - ok - failed)
             output = None if expired else self._output(b, responses)
-            self._close(b, state, when, stats, output)
+            self._close(b, state, when, (total, ok, failed), output)
             b.entries = []  # frozen: what it was made from is not needed again
 
     def _close(
@@ -665,11 +658,19 @@ class GeminiEmulator(BatchStore[_Batch]):
         b: _Batch,
         state: str,
         when: float,
-        stats: dict[str, str],
+        counts: tuple[int, int, int],
         output: dict[str, Any] | None,
     ) -> None:
-        """The ended batch's operation (kept: it never changes again); an expired job has
-        no ``output`` at all."""
+        """The ended batch's operation (kept: it never changes again) from its ``counts``
+        (requests, succeeded, failed); an expired job has no ``output`` at all."""
+        total, ok, failed = counts
+        stats = {"requestCount": str(total)}  # zero counters are left out, as Gemini does
+        if ok:
+            stats["successfulRequestCount"] = str(ok)
+        if failed:
+            stats["failedRequestCount"] = str(failed)
+        if total - ok - failed:
+            stats["pendingRequestCount"] = str(total - ok - failed)
         meta = self._meta(b, state, when, stats)
         meta["endTime"] = rfc3339(when)
         op: dict[str, Any] = {"name": f"batches/{b.id}", "metadata": meta, "done": True}
@@ -711,14 +712,6 @@ class GeminiEmulator(BatchStore[_Batch]):
                     cache_read=(inp * self.ctx.faults.cache_read).floor(),
                     kind="completion",
                 )
-            stats = {"requestCount": str(n)}
-            n_ok, n_failed = int(ok.sum()), int(errored.sum())
-            if n_ok:
-                stats["successfulRequestCount"] = str(n_ok)
-            if n_failed:
-                stats["failedRequestCount"] = str(n_failed)
-            if n - n_ok - n_failed:
-                stats["pendingRequestCount"] = str(n - n_ok - n_failed)
             output = None
             if not expired:
                 message = "Emulated invalid request (request_errors fault)."
@@ -727,7 +720,7 @@ class GeminiEmulator(BatchStore[_Batch]):
                 error_body = {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}
                 lines = gemini_columns.result_lines(work, ok, errored, error_body)
                 output = self._responses_file(b, lines)
-            self._close(b, state, when, stats, output)
+            self._close(b, state, when, (n, int(ok.sum()), int(errored.sum())), output)
             b.work = None  # frozen: only the results file is read from now on
 
     @staticmethod
