@@ -739,3 +739,12 @@ def test_the_gemini_columnar_reader_refuses_a_model_the_service_does_not_have() 
     data = ("\n".join(_gemini_line(i) for i in range(5)) + "\n").encode()
     assert gemini_columns.parse_file(data, "gemini-2.5-flash") is not None
     assert gemini_columns.parse_file(data, "gemini-nonexistent-9") is None
+
+
+def test_token_counts_split_between_threads_are_each_texts_own() -> None:
+    from polars_llmbatch.emulator import tokenizers
+    from polars_llmbatch.plan.tokens.encodings import get_encoding
+
+    many = texts(25_000, seed=9)  # past the split: counted in two threads, put back in order
+    enc = get_encoding("o200k_base")
+    assert tokenizers.lengths("o200k_base", many) == [len(enc.encode_ordinary(t)) for t in many]

@@ -16,7 +16,7 @@ import duckdb
 import orjson
 import polars as pl
 
-from polars_llmbatch.emulator import model
+from polars_llmbatch.emulator import model, tokenizers
 from polars_llmbatch.emulator.faults import Faults
 from polars_llmbatch.plan.tokens.encodings import get_encoding
 
@@ -83,12 +83,11 @@ def json_strings(texts: pl.Series) -> pl.Series:
 def count_tokens(texts: pl.Series, encoding: str, *, distinct: bool = True) -> pl.Series:
     """Tokens in each text (null counts 0): one tokenizer call per text, or per distinct text
     (``distinct``: for columns with few values, such as enum answers)."""
-    enc = get_encoding(encoding)
     if not distinct:
-        counts = [len(enc.encode_ordinary(t)) for t in texts.fill_null("").to_list()]
+        counts = tokenizers.lengths(encoding, texts.fill_null("").to_list())
         return pl.Series(texts.name, counts, dtype=pl.Int64)
     distinct = texts.fill_null("").unique()
-    counts = pl.Series([len(enc.encode_ordinary(t)) for t in distinct.to_list()], dtype=pl.Int64)
+    counts = pl.Series(tokenizers.lengths(encoding, distinct.to_list()), dtype=pl.Int64)
     table = pl.DataFrame({"t": distinct, "n": counts})
     return (
         texts.fill_null("")
