@@ -479,3 +479,21 @@ def test_a_path_made_of_a_url_or_a_bad_lease_term_is_refused_before_sending(
             _batch(_frame(5), checkpoint or s3, emu.openai_url)
         assert not emu.ledger.batches and not emu.ledger.uploads
     assert not Path("s3:").exists()
+
+
+def test_a_file_is_in_the_store_before_it_is_in_the_mirror(
+    s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Otherwise a reader on this machine, between the two, would take the mirror's job.json
+    # (absent from the store) for another job's and empty the mirror under the writer.
+    ckpt = Checkpoint(s3)
+    ckpt.check_writable()
+
+    def unreachable(self: Remote, key: str, data: object) -> None:
+        raise OSError("the store is unreachable")
+
+    with monkeypatch.context() as m, pytest.raises(OSError, match="unreachable"):
+        m.setattr(Remote, "write", unreachable)
+        ckpt.commit({"job_id": "x"})
+    assert not ckpt.job_file.exists()
+    assert not Checkpoint(s3).exists()

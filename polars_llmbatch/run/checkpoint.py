@@ -322,8 +322,15 @@ class Checkpoint:
         self._write(path, lambda tmp: frame.write_parquet(tmp, row_group_size=row_group_size))
 
     def _write(self, path: Path, write: Callable[[Path], object]) -> None:
-        _atomic(path, write)
-        self.keep(path)
+        # In an object store the file is uploaded before it is renamed into the mirror: a
+        # mirrored file is always in the store already (a mirror's job.json that the store
+        # lacks is another job's, and is emptied: see _fetch_job)
+        remote = self.remote
+        if remote is None:
+            _atomic(path, write)
+            return
+        key = path.relative_to(self.path).as_posix()
+        _atomic(path, write, before_rename=lambda tmp: remote.write(key, tmp))
 
     def keep(self, path: Path) -> None:
         """Make a file just written into the folder part of the checkpoint: in an object
@@ -661,12 +668,19 @@ def _event_key(seq: int) -> str:
     return f"events/{seq:010d}.json"
 
 
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+def _atomic(
+    path: Path,
+    write: Callable[[Path], object],
+    *,
+    before_rename: Callable[[Path], object] | None = None,
+) -> None:
     """``write`` a temp file next to ``path``, fsync it, rename it over ``path``, fsync the
     folder: readers see the old file or the whole new one, never a part."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     fsync(tmp)
+    if before_rename is not None:
+        before_rename(tmp)
     os.replace(tmp, path)
     fsync(path.parent)
 
