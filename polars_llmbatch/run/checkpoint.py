@@ -329,14 +329,18 @@ class Checkpoint:
         if remote is None:
             _atomic(path, write)
             return
-        key = path.relative_to(self.path).as_posix()
+        key = self._key(path)
         _atomic(path, write, before_rename=lambda tmp: remote.write(key, tmp))
+
+    def _key(self, path: Path) -> str:
+        """A mirrored file's object name in the store (``results/00003.parquet``)."""
+        return path.relative_to(self.path).as_posix()
 
     def keep(self, path: Path) -> None:
         """Make a file just written into the folder part of the checkpoint: in an object
         store, upload it (before any event names it); a local folder's fsync already did."""
         if self.remote is not None:
-            self.remote.write(path.relative_to(self.path).as_posix(), path)
+            self.remote.write(self._key(path), path)
 
     # the event log -------------------------------------------------------------------------
     def append(self, event: str, **fields: Any) -> None:
@@ -474,8 +478,7 @@ class Checkpoint:
 
     # an object-store checkpoint --------------------------------------------------------------
     def pull(self) -> None:
-        """Fill the mirror from the store: every file it lacks (or holds a different size
-        of), then the new events."""
+        """Fill the mirror from the store: every file it lacks, then the new events."""
         assert self.remote is not None
         self._fetch_job()
         for sub in ("shards", "raw", "results"):  # a store has no empty folders
@@ -576,20 +579,24 @@ class Checkpoint:
 
     def _pull_files(self) -> None:
         assert self.remote is not None
-        for meta in list(self.remote.list()):
+        folders, objects = self.remote.top()
+        for folder in folders:
+            if folder != "events":  # read by sync, an object at a time
+                objects += self.remote.list(folder + "/")
+        for meta in objects:
             key = meta["path"]
-            if key.startswith(("events/", ".write-test")) or key in ("lock.json", "job.json"):
+            if key.startswith(".write-test") or key in ("lock.json", "job.json"):
                 continue
             if key.endswith(".part"):  # merged with the local one when its shard is sent
                 continue
             local = self.path / key
             if not local.is_file():  # each file is written once: one in the mirror is it
-                self._download(key, local)
+                self._replace(local, lambda tmp, key=key: self.remote.download(key, tmp))
 
     def fetch_part(self, part: Path) -> bytes | None:
         """The store's copy of a sync shard's answers so far (``raw/NNNNN-0.part``)."""
         assert self.remote is not None
-        got = self.remote.read(part.relative_to(self.path).as_posix())
+        got = self.remote.read(self._key(part))
         return got[0] if got is not None else None
 
     def _fetch_job(self) -> bool:
@@ -612,19 +619,17 @@ class Checkpoint:
         if data is None:
             return False
         if mirrored != data:
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = self.path / f".job.json.{os.getpid()}-{secrets.token_hex(3)}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, self.job_file)
+            self._replace(self.job_file, lambda tmp: tmp.write_bytes(data))
         return True
 
-    def _download(self, key: str, local: Path) -> None:
-        assert self.remote is not None
+    @staticmethod
+    def _replace(local: Path, fill: Callable[[Path], object]) -> None:
+        """``fill`` a temp file, then rename it to ``local`` (a file of the mirror)."""
         local.parent.mkdir(parents=True, exist_ok=True)
         # a name of this process's own: a reader and the runner may both be filling it
         tmp = local.with_name(f".{local.name}.{os.getpid()}-{secrets.token_hex(3)}.tmp")
         try:
-            self.remote.download(key, tmp)
+            fill(tmp)
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
@@ -632,7 +637,8 @@ class Checkpoint:
     def _remote_names(self) -> set[str]:
         """The top-level names in the store's prefix (write probes left out)."""
         assert self.remote is not None
-        names = {m["path"].split("/", 1)[0] for m in self.remote.list()}
+        folders, objects = self.remote.top()
+        names = set(folders) | {m["path"] for m in objects}
         return {n for n in names if not n.startswith(".write-test")}
 
     def _check_remote_writable(self) -> None:

@@ -983,19 +983,11 @@ def _sha256(path: Path) -> str:
 def _merge_part(part: Path, stored: bytes | None, provider: Provider) -> None:
     """Add to the local ``.part`` the answers in the store's copy it lacks (sent from another
     machine, or before this mirror was made); either may hold answers the other does not."""
-    import orjson
-
     if not stored:
         return
     have = _part_ids(part, provider)
     extra = []
-    for line in stored.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            custom_id = str(provider.line_id(orjson.loads(line)))
-        except orjson.JSONDecodeError:
-            break
+    for custom_id, line in _answer_lines(stored, provider):
         if custom_id not in have:
             have.add(custom_id)
             extra.append(line)
@@ -1007,22 +999,26 @@ def _merge_part(part: Path, stored: bytes | None, provider: Provider) -> None:
 
 def _part_ids(part: Path, provider: Provider) -> set[str]:
     """custom_ids already answered in a sync ``.part`` file (a torn last line is dropped)."""
-    import orjson
-
     if not part.exists():
         return set()
     data = part.read_bytes()
-    keep, ids = 0, set()
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            break
-        ids.add(str(provider.line_id(obj)))
-        keep += len(line)
+    answered = list(_answer_lines(data, provider))
+    keep = sum(len(line) for _, line in answered)
     if keep != len(data):  # cut the torn tail so new lines start clean
         with open(part, "r+b") as f:
             f.truncate(keep)
-    return ids
+    return {custom_id for custom_id, _ in answered}
+
+
+def _answer_lines(data: bytes, provider: Provider) -> Iterator[tuple[str, bytes]]:
+    """``(custom_id, line)`` of a ``.part`` file's whole lines, up to a torn or cut one."""
+    import orjson
+
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            return
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return
+        yield str(provider.line_id(obj)), line

@@ -205,6 +205,15 @@ class Remote:
         for batch in stream:
             yield from batch
 
+    def top(self) -> tuple[list[str], list[dict[str, Any]]]:
+        """The prefix's first level: its folders' names and its objects (one listing, not
+        every object below: the event log's thousands are left out)."""
+        import obstore
+
+        level = obstore.list_with_delimiter(self._store)
+        folders = [p.rstrip("/").rsplit("/", 1)[-1] for p in level["common_prefixes"]]
+        return folders, list(level["objects"])
+
     def read_many(self, keys: list[str]) -> list[bytes]:
         """Several small objects at once (in ``keys``' order); each must exist."""
         if len(keys) <= 1:
