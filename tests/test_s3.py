@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -497,3 +498,36 @@ def test_a_file_is_in_the_store_before_it_is_in_the_mirror(
         ckpt.commit({"job_id": "x"})
     assert not ckpt.job_file.exists()
     assert not Checkpoint(s3).exists()
+
+
+def test_an_idle_runner_sees_a_cancel_from_another_machine_before_it_creates_again(
+    s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner that writes nothing (a batch in flight, the rest held by max_in_flight) learns
+    of a cancel made on another machine from the store itself, before its next create: no
+    event of its own would bring the cancel into its mirror."""
+    with serve(batch_seconds=60) as emu:
+        job = _frame(40).llm.batch(
+            "Classify: {body}",
+            provider="openai",
+            model="gpt-4o-mini",
+            checkpoint=s3,
+            api_key=API_KEY,
+            base_url=emu.openai_url,
+            progress=False,
+            poll_interval=0.02,
+            max_shard_requests=10,
+            max_in_flight=1,
+            wait=False,
+        )
+        deadline = time.monotonic() + 30
+        while not emu.ledger.batches and time.monotonic() < deadline:
+            time.sleep(0.01)  # a poll until the first create, not a timing assumption
+        job._stop_background(raise_error=False)  # this runner now writes nothing
+        engine = job._engine()
+        assert engine.canceled() is False
+        with monkeypatch.context() as m:
+            m.setenv("POLARS_LLMBATCH_CACHE", str(tmp_path / "elsewhere"))
+            Job.open(s3, api_key=API_KEY, base_url=emu.openai_url).cancel(wait=False)
+        assert engine.canceled() is True
+        assert len(emu.ledger.batches) == 1
