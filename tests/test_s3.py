@@ -344,6 +344,32 @@ def test_a_mirror_of_an_older_job_at_the_same_prefix_is_not_read_as_the_new_one(
     assert Job.open(s3).status().rows.get("succeeded") == 30
 
 
+def test_a_reader_between_a_runners_upload_and_rename_of_job_json_empties_nothing(
+    s3: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A status reader and a runner share a mirror. The reader's read of the store's job.json
+    is answered as of before the runner's upload, while the runner renames job.json into the
+    mirror meanwhile (the order it uses: store, then mirror). The mirror is the runner's: the
+    reader must not take it for another job's and empty it."""
+    reader = Checkpoint(s3)
+    reader.path.mkdir(parents=True, exist_ok=True)
+    in_progress = reader.path / "rows.parquet"  # what the runner writes next to it
+    in_progress.write_bytes(b"the runner's")
+    read = Remote.read
+
+    def read_before_the_upload(self: Remote, key: str):  # type: ignore[no-untyped-def]
+        got = read(self, key)
+        if key == "job.json":
+            reader.job_file.write_bytes(b'{"job":"new"}')  # the runner's rename, meanwhile
+            return None  # answered as of before its upload
+        return got
+
+    monkeypatch.setattr(Remote, "read", read_before_the_upload)
+    assert reader._fetch_job() is False
+    assert in_progress.read_bytes() == b"the runner's"
+    assert reader.job_file.read_bytes() == b'{"job":"new"}'
+
+
 SYNC_CHILD = """
 import os, signal, sys
 import polars as pl

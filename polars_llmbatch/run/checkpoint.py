@@ -604,12 +604,15 @@ class Checkpoint:
         job (the prefix was emptied and a new job started there) is emptied first: its files
         and events are not this job's."""
         assert self.remote is not None
-        got = self.remote.read("job.json")
-        data = got[0] if got is not None else None
+        # The mirror first: a runner uploads job.json before it renames it into the mirror, so
+        # a mirrored job.json is in the store. Read the other way round, the store could be read
+        # before a runner's upload and the mirror after its rename: another job, to empty.
         try:
             mirrored: bytes | None = self.job_file.read_bytes()
         except FileNotFoundError:
             mirrored = None
+        got = self.remote.read("job.json")
+        data = got[0] if got is not None else None
         if mirrored is not None and mirrored != data:
             log.info("the mirror of %s held another job; emptied", self.location)
             for entry in self.path.iterdir():
