@@ -74,14 +74,48 @@ def template(
         >>> pl.DataFrame({"t": ['say "hi"']}).select(body).item()
         '{"m":"x","p":"say \\\\"hi\\\\""}'
     """
+    pieces = _pieces(skeleton, slots, raw, escape_line_separators)
+    exprs = [pl.lit(p, pl.String) if isinstance(p, str) else p for p in pieces]
+    return pl.concat_str(exprs, ignore_nulls=False)
+
+
+def template_length(
+    skeleton: Any,
+    slots: Mapping[str, pl.Expr],
+    *,
+    raw: Collection[str] = (),
+    escape_line_separators: bool = True,
+) -> pl.Expr:
+    """The length in bytes of :func:`template` (the same arguments), without building the
+    text: the skeleton's fixed pieces are counted once, each slot's JSON text per row.
+
+    Example:
+        >>> import polars as pl
+        >>> n = template_length({"m": "x", "p": slot("user")}, {"user": pl.col("t")})
+        >>> pl.DataFrame({"t": ['say "hi"']}).select(n).item()  # the example above's 26 bytes
+        26
+    """
+    pieces = _pieces(skeleton, slots, raw, escape_line_separators)
+    fixed = sum(len(p.encode()) for p in pieces if isinstance(p, str))
+    varying = [p.str.len_bytes().cast(pl.Int64) for p in pieces if not isinstance(p, str)]
+    return pl.sum_horizontal(pl.lit(fixed, pl.Int64), *varying, ignore_nulls=False)
+
+
+def _pieces(
+    skeleton: Any,
+    slots: Mapping[str, pl.Expr],
+    raw: Collection[str],
+    escape_line_separators: bool,
+) -> list[str | pl.Expr]:
+    """The skeleton's text cut at its slots: fixed text, then each slot's JSON text."""
     text = dumps(skeleton)
     for sep, esc in zip(LINE_SEPARATORS, _ESCAPED, strict=True):
         text = text.replace(sep, esc)
-    pieces: list[pl.Expr] = []
+    pieces: list[str | pl.Expr] = []
     pos = 0
     for m in _SLOT_RE.finditer(text):
         if m.start() > pos:
-            pieces.append(pl.lit(text[pos : m.start()], pl.String))
+            pieces.append(text[pos : m.start()])
         name = m.group(1)
         if name not in slots:
             raise KeyError(f"no expression for slot {name!r}")
@@ -93,5 +127,5 @@ def template(
             pieces.append(json_text(slots[name]))
         pos = m.end()
     if pos < len(text):
-        pieces.append(pl.lit(text[pos:], pl.String))
-    return pl.concat_str(pieces, ignore_nulls=False)
+        pieces.append(text[pos:])
+    return pieces

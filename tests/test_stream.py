@@ -362,3 +362,29 @@ def test_killed_while_the_checkpoint_takes_the_staged_requests(tmp_path: Path) -
     assert set(out["llm_status"]) == {"succeeded"}
     expected = [model.enum_pick(f"Classify this ticket: {b}", "label", CATS) for b in df["body"]]
     assert out["label"].to_list() == expected
+
+
+def test_bodies_built_where_read_match_when_few_rows_hold_a_line_separator(
+    tmp_path: Path,
+) -> None:
+    """The staged files keep no bodies: each piece builds its own, escaping U+2028/U+2029
+    only when it holds one. One row of thousands holds one (and one a control character), so
+    most pieces build without the escape and one with it: every body, payload and shard byte
+    as the whole frame's."""
+    n = 3_000
+    bodies = [f"plain ticket {i}" for i in range(n)]
+    bodies[1234] = "one line\u2028separator and\u2029another"
+    bodies[2345] = 'control \x01\x1f, "quotes" and \\ a backslash'
+    df = pl.DataFrame({"body": bodies})
+    kw = {"provider": "openai", "model": "gpt-4o-mini"}
+    staged = _stage(tmp_path, df, **kw)
+    whole = prepare(df, PROMPT, **kw)
+    assert len(staged.counts) > 4
+    got = _requests(staged)
+    assert got.equals(pl.concat(whole.pieces(COLUMNS)))
+    assert got["body"].str.contains("\\u2028", literal=True).sum() == 1
+    assert "\u2028" not in "".join(got["body"].to_list())
+    planned = estimate(staged, max_shard_bytes=20_000)
+    for shard in planned.shards:  # the planned sizes are what is written
+        assert len(shard_bytes(staged, shard)) == shard.bytes
+        assert shard_bytes(staged, shard) == shard_bytes(whole, shard)

@@ -63,3 +63,23 @@ def test_non_string_and_nested_columns_render_as_text() -> None:
 def test_wrong_prompt_type() -> None:
     with pytest.raises(LlmBatchError, match="template string"):
         prompt_expr(42, pl.Schema({"a": pl.String}))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("escape", [True, False])
+def test_a_templates_length_is_the_length_of_its_text(escape: bool) -> None:
+    """template_length counts without building: against the built text's own length, for
+    every character JSON escapes (controls, quotes, backslash), multi-byte text, the line
+    separators, an empty text, a null and two slots."""
+    from polars_llmbatch import _json
+
+    texts = [chr(c) for c in range(0x20)] + ['"', "\\", "\x7f", "é", "日本", "🎉", "", None]
+    texts += ["\u2028", "a\u2029b", 'mixed "\n\t" \\ é 🎉 \u2028']
+    df = pl.DataFrame({"a": texts, "b": list(reversed(texts))})
+    skeleton = {"m": "gpt\u2028x", "messages": [{"c": _json.slot("a")}, {"c": _json.slot("b")}]}
+    slots = {"a": pl.col("a"), "b": pl.col("b")}
+    built = df.select(_json.template(skeleton, slots, escape_line_separators=escape).alias("t"))
+    length = df.select(
+        _json.template_length(skeleton, slots, escape_line_separators=escape).alias("n")
+    )
+    assert length["n"].to_list() == built["t"].str.len_bytes().cast(pl.Int64).to_list()
+    assert length["n"].null_count() == 2  # a null text: no body, no length

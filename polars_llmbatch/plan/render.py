@@ -78,6 +78,14 @@ class RenderPlan:
             escape_line_separators=_json.has_line_separators(texts, self.texts),
         )
 
+    def body_length(self, texts: pl.DataFrame) -> pl.Expr:
+        """The length in bytes of :meth:`body` over ``texts``, without building the bodies."""
+        return _json.template_length(
+            self.skeleton,
+            {n: pl.col(n) for n in self.texts},
+            escape_line_separators=_json.has_line_separators(texts, self.texts),
+        )
+
     def output(self, name: str) -> str:
         """The name :func:`render` gives its column ``name`` (``row``, a text): ``name``, unless
         the row key is called that (``id="user"``), when it is ``__llmbatch_<name>__``."""

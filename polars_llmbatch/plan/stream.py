@@ -11,8 +11,11 @@ Two passes, neither of which holds more than a few batches or buckets:
    holds a contiguous range of ids, the buckets in order are the requests in ``custom_id``
    order.
 2. **Deduplicate.** Each bucket is sorted by (``custom_id``, row), the first row of each id
-   kept, its bodies built, and written as ``requests/BBBB.arrow``: the rows of
-   :attr:`.requests.Prepared.requests`, cut into pieces (two buckets at once).
+   kept, and written as ``requests/BBBB.arrow``: the rows of
+   :attr:`.requests.Prepared.requests` less their bodies, cut into pieces (two buckets at
+   once). A body is built again from its texts wherever it is read (the shard files, the
+   checkpoint's requests): cheaper than converting, compressing and reading back bodies that
+   are mostly the same skeleton (benchmarks/README.md).
 
 What comes out (:class:`Staged`) is what the estimate and the shard files read a piece at a
 time: the same requests, ids, bodies and order as :func:`.requests.prepare` on the same rows,
@@ -111,7 +114,7 @@ class Staged:
         ``custom_id``, ``body``, the texts, ``row`` and the sizes of :func:`.requests.sizes`)."""
         for i, n in enumerate(self.counts):
             if n:
-                yield self._read(i, columns)
+                yield self._with_body(self._read(i, self._stored(columns)), columns)
 
     def span(self, start: int, n: int, columns: Sequence[str]) -> Iterator[pl.DataFrame]:
         """``columns`` of requests ``start:start + n``, a bucket's part at a time."""
@@ -119,23 +122,41 @@ class Staged:
         for i, count in enumerate(self.counts):
             a, b = max(start, first), min(start + n, first + count)
             if a < b:
-                yield self._read(i, columns, range(a - first, b - first))
+                part = self._read(i, self._stored(columns), range(a - first, b - first))
+                yield self._with_body(part, columns)
             first += count
 
     def gather(self, positions: pl.Series, columns: Sequence[str]) -> pl.DataFrame:
         """``columns`` of the requests at sorted ``positions`` (in the whole request order)."""
+        stored = self._stored(columns)
         parts = []
         first = 0
         for i, n in enumerate(self.counts):
             inside = positions.filter((positions >= first) & (positions < first + n)) - first
             if inside.len():
                 lo, hi = int(inside[0]), int(inside[-1]) + 1
-                part = self._read(i, columns, range(lo - lo % RECORD_ROWS, hi))
+                part = self._read(i, stored, range(lo - lo % RECORD_ROWS, hi))
                 parts.append(part[inside - (lo - lo % RECORD_ROWS)])
             first += n
         if not parts:
-            return self._read(0, columns).head(0)
-        return pl.concat(parts)
+            return self._with_body(self._read(0, stored).head(0), columns)
+        return self._with_body(pl.concat(parts), columns)
+
+    def _stored(self, columns: Sequence[str]) -> list[str]:
+        """The stored columns ``columns`` are read from: a body is built from the texts."""
+        stored = [c for c in columns if c != "body"]
+        if "body" in columns:
+            stored += [t for t in self.text_columns if t not in stored]
+        return stored
+
+    def _with_body(self, frame: pl.DataFrame, columns: Sequence[str]) -> pl.DataFrame:
+        """``columns`` of ``frame`` (stored columns), building the bodies if asked: the exact
+        bytes :func:`.requests.prepare` gives, from the texts they hold."""
+        if "body" in columns:
+            frame = frame.with_columns(
+                self.plan.body(frame.select(self.text_columns)).alias("body")
+            )
+        return frame.select(columns)
 
     def describe_row(self, position: int) -> str:
         """``row 17`` or ``row 17 (ticket_id='T-9')`` for error messages."""
@@ -304,7 +325,8 @@ def _requests_of(part: pl.DataFrame, plan: RenderPlan) -> pl.DataFrame:
 
 
 def _dedup(plan: RenderPlan, out: Path, i: int) -> int:
-    """Bucket ``i``: the first row of each id, sorted by id, with its body; its count."""
+    """Bucket ``i``: the first row of each id, sorted by id, with its body's length; its
+    count."""
     path = out / "buckets" / f"{i:04d}.arrow"
     with pa.memory_map(str(path)) as source:
         raw = pl.DataFrame(pl.from_arrow(ipc.open_file(source).read_all()))
@@ -315,24 +337,26 @@ def _dedup(plan: RenderPlan, out: Path, i: int) -> int:
     texts = plan.text_columns
     base = _arrow(unique.select("custom_id", *texts, pl.col("row").cast(pl.UInt32)).rechunk())
     del raw, unique
-    sorted_ = pl.DataFrame(pl.from_arrow(base))
-    extra = _arrow(
-        sorted_.select("custom_id", plan.body(sorted_.select(texts)).alias("body"), *texts)
-        .with_columns(sizes(texts))
-        .drop("custom_id", *texts)
-        .rechunk()
+    # Bodies are not kept: a reader builds them from the texts (:meth:`Staged._read`), and
+    # only their lengths are needed here. Storing them cost more (converted, compressed,
+    # decompressed) than building them again where they are read.
+    in_order = pl.DataFrame(pl.from_arrow(base))
+    own = in_order.select(
+        (pl.col("custom_id").str.len_bytes().cast(pl.Int64) + plan.body_length(in_order)).alias(
+            "payload"
+        ),
+        *sizes(texts)[1:],
     )
-    del sorted_
-    # the ids, texts and rows are already Arrow, in one chunk: only the bodies and sizes are
-    # converted. Record batches of RECORD_ROWS: a shard or a sample reads the batches it
-    # needs, not the bucket (compressed columns are read whole)
-    columns = ["custom_id", "body", *texts, "row", *extra.column_names[1:]]
-    both = {**{n: base[n] for n in base.column_names}, **{n: extra[n] for n in extra.column_names}}
-    table = pa.table({n: both[n] for n in columns})
+    del in_order
+    # Record batches of RECORD_ROWS: a shard or a sample reads the batches it needs, not the
+    # bucket (compressed columns are read whole)
+    table = pa.Table.from_arrays(
+        [*base.columns, *_arrow(own).columns], names=[*base.column_names, *own.columns]
+    )
     with ipc.new_file(str(out / "requests" / f"{i:04d}.arrow"), table.schema, options=_LZ4) as w:
         w.write_table(table, max_chunksize=RECORD_ROWS)
     n = table.num_rows
-    del base, extra, table
+    del base, own, table
     path.unlink()
     return n
 
