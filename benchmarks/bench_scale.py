@@ -10,8 +10,14 @@ minutes); a size of N million rows scans the first N / 2.5 files. Prompt
 For each size, in fresh child processes (so each peak is its own), alternating ``--repeat``
 times (medians):
 
-1. ``floor``: ``scan_parquet → format(prompt) → struct.json_encode → sink_parquet``: what polars
-   itself takes to read the same bytes, render them and write them back once.
+1. Two floors, each what polars alone takes over the same files:
+
+   - ``Parquet floor``: ``scan_parquet → format(prompt) → struct.json_encode → sink_parquet``
+     (the message only, written compressed);
+   - ``JSONL floor``: the same, but every row's whole shard line (the request's exact bytes
+     around its JSON-encoded message, a hash for its id) sunk as JSONL and fsynced: the bytes
+     the shard files hold, for every row. The raw cost of the pipeline's output, so the ratio
+     the goal (≤ 2×) is read against.
 2. ``pipeline``: :func:`.stream.stage` (render, content-hash ids, dedup by bucket, bodies),
    then :func:`.estimate.estimate` on the staged requests (sampled, as the library does above
    20,000 unique requests) and :func:`.shards.write_shards` (the shard files, fsynced): what
@@ -40,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import tempfile
@@ -75,6 +82,12 @@ def _status() -> dict[str, int]:
     return out
 
 
+def _cpu() -> float:
+    """This process's CPU seconds so far (user + system, all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _peak_and_reset() -> float:
     """This process's peak resident set since the last reset (``VmHWM``), then a reset
     (``/proc/self/clear_refs``), so the next phase's peak is its own."""
@@ -84,13 +97,55 @@ def _peak_and_reset() -> float:
 
 
 def _floor(files: list[str], out: str, queue: Any) -> None:
+    cpu = _cpu()
     started = time.perf_counter()
     pl.scan_parquet(files).select(
         pl.struct(pl.format(PROMPT.replace("{body}", "{}"), pl.col("body")).alias("content"))
         .struct.json_encode()
         .alias("j")
     ).sink_parquet(Path(out) / "floor.parquet")
-    queue.put({"seconds": time.perf_counter() - started, **_status()})
+    queue.put({"seconds": time.perf_counter() - started, "cpu": _cpu() - cpu, **_status()})
+
+
+#: A shard line of this job, cut where its id and its message go (bytes as the library writes
+#: them; the floor below fills them with polars alone).
+LINE = (
+    '{"custom_id":"',
+    '","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o-mini","messages":'
+    '[{"role":"user",',
+    '}],"max_completion_tokens":20,"response_format":{"type":"json_schema","json_schema":'
+    '{"name":"output","strict":true,"schema":{"type":"object","properties":{"label":{"type":'
+    '"string","enum":["billing","bug","feature","other"]}},"required":["label"],'
+    '"additionalProperties":false}}}}}',
+)
+
+
+def _line_floor(files: list[str], out: str, queue: Any) -> None:
+    """The same bytes the shard files hold, for every row (no dedup), by polars alone: scan →
+    format → json_encode → sink as JSONL, then fsync (the shard files are fsynced too). The id
+    is polars' own 64-bit hash, zero-padded to an MD5's 32 characters."""
+    cpu = _cpu()
+    started = time.perf_counter()
+    message = pl.struct(pl.format(PROMPT.replace("{body}", "{}"), pl.col("body")).alias("content"))
+    line = pl.concat_str(
+        pl.lit(LINE[0]),
+        pl.col("body").hash().cast(pl.String).str.zfill(32),
+        pl.lit(LINE[1]),
+        message.struct.json_encode().str.slice(1).str.head(-1),  # "content":"..."
+        pl.lit(LINE[2]),
+    )
+    target = Path(out) / "floor.jsonl"
+    pl.scan_parquet(files).select(line.alias("line")).sink_csv(
+        target, include_header=False, quote_style="never"
+    )
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    queue.put({"seconds": time.perf_counter() - started, "cpu": _cpu() - cpu,
+               "bytes": target.stat().st_size,
+               **_status()})  # fmt: skip
 
 
 def _pipeline(files: list[str], out: str, queue: Any) -> None:
@@ -101,6 +156,7 @@ def _pipeline(files: list[str], out: str, queue: Any) -> None:
     from polars_llmbatch.sample import CATEGORIES
 
     times: dict[str, float] = {}
+    cpu = _cpu()  # the imports above are not the pipeline's
     started = time.perf_counter()
     scan = pl.scan_parquet(files)
     rplan = render_plan(scan.collect_schema(), PROMPT, provider="openai", model="gpt-4o-mini",
@@ -114,6 +170,7 @@ def _pipeline(files: list[str], out: str, queue: Any) -> None:
     write_shards(staged, planned.shards, Path(out) / "shards")
     times["shards"] = time.perf_counter() - t
     times["seconds"] = time.perf_counter() - started
+    times["cpu"] = _cpu() - cpu
     size = sum(p.stat().st_size for p in (Path(out) / "shards").iterdir())
     staged_bytes = sum(p.stat().st_size for p in (Path(out) / "staged").rglob("*") if p.is_file())
     queue.put({
@@ -209,6 +266,9 @@ def _run(
 ) -> dict[str, Any]:
     keep = out is not None
     out = out or Path(tempfile.mkdtemp(dir=scratch))
+    # every step starts with no dirty pages of the one before: writing back another step's
+    # gigabytes would otherwise be charged to this one (the spread between runs was 2x)
+    os.sync()
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(files, str(out), queue, *extra))
@@ -258,14 +318,18 @@ def main() -> None:
     rows = []
     for millions in args.sizes:
         files = _files(args.data, millions)
-        floors, runs = [], []
-        for _ in range(args.repeat):
+        floors, lines, runs = [], [], []
+        for _ in range(args.repeat):  # alternating, so that a slow minute hits all three
             floors.append(_run(_floor, files, args.scratch))
+            lines.append(_run(_line_floor, files, args.scratch))
             runs.append(_run(_pipeline, files, args.scratch))
         floor = statistics.median(f["seconds"] for f in floors)
+        line_floor = statistics.median(f["seconds"] for f in lines)
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        rows.append((millions, floor, med))
-        print(json.dumps({"millions": millions, "floor": floors, "pipeline": runs}))
+        line_cpu = statistics.median(f["cpu"] for f in lines)
+        rows.append((millions, floor, line_floor, {**med, "line_cpu": line_cpu}))
+        print(json.dumps({"millions": millions, "floor": floors, "line_floor": lines,
+                          "pipeline": runs}))  # fmt: skip
         if args.batch:
             started = _run(_batch, files, args.scratch)
             print(json.dumps({"millions": millions, "batch": started}))
@@ -276,14 +340,17 @@ def main() -> None:
                 f"checkpoint {started['checkpoint_bytes'] / 1e9:.1f} GB, shards {started['shards']}"
             )
     print()
-    print("| rows | floor | stage | estimate | shard files | **total** | × floor | peak RSS "
-          "(VmHWM) | RssAnon at end | staged on disk | shard files |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    base = rows[0][2]["VmHWM"]
-    for _, floor, m in rows:
+    print("| rows | Parquet floor | JSONL floor | stage | estimate | shard files | **total** | "
+          "× JSONL floor | × Parquet floor | CPU, pipeline / JSONL floor | peak RSS (VmHWM) | "
+          "RssAnon at end | staged on disk | shard files |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = rows[0][3]["VmHWM"]
+    for _, floor, line_floor, m in rows:
         print(
-            f"| {m['rows']:,} | {floor:.1f} s | {m['stage']:.1f} s | {m['estimate']:.1f} s | "
-            f"{m['shards']:.1f} s | **{m['seconds']:.1f} s** | {m['seconds'] / floor:.2f}× | "
+            f"| {m['rows']:,} | {floor:.1f} s | {line_floor:.1f} s | {m['stage']:.1f} s | "
+            f"{m['estimate']:.1f} s | {m['shards']:.1f} s | **{m['seconds']:.1f} s** | "
+            f"**{m['seconds'] / line_floor:.2f}×** | {m['seconds'] / floor:.2f}× | "
+            f"{m['cpu']:.1f} s / {m['line_cpu']:.1f} s | "
             f"{m['VmHWM'] / 2**20:,.0f} MB ({m['VmHWM'] / base:.2f}× the first) | "
             f"{m['RssAnon'] / 2**20:,.0f} MB | {m['staged_bytes'] / 1e9:.1f} GB | "
             f"{m['shard_files']:,} / {m['shard_bytes'] / 1e9:.1f} GB |"
